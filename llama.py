@@ -1,0 +1,598 @@
+"""LLaMA 1, 2 and 3 in plain PyTorch: the model, its two tokenizers, checkpoint loading, decoding.
+
+One file, nothing about fine-tuning. Parameter names are Meta's state-dict keys, so a Meta
+checkpoint (params.json + consolidated.*.pth) loads with a plain `load_state_dict`.
+
+    Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (section 2.2:
+        pre-normalisation with RMSNorm, SwiGLU, rotary embeddings).
+    Touvron et al. 2023, "Llama 2" (grouped-query attention for the 34B/70B models).
+    Llama Team 2024, "The Llama 3 Herd of Models" (tiktoken BPE vocabulary, rope theta 500000,
+        the 3.1 long-context rope scaling).
+
+The forward pass takes explicit positions, an attention mask and per-layer key/value caches, so
+one code path serves training (right-padded batches), left-padded batched decoding, and a
+training pass that continues another pass's keys and values (the echo suffix pass).
+"""
+
+import base64
+import json
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    """The fields of Meta's params.json (plus `ffn_hidden_dim` for HF configs, which state it)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: plain multi-head attention (LLaMA 1, Llama 2 7B/13B)
+    vocab_size: int = -1  # -1: take it from the tokenizer (LLaMA 1's params.json says -1)
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling
+    max_seq_len: int = 2048
+    ffn_hidden_dim: int | None = None  # explicit FFN width; None: Meta's rule from dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width by Meta's rule: 2/3 of 4*dim, scaled, rounded up to `multiple_of`.
+
+        LLaMA-7B: 11008; Llama-3-8B (multiplier 1.3, multiple_of 1024): 14336; 70B: 28672.
+        """
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_params_json(cls, path: Path) -> "ModelArgs":
+        try:
+            params = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read params.json: {e}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown params.json keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**params)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with the statistics in fp32 even for bf16 activations."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """Complex rotations e^{i * pos * theta_k}: (2 * max_seq_len, head_dim / 2), complex64."""
+    half = args.head_dim // 2
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, half, device=device, dtype=torch.float64) * 2 / args.head_dim))
+    if args.use_scaled_rope:
+        freqs = llama31_scaled_frequencies(freqs)
+    positions = torch.arange(2 * args.max_seq_len, device=device, dtype=torch.float64)
+    angles = torch.outer(positions, freqs)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def llama31_scaled_frequencies(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: float = 1.0,
+                               high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
+    """Llama 3.1's rope scaling: long wavelengths slowed by `factor`, short ones kept, a smooth
+    blend between (the Llama 3 herd paper, section 3.4.2; constants from Meta's release)."""
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of each head: Meta's convention.
+
+    x: (B, T, H, head_dim); rotations: (B, T, head_dim / 2) complex.
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, head_dim/2)
+    rotated = pairs * rotations[:, :, None, :]
+    return torch.view_as_real(rotated).flatten(3).type_as(x)
+
+
+class KVCache:
+    """The keys and values one attention layer has seen so far, (B, n_kv_heads, T, head_dim).
+
+    Decoding appends one position per step. Training uses the same object two ways: an empty
+    cache handed to a pass *records* its keys and values (still in the autograd graph), and a
+    cache built from such a record lets a later pass attend to them as its prefix.
+    """
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
+        self.k, self.v = k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """The cache of a subset (or reordering) of the batch's samples."""
+        return KVCache(self.k[rows], self.v[rows])
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, rotations, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rotations), apply_rope(k, rotations)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, n_kv_heads, T_past + T, head_dim)
+        # No mask means a plain causal batch (right padding never reaches a real token), which
+        # lets SDPA pick its fastest kernel.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, rotations, mask, cache):
+        h = x + self.attention(self.attention_norm(x), rotations, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("ModelArgs.vocab_size must be set (load() takes it from the tokenizer)")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # never tied (LLaMA is not)
+        self.gradient_checkpointing = False
+        # A plain attribute, not a buffer: `model.to(torch.bfloat16)` would cast a complex buffer
+        # to real and silently drop the imaginary half. `rotations` moves it to the input's device.
+        self.rope = rope_frequencies(args)
+
+    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.rope.device != positions.device:
+            self.rope = self.rope.to(positions.device)
+        return self.rope[positions]  # (B, T, head_dim / 2) complex64
+
+    def trunk(self, tokens, positions=None, mask=None, caches=None, collect=()):
+        """The final normed hidden states (B, T, dim), and the residual stream leaving each block
+        in `collect` (1-based block numbers: h_l is the state between block l and l + 1).
+
+        tokens: (B, T). positions: (B, T) absolute positions (default 0..T-1, or after the
+        cache's length). mask: (B, 1, T, T_past + T) bool, True = may attend; None = causal.
+        caches: one KVCache per block, or None.
+        """
+        if positions is None:
+            start = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
+        rotations = self.rotations(positions)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        collected = {}
+        for i, layer in enumerate(self.layers):
+            cache = None if caches is None else caches[i]
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, rotations, mask, None, use_reentrant=False)
+            else:
+                h = layer(h, rotations, mask, cache)
+            if i + 1 in collect:
+                collected[i + 1] = h
+        return self.norm(h), collected
+
+    def forward(self, tokens, positions=None, mask=None, caches=None):
+        """Logits (B, T, vocab_size)."""
+        h, _ = self.trunk(tokens, positions, mask, caches)
+        return self.output(h)
+
+    def new_caches(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+
+def attention_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """(B, 1, n_queries, T_k) bool: causal over the last `n_queries` keys, no padded keys.
+
+    key_valid: (B, T_k) bool, False at padding. The queries are the last n_queries keys. Every
+    query may see itself, so a padded query never has an empty row (an all-masked row gives NaN,
+    and a NaN value vector poisons later layers even where its weight is zero).
+    """
+    T_k = key_valid.shape[1]
+    query_pos = torch.arange(T_k - n_queries, T_k, device=key_valid.device)[:, None]
+    key_pos = torch.arange(T_k, device=key_valid.device)[None, :]
+    causal = key_pos <= query_pos  # (n_queries, T_k)
+    allowed = causal & key_valid[:, None, :]  # (B, n_queries, T_k)
+    return (allowed | (key_pos == query_pos))[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
+             pad_id: int = 0) -> list[list[int]]:
+    """Batched greedy decoding; returns each prompt's new ids, up to (not including) a stop id.
+
+    Prompts are left-padded so every sample's next token is in the last column; positions count
+    only real tokens and the mask hides the padding, so a batch decodes exactly like one prompt
+    at a time.
+    """
+    device = model.output.weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((B, longest), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
+        valid[i, longest - len(p):] = True
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    caches = model.new_caches()
+    logits = model(tokens, positions, attention_mask(valid, longest), caches)[:, -1]
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = positions[:, -1] + 1
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        token = logits.float().argmax(-1)
+        done = done | torch.isin(token, stop)
+        new_tokens.append(torch.where(done, -1, token))
+        if done.all():
+            break
+        valid = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=device)], dim=1)
+        logits = model(token[:, None], next_pos[:, None], valid[:, None, None, :], caches)[:, -1]
+        next_pos = next_pos + 1
+    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
+    return [[t for t in row if t >= 0] for row in out]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+# Llama 3's pre-tokenizer split pattern (Meta's release).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NAMED_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+LLAMA3_N_SPECIALS = 256
+
+
+class Tokenizer:
+    """One interface over LLaMA 1/2's SentencePiece model and Llama 3's tiktoken BPE file.
+
+    The backend is chosen by sniffing the file: Llama 3's tokenizer.model is text lines of
+    `base64(token) rank`; LLaMA 1/2's is a binary SentencePiece protobuf.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            head = self.path.open("rb").read(256)
+        except OSError as e:
+            raise FileNotFoundError(f"{self.path}: cannot read tokenizer: {e}") from None
+        if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
+            self._init_tiktoken()
+        else:
+            self._init_sentencepiece()
+
+    def _init_sentencepiece(self):
+        import sentencepiece
+
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.path}: not a SentencePiece model nor a tiktoken BPE file: {e}") from None
+        self.n_words = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # SentencePiece LLaMA has no pad token; id 0 (<unk>) is what the commonsense recipe pads with.
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
+        self.stop_ids = {self.eos_id}
+        self._encode = self.sp.encode
+        self._decode = self.sp.decode
+
+    def _init_tiktoken(self):
+        import tiktoken
+
+        ranks = {}
+        with self.path.open("rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"{self.path}:{n}: expected 'base64 rank', found {line[:60]!r}") from None
+        names = LLAMA3_NAMED_SPECIALS + [f"<|reserved_special_token_{i}|>"
+                                         for i in range(2, 2 + LLAMA3_N_SPECIALS - len(LLAMA3_NAMED_SPECIALS))]
+        specials = {name: len(ranks) + i for i, name in enumerate(names)}
+        self.tt = tiktoken.Encoding(name=self.path.name, pat_str=LLAMA3_SPLIT_PATTERN,
+                                    mergeable_ranks=ranks, special_tokens=specials)
+        self.n_words = self.tt.n_vocab
+        self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
+        self.pad_id = specials["<|finetune_right_pad_id|>"]
+        self.stop_ids = {self.eos_id, specials["<|eot_id|>"]}
+        # Special-token text in user data is encoded as ordinary text, never as control tokens.
+        self._encode = lambda text: self.tt.encode(text, disallowed_special=())
+        self._decode = self.tt.decode
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(list(ids))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo HF's q/k row order (rotate-half pairs i, i + d/2) back to Meta's adjacent pairs."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's adjacent-pair q/k rows in HF's rotate-half order (what HF's converter does)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+HF_TO_META_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_TO_META_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def hf_key_to_meta(key: str) -> str | None:
+    """Meta's name for an HF LlamaForCausalLM key; None for keys that carry no weights."""
+    if key in HF_TO_META_NAMES:
+        return HF_TO_META_NAMES[key]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
+    if m and m.group(2) in HF_TO_META_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{HF_TO_META_LAYER_NAMES[m.group(2)]}.weight"
+    if key.endswith("rotary_emb.inv_freq"):  # recomputed, older HF files stored it
+        return None
+    raise ValueError(f"unexpected HF LLaMA weight {key!r}")
+
+
+def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
+    """ModelArgs from an HF config.json, and whether the output is tied to the embedding.
+
+    Anything this model cannot compute exactly is an error, not a silent difference.
+    """
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read config.json: {e}") from None
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ValueError(f"{path}: {flag}=true is not a LLaMA feature this model implements")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r}, expected 'silu'")
+    rope = dict(cfg.get("rope_parameters") or {})  # transformers 5 nests theta and scaling here
+    scaling = cfg.get("rope_scaling") or rope
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{path}: rope type {rope_type!r} is not implemented (only default and llama3)")
+    if rope_type == "llama3":
+        expected = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+        found = {k: scaling.get(k) for k in expected}
+        if found != expected:
+            raise ValueError(f"{path}: llama3 rope scaling {found}, only Llama 3.1's {expected} is implemented")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        raise ValueError(f"{path}: head_dim {head_dim} x heads != hidden_size; not implemented")
+    args = ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        use_scaled_rope=rope_type == "llama3", max_seq_len=cfg.get("max_position_embeddings", 2048),
+        ffn_hidden_dim=cfg["intermediate_size"],
+    )
+    return args, bool(cfg.get("tie_word_embeddings", False))
+
+
+def read_hf_weights(ckpt_dir: Path, args: ModelArgs, tied: bool) -> dict[str, torch.Tensor]:
+    """Meta-named weights from `*.safetensors` (or `pytorch_model*.bin`), q/k rows un-permuted."""
+    files = sorted(ckpt_dir.glob("*.safetensors")) or sorted(ckpt_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt_dir}: config.json but no *.safetensors or pytorch_model*.bin")
+    state = {}
+    for file in files:
+        for key, tensor in read_tensor_file(file).items():
+            try:
+                name = hf_key_to_meta(key)
+            except ValueError as e:
+                raise ValueError(f"{file}: {e}") from None
+            if name is None:
+                continue
+            if name.endswith("attention.wq.weight"):
+                tensor = hf_to_meta_rows(tensor, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                tensor = hf_to_meta_rows(tensor, args.kv_heads)
+            state[name] = tensor
+    if tied and "output.weight" not in state and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"].clone()  # the model stays untied
+    return state
+
+
+def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # the libraries raise many types; the user needs the file name
+        raise ValueError(f"{file}: cannot read weights: {e}") from None
+
+
+def read_meta_weights(ckpt_dir: Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Every consolidated.*.pth, model-parallel shards merged per weight.
+
+    Meta splits wq, wk, wv, w1, w3 and output along dim 0, wo and w2 along dim 1, the embedding
+    along dim 1 (LLaMA 1/2) or dim 0 (Llama 3), and replicates the norms. The split dimension is
+    therefore the one dimension where a shard is smaller than the full weight, which is how it
+    is found here; anything else is a shard count or shape that does not fit params.json.
+    """
+    shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    if not shards:
+        raise FileNotFoundError(f"{ckpt_dir}: params.json but no consolidated.*.pth shards")
+    parts = [read_tensor_file(s) for s in shards]
+    state = {}
+    for name, full in expected.items():
+        pieces = []
+        for shard, part in zip(shards, parts):
+            if name not in part:
+                raise ValueError(f"{shard}: missing weight {name!r}")
+            pieces.append(part[name])
+        state[name] = merge_shards(name, pieces, full, shards)
+    for shard, part in zip(shards, parts):
+        extra = sorted(set(part) - set(expected) - {"rope.freqs"})  # rope.freqs is recomputed
+        if extra:
+            raise ValueError(f"{shard}: unexpected weights {extra[:5]} for params.json")
+    return state
+
+
+def merge_shards(name, pieces, full: torch.Size, shards) -> torch.Tensor:
+    shape = pieces[0].shape
+    if shape == full:
+        return pieces[0]  # replicated (norms), or a single shard
+    split = [d for d in range(len(full)) if shape[d] * len(pieces) == full[d]
+             and all(shape[o] == full[o] for o in range(len(full)) if o != d)]
+    if len(shape) != len(full) or not split or any(p.shape != shape for p in pieces):
+        raise ValueError(f"{shards[0].parent}: {name} has shard shape {tuple(shape)} x {len(pieces)} shards, "
+                         f"which does not make {tuple(full)} from params.json")
+    return torch.cat(pieces, dim=split[0])
+
+
+def find_tokenizer(ckpt_dir: Path) -> Tokenizer | None:
+    """tokenizer.model beside the weights or one folder up (Meta's download puts it there)."""
+    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return Tokenizer(candidate)
+    return None
+
+
+def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tokenizer | None]:
+    """A Meta checkpoint folder (params.json + consolidated.*.pth) or an HF LLaMA folder
+    (config.json + *.safetensors), as (model in eval mode, tokenizer or None).
+
+    The model is built on the meta device and takes the loaded tensors as its parameters, so no
+    randomly initialised or fp32 copy of the whole model is ever made.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: checkpoint folder not found")
+    tokenizer = find_tokenizer(ckpt_dir)
+    meta_layout = (ckpt_dir / "params.json").is_file()
+    if meta_layout:
+        args = ModelArgs.from_params_json(ckpt_dir / "params.json")
+    elif (ckpt_dir / "config.json").is_file():
+        args, tied = read_hf_config(ckpt_dir / "config.json")
+    else:
+        raise FileNotFoundError(f"{ckpt_dir}: no params.json (Meta layout) or config.json (HF layout)")
+    if args.vocab_size == -1:
+        if tokenizer is None:
+            raise FileNotFoundError(f"{ckpt_dir}/params.json: vocab_size is -1 and there is no tokenizer.model")
+        args.vocab_size = tokenizer.n_words
+    if tokenizer is not None and tokenizer.n_words != args.vocab_size:
+        raise ValueError(f"{tokenizer.path}: tokenizer has {tokenizer.n_words} tokens but the checkpoint "
+                         f"in {ckpt_dir} has vocab_size {args.vocab_size}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = read_meta_weights(ckpt_dir, expected) if meta_layout else read_hf_weights(ckpt_dir, args, tied)
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ValueError(f"{ckpt_dir}: unexpected weight {name!r}")
+        if tensor.shape != expected[name]:
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(tensor.shape)}, the config says {tuple(expected[name])}")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{ckpt_dir}: missing weights {missing[:5]}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    model.rope = rope_frequencies(args, device=device)  # built on the meta device above
+    return model.eval(), tokenizer
