@@ -556,6 +556,15 @@ def find_tokenizer(ckpt_dir: Path) -> Tokenizer | None:
     return None
 
 
+def resolve_checkpoint(name) -> Path:
+    """`--ckpt NAME`: the folder checkpoints/NAME, else NAME itself as a path."""
+    for candidate in (Path("checkpoints") / name, Path(name)):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"checkpoint {name!r}: neither checkpoints/{name}/ nor {name}/ is a folder "
+                            f"(put params.json, consolidated.*.pth and tokenizer.model there)")
+
+
 def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tokenizer | None]:
     """A Meta checkpoint folder (params.json + consolidated.*.pth) or an HF LLaMA folder
     (config.json + *.safetensors), as (model in eval mode, tokenizer or None).

@@ -1,0 +1,156 @@
+"""Commonsense records and the prompt protocol of the published commonsense recipe.
+
+The recipe is LLM-Adapters' (Hu et al., 2023, "LLM-Adapters: An Adapter Family for
+Parameter-Efficient Fine-Tuning of Large Language Models"), reused unchanged by DoRA (Liu et al.,
+2024, section 5.1): fine-tune on commonsense_170k, evaluate on eight test sets. A record is a
+JSON object with four strings: `instruction` (the question, choices and answer format), `input`
+(always "" in these files), `output` ("the correct answer is <answer>") and `answer` (the label).
+
+The two templates are upstream's byte for byte. They are Python f-strings indented inside a
+function, so every line after the first starts with 16 spaces, and the training and evaluation
+copies drifted apart in their whitespace: see `_train_text` and `eval_prompt`. Published
+numbers were produced with exactly these bytes, so they are reproduced, quirks included.
+"""
+
+import json
+from pathlib import Path
+
+IGNORE_INDEX = -100  # label value the cross-entropy loss skips (torch's default ignore_index)
+FIELDS = ("instruction", "input", "output", "answer")
+
+TASK = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+TASK_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context."
+    " Write a response that appropriately completes the request."
+)
+INDENT = " " * 16  # upstream's f-string sits 16 columns deep; the indentation is part of the prompt
+
+
+def _train_text(record: dict, output: str) -> str:
+    """Training template: LLM-Adapters finetune.py `generate_prompt(data_point)`.
+
+    Identical in NVlabs/DoRA commonsense_reasoning/finetune.py. Whitespace, line by line:
+    the first line ends in 2 spaces (1 in the with-input branch), the line after it is empty,
+    and the "blank" separator lines after the instruction and the input are 16 spaces, not empty.
+    """
+    if record["input"]:
+        lines = [
+            TASK_WITH_INPUT + " ",
+            "",
+            INDENT + "### Instruction:",
+            INDENT + record["instruction"],
+            INDENT,
+            INDENT + "### Input:",
+            INDENT + record["input"],
+            INDENT,
+            INDENT + "### Response:",
+            INDENT + output,
+        ]
+    else:
+        lines = [
+            TASK + "  ",
+            "",
+            INDENT + "### Instruction:",
+            INDENT + record["instruction"],
+            INDENT,
+            INDENT + "### Response:",
+            INDENT + output,
+        ]
+    return "\n".join(lines)
+
+
+def train_prompt(record: dict) -> str:
+    """The full text the model is trained on: prompt, 16 spaces, then the output."""
+    return _train_text(record, record["output"])
+
+
+def train_prompt_without_output(record: dict) -> str:
+    """The training template with output "": upstream tokenises this to count prompt tokens."""
+    return _train_text(record, "")
+
+
+def eval_prompt(record: dict) -> str:
+    """Evaluation template: LLM-Adapters commonsense_evaluate.py `generate_prompt(instruction, input)`.
+
+    Identical in NVlabs/DoRA commonsense_reasoning/commonsense_evaluate.py. Unlike training, the
+    first line ends in 1 space (none in the with-input branch), the separator lines are empty,
+    and the prompt ends with "### Response:", a newline and 16 spaces.
+    """
+    if record["input"]:
+        lines = [
+            TASK_WITH_INPUT,
+            "",
+            INDENT + "### Instruction:",
+            INDENT + record["instruction"],
+            "",
+            INDENT + "### Input:",
+            INDENT + record["input"],
+            "",
+            INDENT + "### Response:",
+            INDENT,
+        ]
+    else:
+        lines = [
+            TASK + " ",
+            "",
+            INDENT + "### Instruction:",
+            INDENT + record["instruction"],
+            "",
+            INDENT + "### Response:",
+            INDENT,
+        ]
+    return "\n".join(lines)
+
+
+def parse_records(text: str, source: str) -> list[dict]:
+    """Parse and check a commonsense-format JSON array; `source` names it in every error."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{source}: expected a JSON array of records, found {type(records).__name__}")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{source}: record {i}: expected an object with keys {', '.join(FIELDS)}, "
+                             f"found {type(record).__name__}")
+        for key in FIELDS:
+            if key not in record:
+                raise ValueError(f"{source}: record {i}: missing key {key!r}")
+            if not isinstance(record[key], str):
+                raise ValueError(f"{source}: record {i}: key {key!r} must be a string, "
+                                 f"found {type(record[key]).__name__}")
+    return records
+
+
+def load_records(path) -> list[dict]:
+    """Read a commonsense-format file (commonsense_170k.json or a <benchmark>/test.json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (python data/download.py fetches the public sets)")
+    return parse_records(path.read_text(encoding="utf-8"), str(path))
+
+
+def encode_record(tokenizer, record: dict, cutoff: int = 256, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one training record, as LLM-Adapters' finetune.py makes them.
+
+    The ids are BOS + the training text, truncated to `cutoff`, plus EOS when there is room.
+    Without `train_on_inputs`, the first len(tokens of the prompt without its output) labels
+    are IGNORE_INDEX. That count is upstream's rule, and it is exact for LLaMA's tokenizers:
+    the prompt ends in 16 spaces, which tokenise as one 16-space piece alone, and as a 15-space
+    piece then " the" in front of the output, so the same number of pieces precede the output.
+    """
+    ids = tokenizer.encode(train_prompt(record), bos=True, eos=False)[:cutoff]
+    if len(ids) < cutoff and ids[-1] != tokenizer.eos_id:
+        ids.append(tokenizer.eos_id)
+    if train_on_inputs:
+        return ids, list(ids)
+    # Clipped to len(ids) so labels always align with ids; upstream's list would come out
+    # longer than its ids if the prompt alone tokenised longer than the full text.
+    n_prompt = min(len(tokenizer.encode(train_prompt_without_output(record), bos=True, eos=False)), len(ids))
+    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+
+
+def answer_start(labels: list[int]) -> int | None:
+    """Index of the first trained-on label; None when truncation cut the whole answer off."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)

@@ -1,0 +1,649 @@
+"""Echo-LoRA, the method: low-rank adapters (LoRA, DoRA) on a LLaMA, and the Echo path.
+
+This first half is the adapter: a frozen linear layer plus a trainable low-rank update, how it
+is attached to the model, merged into the weights, saved, and exchanged with HF peft.
+
+    Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1:
+        h = W0 x + (alpha / r) B A x, B zero at the start so training begins at the base model.
+    Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", section 4.1, eq. (5):
+        W' = m (W0 + B A) / ||W0 + B A||_c, the magnitude m initialised to ||W0||_c;
+        section 4.3: the norm is treated as a constant (detached from the gradient graph).
+
+The DoRA column norm ||.||_c is, in PyTorch's (out, in) weight layout, the norm of each output
+row. It is computed here from r-sized products only, never from the (out, in) matrix W + s B A
+(`LoRALinear.weight_norm`), which is what keeps DoRA's memory close to LoRA's.
+
+The second half of the file (the Echo path, ECHO.md) feeds a signal into the low-rank
+activation through `LoRALinear.echo`.
+"""
+
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from data.commonsense import IGNORE_INDEX
+from llama import HF_TO_META_LAYER_NAMES, KVCache, hf_to_meta_rows, meta_to_hf_rows
+
+# The block linears an adapter can wrap: Meta's short name -> its path inside a block.
+BLOCK_LINEARS = {path.split(".")[1]: path for path in HF_TO_META_LAYER_NAMES.values() if "." in path}
+META_TO_HF_LINEARS = {meta: hf for hf, meta in HF_TO_META_LAYER_NAMES.items() if "." in meta}
+TARGET_HF_NAMES = {target: META_TO_HF_LINEARS[path].split(".")[1] for target, path in BLOCK_LINEARS.items()}
+# q, k, v, up, down: the commonsense recipe of LLM-Adapters and the DoRA paper.
+DEFAULT_TARGETS = ("wq", "wk", "wv", "w3", "w2")
+ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+PEFT_ADAPTER_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # peft's wrapper around LlamaForCausalLM, in every saved key
+# A row of W + s B A whose norm is zero has a zero direction, so its output is 0 whatever it is
+# divided by; the floor only keeps that 0 / 0 from becoming NaN.
+NORM_FLOOR = 1e-12
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (LoRA), optionally weight-decomposed
+    (DoRA).
+
+    Adapter parameters are fp32 whatever the base weight's dtype: updates of size lr * grad
+    vanish in bf16, and the DoRA magnitude especially must stay fp32. Dropout acts on the adapter
+    input only; the base path never sees it (torchtune does the same; peft's DoRA also feeds the
+    dropped-out input through W, so comparisons with peft run with dropout off).
+
+    `echo` is the Echo path's hook (ECHO.md item 4): None, or a callable that maps the low-rank
+    activation u (..., r) to a term added to it. It never enters the weight norm, merge or the
+    saved adapter.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("LoRALinear wraps bias-free linears (LLaMA has no biases)")
+        if r < 1:
+            raise ValueError(f"rank r must be >= 1, got {r}")
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.dora = r, alpha, dora
+        self.scale = alpha / r  # LoRA section 4.1
+        weight = base.weight
+        # A: kaiming-uniform like loralib/peft (the paper says Gaussian; only its scale matters).
+        # B: zeros, so the adapted layer starts as the base layer.
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=weight.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=torch.float32))
+        self.dropout = nn.Dropout(dropout)
+        self.echo = None
+        if dora:
+            # ||W_o||^2 per row: W is frozen, so this part of the weight norm is computed once.
+            # Not persistent: it is derived from W, and refreshed whenever W is loaded.
+            self.register_buffer("base_norm_sq", torch.empty(0), persistent=False)
+            self.refresh_base_norm()
+            self.register_load_state_dict_post_hook(refresh_base_norm_after_load)
+            # DoRA section 4.1: m starts at ||W0||_c, so the layer starts as the base layer.
+            self.magnitude = nn.Parameter(self.base_norm_sq.sqrt())
+
+    @torch.no_grad()
+    def refresh_base_norm(self):
+        """Recompute ||W_o||^2 (fp32) after the base weight changed (load_state_dict calls this)."""
+        self.base_norm_sq = self.base.weight.float().pow(2).sum(1)  # (out,)
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """u = A dropout(x) (+ the echo term): the r-dimensional activation, (..., in) -> (..., r)."""
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # the adapter computes in fp32 even on bf16 activations
+        u = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        if self.echo is not None:
+            u = u + self.echo(u)
+        return u
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base(x)  # W x, (..., out)
+        update = self.scale * F.linear(self.low_rank(x), self.lora_B)  # s B u, (..., out)
+        if not self.dora:
+            return base_out + update.to(base_out.dtype)  # LoRA section 4.1
+        # DoRA eq. (5) applied to x: m / ||W + sBA|| * (W x + s B A x), reusing W x from above.
+        return (self.magnitude / self.weight_norm() * (base_out + update)).to(base_out.dtype)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W_o + s (B A)_o|| for every output row o, (out,), fp32, without gradient (DoRA
+        section 4.3), and without forming the (out, in) matrix W + s B A:
+
+            ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s W_o . (BA)_o + s^2 ||(BA)_o||^2
+            W_o . (BA)_o  = sum_k B_ok (W A^T)_ok    W A^T: (out, r), one pass over W
+            ||(BA)_o||^2  = B_o (A A^T) B_o^T        A A^T: (r, r)
+
+        The expansion loses relative precision only when W_o + s (BA)_o nearly cancels W_o,
+        i.e. when the update is as large as the weight itself, which fine-tuning never reaches.
+        """
+        with torch.autocast(self.lora_A.device.type, enabled=False):  # the norm stays fp32
+            A, B, s = self.lora_A, self.lora_B, self.scale
+            # W is upcast for this product alone: a bf16 product would round W A^T to 8 bits.
+            weight_a = F.linear(self.base.weight.float(), A)  # (out, r)
+            cross = (weight_a * B).sum(1)  # W_o . (BA)_o, (out,)
+            update_sq = ((B @ (A @ A.T)) * B).sum(1)  # ||(BA)_o||^2, (out,)
+            norm_sq = self.base_norm_sq + 2 * s * cross + s * s * update_sq
+            return norm_sq.clamp_min(NORM_FLOOR**2).sqrt()
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The plain weight that computes what this layer computes (without the echo term):
+        W + s B A (LoRA), m / ||W + s B A|| * (W + s B A) (DoRA eq. 5). Formed in fp32, returned
+        in the base weight's dtype."""
+        weight = self.base.weight.float() + self.scale * (self.lora_B @ self.lora_A)  # (out, in)
+        if self.dora:
+            weight = (self.magnitude / self.weight_norm())[:, None] * weight
+        return weight.to(self.base.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout.p}, dora={self.dora}"
+
+
+def refresh_base_norm_after_load(module: LoRALinear, incompatible_keys):
+    """load_state_dict hook: a newly loaded base weight makes the cached ||W_o||^2 stale."""
+    module.refresh_base_norm()
+
+
+# --------------------------------------------------------------------------------------------
+# Attaching adapters to a model
+
+
+def add_adapters(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 32, alpha: float = 64, dropout: float = 0.05,
+                 dora: bool = False, layers=None) -> nn.Module:
+    """Wrap the `targets` linears (Meta names: wq, wk, wv, wo, w1, w2, w3) of the blocks `layers`
+    (0-based; None = every block) in LoRALinear, and freeze every other parameter.
+
+    LoRA section 4.2 adapts only attention weights; the commonsense recipe (the default) adds the
+    MLP's up and down projections.
+    """
+    if adapted_linears(model):
+        raise ValueError("the model already has adapters; merge(model) or build a fresh model first")
+    unknown = [t for t in targets if t not in BLOCK_LINEARS]
+    if unknown or not targets:
+        raise ValueError(f"unknown adapter targets {unknown or list(targets)}; expected some of {list(BLOCK_LINEARS)}")
+    n_blocks = len(model.layers)
+    blocks = range(n_blocks) if layers is None else layers
+    outside = [i for i in blocks if not 0 <= i < n_blocks]
+    if outside or not blocks:
+        raise ValueError(f"adapter layers {outside or list(blocks)} are not blocks of this {n_blocks}-block model")
+    model.requires_grad_(False)
+    for i in blocks:
+        for target in targets:
+            parent_name, _, name = BLOCK_LINEARS[target].rpartition(".")
+            parent = model.layers[i].get_submodule(parent_name)
+            adapter = LoRALinear(getattr(parent, name), r, alpha, dropout, dora)
+            setattr(parent, name, adapter.train(model.training))  # a new module would be in training mode
+    return model
+
+
+def adapted_linears(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear by its model path, e.g. 'layers.0.attention.wq'."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer updates: every parameter that requires grad, i.e. the adapters' (plus
+    those of any module set as an `echo` hook, which the model then holds as a child)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """lora_A, lora_B (and magnitude for DoRA) of every adapted linear, keyed by model path.
+    The Echo path's parameters are not adapter parameters (ECHO.md item 7)."""
+    params = {}
+    for path, module in adapted_linears(model).items():
+        for name in ("lora_A", "lora_B", "magnitude") if module.dora else ("lora_A", "lora_B"):
+            params[f"{path}.{name}"] = getattr(module, name)
+    return params
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that make up the adapter, e.g. 'layers.0.attention.wq.lora_A' -> (r, dim)."""
+    return {name: p.detach() for name, p in adapter_parameters(model).items()}
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """The add_adapters arguments that rebuild this model's adapters (layers None = all)."""
+    modules = adapted_linears(model)
+    if not modules:
+        raise ValueError("the model has no adapters")
+    settings = {(m.r, m.alpha, m.dropout.p, m.dora) for m in modules.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the model's adapters differ in (r, alpha, dropout, dora): {sorted(settings)}")
+    [(r, alpha, dropout, dora)] = settings
+    sites = {block_and_target(path) for path in modules}
+    blocks = sorted({i for i, _ in sites})
+    targets = [t for t in BLOCK_LINEARS if t in {target for _, target in sites}]  # in block order
+    if sites != {(i, t) for i in blocks for t in targets}:
+        raise ValueError("the model's adapters are not the same targets in every adapted block")
+    layers = None if blocks == list(range(len(model.layers))) else blocks
+    return dict(r=r, alpha=alpha, dropout=dropout, dora=dora, targets=targets, layers=layers)
+
+
+def block_and_target(path: str) -> tuple[int, str]:
+    """'layers.3.attention.wq' -> (3, 'wq')."""
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+\.\w+)", path)
+    if not m or m.group(2) not in BLOCK_LINEARS.values():
+        raise ValueError(f"{path!r} is not a block linear of a LLaMA model")
+    return int(m.group(1)), m.group(2).split(".")[1]
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain nn.Linear back, in place.
+
+    The merged model computes what the adapted one computes (LoRA section 4.1: no inference
+    latency); the Echo path, attached to the adapters, is discarded with them (ECHO.md item 7).
+    """
+    for path, module in adapted_linears(model).items():
+        module.base.weight.copy_(module.merged_weight())
+        parent_name, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_name), name, module.base)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading: this project's format, and peft's
+
+
+def save_adapter(path, model: nn.Module, config: dict | None = None):
+    """Write `path/adapter.safetensors` (adapter_state) and `path/adapter_config.json`
+    (adapter_config, plus the entries of `config`; the adapter's own settings win)."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in adapter_state(model).items()}
+    full_config = {**(config or {}), **adapter_config(model)}
+    write_atomically(folder / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    write_atomically(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(full_config, indent=2)))
+
+
+def load_adapter(path, model: nn.Module) -> dict:
+    """Load an adapter written by save_adapter into `model`, adding the adapters first if the
+    model has none; returns the saved config."""
+    folder = Path(path)
+    config = read_json(folder / CONFIG_FILE)
+    missing = [k for k in ("r", "alpha", "dropout", "dora", "targets", "layers") if k not in config]
+    if missing:
+        raise ValueError(f"{folder / CONFIG_FILE}: missing adapter settings {missing}")
+    fit_adapters(model, config, folder / CONFIG_FILE)
+    copy_adapter_tensors(model, read_safetensors(folder / ADAPTER_FILE), folder / ADAPTER_FILE)
+    return config
+
+
+def export_peft(path, model: nn.Module, config: dict | None = None):
+    """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors) for
+    an HF-format LLaMA: `PeftModel.from_pretrained(hf_model, path)` then computes what `model`
+    computes. `config` adds peft config fields, e.g. {"base_model_name_or_path": ...}.
+
+    HF stores q and k with their rows permuted (rotate-half rotary layout), so the output rows
+    of lora_B and the magnitude of wq/wk are permuted the same way; lora_A acts on the input
+    side and is unchanged.
+    """
+    ours = adapter_config(model)
+    peft_config = {
+        "base_model_name_or_path": None, **(config or {}),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ours["r"], "lora_alpha": ours["alpha"],
+        "lora_dropout": ours["dropout"], "use_dora": ours["dora"], "use_rslora": False, "bias": "none",
+        "target_modules": [TARGET_HF_NAMES[t] for t in ours["targets"]],
+        "layers_to_transform": ours["layers"], "fan_in_fan_out": False, "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    tensors = {}
+    for name, tensor in adapter_state(model).items():
+        key = peft_key(name)
+        tensors[key] = permute_qk_rows(model, name, tensor, meta_to_hf_rows).contiguous()
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    # peft writes this metadata; transformers' safetensors readers expect it.
+    write_atomically(folder / PEFT_ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_atomically(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(peft_config, indent=2)))
+
+
+def import_peft(path, model: nn.Module) -> dict:
+    """Load a peft LoRA/DoRA adapter of an HF LLaMA (the folder `save_pretrained` writes) into
+    `model`, adding the adapters first if it has none; returns the adapter's settings in this
+    project's terms (the add_adapters arguments)."""
+    folder = Path(path)
+    config_file, tensor_file = folder / CONFIG_FILE, folder / PEFT_ADAPTER_FILE
+    config = config_from_peft(read_json(config_file), config_file)
+    fit_adapters(model, config, config_file)
+    tensors = {}
+    for key, tensor in read_safetensors(tensor_file).items():
+        try:
+            name = name_from_peft_key(key)
+        except ValueError as e:
+            raise ValueError(f"{tensor_file}: {e}") from None
+        tensors[name] = permute_qk_rows(model, name, tensor, hf_to_meta_rows)
+    copy_adapter_tensors(model, tensors, tensor_file)
+    return config
+
+
+def config_from_peft(peft_config: dict, file: Path) -> dict:
+    """add_adapters arguments from a peft LoraConfig; anything this adapter cannot compute
+    exactly (rsLoRA scaling, per-module ranks, biases, extra trained modules) is an error."""
+    unsupported = {
+        "peft_type": lambda v: v != "LORA", "bias": lambda v: v not in (None, "none"),
+        "use_rslora": bool, "rank_pattern": bool, "alpha_pattern": bool, "modules_to_save": bool,
+        "fan_in_fan_out": bool, "lora_bias": bool,
+        "target_modules": lambda v: not isinstance(v, list),
+        "layers_pattern": lambda v: v not in (None, "layers", ["layers"]),
+    }
+    missing = [k for k in ("peft_type", "r", "lora_alpha", "target_modules") if k not in peft_config]
+    if missing:
+        raise ValueError(f"{file}: missing peft settings {missing}")
+    for field, is_unsupported in unsupported.items():
+        if field in peft_config and is_unsupported(peft_config[field]):
+            raise ValueError(f"{file}: unsupported peft setting {field}={peft_config[field]!r}")
+    hf_to_target = {hf: target for target, hf in TARGET_HF_NAMES.items()}
+    unknown = [m for m in peft_config["target_modules"] if m not in hf_to_target]
+    if unknown:
+        raise ValueError(f"{file}: target_modules {unknown} are not LLaMA block linears {list(hf_to_target)}")
+    layers = peft_config.get("layers_to_transform")
+    return dict(
+        r=peft_config["r"], alpha=peft_config["lora_alpha"], dropout=peft_config.get("lora_dropout", 0.0),
+        dora=bool(peft_config.get("use_dora", False)),
+        targets=[t for t in BLOCK_LINEARS if TARGET_HF_NAMES[t] in peft_config["target_modules"]],
+        layers=[layers] if isinstance(layers, int) else layers,
+    )
+
+
+PEFT_SUFFIXES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+
+
+def peft_key(name: str) -> str:
+    """'layers.0.attention.wq.lora_A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
+    path, _, tensor = name.rpartition(".")
+    i, target = block_and_target(path)
+    return f"{PEFT_PREFIX}model.layers.{i}.{META_TO_HF_LINEARS[BLOCK_LINEARS[target]]}.{PEFT_SUFFIXES[tensor]}"
+
+
+def name_from_peft_key(key: str) -> str:
+    """The inverse of peft_key."""
+    suffixes = {v: k for k, v in PEFT_SUFFIXES.items()}
+    m = re.fullmatch(re.escape(PEFT_PREFIX) + r"model\.layers\.(\d+)\.(\w+\.\w+)\.(.+)", key)
+    if not m or m.group(2) not in HF_TO_META_LAYER_NAMES or m.group(3) not in suffixes:
+        raise ValueError(f"unexpected peft adapter key {key!r}")
+    return f"layers.{m.group(1)}.{HF_TO_META_LAYER_NAMES[m.group(2)]}.{suffixes[m.group(3)]}"
+
+
+def permute_qk_rows(model: nn.Module, name: str, tensor: torch.Tensor, permute) -> torch.Tensor:
+    """Apply `permute` (meta_to_hf_rows or hf_to_meta_rows) to the output rows of a wq/wk
+    lora_B or magnitude; every other tensor is returned as is."""
+    path, _, kind = name.rpartition(".")
+    _, target = block_and_target(path)
+    heads = {"wq": model.args.n_heads, "wk": model.args.kv_heads}.get(target)
+    if heads is None or kind == "lora_A":
+        return tensor
+    return permute(tensor, heads)
+
+
+def fit_adapters(model: nn.Module, config: dict, file: Path):
+    """Give `model` the adapters `config` describes, or check that the ones it has match."""
+    if not adapted_linears(model):
+        try:
+            add_adapters(model, config["targets"], config["r"], config["alpha"], config["dropout"], config["dora"],
+                         config["layers"])
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+        return
+    have = adapter_config(model)
+    all_blocks = list(range(len(model.layers)))
+    for key, mine, theirs in [
+        ("rank r", have["r"], config["r"]), ("alpha", have["alpha"], config["alpha"]),
+        ("dora", have["dora"], config["dora"]),
+        ("targets", sorted(have["targets"]), sorted(config["targets"])),
+        ("layers", have["layers"] or all_blocks, sorted(config["layers"] or all_blocks)),
+    ]:
+        if mine != theirs:
+            raise ValueError(f"{file}: the adapter has {key} {theirs!r} but the model's adapters have {mine!r}")
+
+
+@torch.no_grad()
+def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path):
+    """Copy `tensors` (adapter_state names) into the model's adapters: every key, every shape."""
+    params = adapter_parameters(model)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{file}: does not fit the model: missing {missing[:3]}{'...' * (len(missing) > 3)}, "
+                         f"unexpected {unexpected[:3]}{'...' * (len(unexpected) > 3)}")
+    for name, tensor in tensors.items():
+        if tensor.shape != params[name].shape:
+            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor)
+
+
+def read_json(file: Path) -> dict:
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: cannot read adapter config: {e}") from None
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises several types; the user needs the file name
+        raise ValueError(f"{file}: cannot read adapter tensors: {e}") from None
+
+
+def write_atomically(file: Path, write):
+    """Write through a temporary file and rename it over `file`, so an interrupted save never
+    leaves a half-written file where a good one was."""
+    tmp = file.with_name(file.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, file)
+
+
+# ---- The Echo path (ECHO.md) ----
+#
+# Training-only. The model never holds an echo parameter: the projections and gates live in an
+# `EchoPath` beside it, and are plugged into the target LoRALinear modules' `echo` hook only for
+# the duration of the echo pass (`EchoPath.injecting`). Dropping the EchoPath object is
+# therefore the whole of "discarding" it (ECHO.md item 7).
+
+
+@dataclass
+class EchoConfig:
+    """ECHO.md's flags. Block numbers are 1-based, as in ECHO.md (h_l leaves block l)."""
+
+    source_layers: tuple[int, ...] | None = None  # default: the deepest quarter of blocks
+    target_layers: tuple[int, ...] | None = None  # default: the shallowest quarter of blocks
+    pool: str = "mean"  # mean | last (item 2)
+    route_p: float = 0.5  # item 5
+    distill: float = 1.0  # lambda, item 6
+    tau: float = 1.0  # distillation temperature, item 6
+    mask: str = "answer"  # answer | none (none leaks the answer: an ablation, item "Ablations")
+    echo_pass: str = "suffix"  # suffix | full (item 5b)
+
+    def __post_init__(self):
+        for name, value, allowed in (("pool", self.pool, ("mean", "last")), ("mask", self.mask, ("answer", "none")),
+                                     ("echo_pass", self.echo_pass, ("suffix", "full"))):
+            if value not in allowed:
+                raise ValueError(f"echo {name} must be one of {allowed}, found {value!r}")
+        if self.mask == "none" and self.echo_pass == "suffix":
+            # Injecting at prompt positions changes them, so there is no shared prefix to reuse.
+            raise ValueError("--echo-mask none injects at every position: it needs --echo-pass full")
+        if not 0.0 <= self.route_p <= 1.0:
+            raise ValueError(f"--echo-route-p must be in [0, 1], found {self.route_p}")
+
+
+def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
+    """The deepest or the shallowest quarter of the blocks, 1-based (32 blocks: 25..32, 1..8)."""
+    quarter = max(1, n_layers // 4)
+    return tuple(range(n_layers - quarter + 1, n_layers + 1)) if which == "deep" else tuple(range(1, quarter + 1))
+
+
+class EchoInjector(nn.Module):
+    """One target module's projection P (d -> r) and scalar gate g(e) = sigmoid(w . e + c).
+
+    ECHO.md item 4: the low-rank activation becomes `A x + m_t * g(e) * P e`.
+    """
+
+    def __init__(self, dim: int, r: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, r, bias=False)
+        nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))  # initialised like lora_A
+        self.gate_weight = nn.Parameter(torch.zeros(dim))
+        self.gate_bias = nn.Parameter(torch.tensor(-2.0))  # sigmoid(-2) = 0.12: a quiet start
+
+    def forward(self, u: torch.Tensor, echo: torch.Tensor, inject_at: torch.Tensor) -> torch.Tensor:
+        """u: (B, T, r) low-rank activation; echo: (B, d); inject_at: (B, T) bool, m_t."""
+        gate = torch.sigmoid(echo @ self.gate_weight + self.gate_bias)  # (B,)
+        signal = gate[:, None] * self.proj(echo)  # (B, r)
+        return (inject_at[..., None] * signal[:, None, :]).to(u.dtype)  # (B, T, r)
+
+
+class EchoPath(nn.Module):
+    """Reads deep states off the plain pass, pools them into e, and runs the echo pass."""
+
+    def __init__(self, model, config: EchoConfig):
+        super().__init__()
+        n = model.args.n_layers
+        self.config = config
+        self.source_layers = tuple(config.source_layers or default_layers(n, "deep"))
+        self.target_layers = tuple(config.target_layers or default_layers(n, "shallow"))
+        for layer in self.source_layers + self.target_layers:
+            if not 1 <= layer <= n:
+                raise ValueError(f"echo layer {layer} is outside the model's blocks 1..{n}")
+        self.targets = {name: m for name, m in model.named_modules()
+                        if isinstance(m, LoRALinear) and int(name.split(".")[1]) + 1 in self.target_layers}
+        if not self.targets:
+            raise ValueError(f"no LoRA/DoRA modules in echo target blocks {self.target_layers}")
+        self.injectors = nn.ModuleDict({name.replace(".", "_"): EchoInjector(model.args.dim, m.r)
+                                        for name, m in self.targets.items()})
+
+    @contextmanager
+    def injecting(self, echo: torch.Tensor, inject_at: torch.Tensor):
+        """Within this block, every target module adds its echo term (ECHO.md item 4)."""
+        for name, module in self.targets.items():
+            module.echo = partial(self.injectors[name.replace(".", "_")], echo=echo, inject_at=inject_at)
+        try:
+            yield
+        finally:
+            for module in self.targets.values():
+                module.echo = None
+
+    def echo_vector(self, states: dict, pool_at: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """e (R, d): the mean of the source states, pooled over `pool_at` (mean) or taken at
+        `last` (last), RMS-normalised without a learned scale (ECHO.md item 2). Detached: the
+        teacher signal is read off the plain pass, never trained through."""
+        h = sum(states[layer].detach().float() for layer in self.source_layers) / len(self.source_layers)
+        if self.config.pool == "mean":
+            w = pool_at[..., None].float()  # (R, T, 1)
+            e = (h * w).sum(1) / w.sum(1)
+        else:
+            e = h[torch.arange(h.shape[0], device=h.device), last]
+        return e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def echo_logits(self, model, batch, rows, states, caches) -> torch.Tensor:
+        """Logits (N, vocab) of the echo pass at the routed samples' answer positions, in the
+        same order as `h[rows][answer[rows]]` of the plain pass."""
+        answer = batch.answer_targets[rows] != IGNORE_INDEX  # (R, T), the positions A
+        first = answer.float().argmax(1)  # (R,) b - 1, the last prompt position
+        if self.config.mask == "answer":
+            positions = torch.arange(answer.shape[1], device=answer.device)
+            pool_at, last, inject_at = positions <= first[:, None], first, answer
+        else:  # the leaking ablation: pool over and inject at every real position
+            valid = batch.valid[rows]
+            pool_at, last, inject_at = valid, valid.sum(1) - 1, valid
+        states = {layer: states[layer][rows] for layer in self.source_layers}
+        echo = self.echo_vector(states, pool_at, last)
+        if self.config.echo_pass == "full":
+            return self.full_pass(model, batch.tokens[rows], echo, inject_at, answer)
+        return self.suffix_pass(model, batch.tokens[rows], echo, answer, first,
+                                [cache.select(rows) for cache in caches])
+
+    def full_pass(self, model, tokens, echo, inject_at, answer):
+        """The reference: recompute every position of the routed samples with the injection."""
+        with self.injecting(echo, inject_at):
+            h, _ = model.trunk(tokens)
+        return model.output(h[answer]).float()
+
+    def suffix_pass(self, model, tokens, echo, answer, first, prefix_caches):
+        """ECHO.md item 5b: only the answer positions b-1..T-2 are computed, attending to the plain
+        pass's keys and values of positions 0..b-2 (kept in the autograd graph, not detached).
+
+        Those prefix states are the same in a full echo pass, because the injection is zero
+        before b-1 and attention is causal; so logits and gradients equal the full pass's. One
+        difference in training mode: the prefix carries the plain pass's adapter-dropout draws,
+        where a full pass would draw new ones (with dropout 0 the two are the same function).
+        """
+        R = tokens.shape[0]
+        n_answer = answer.sum(1)  # (R,)
+        S, P = int(n_answer.max()), int(first.max())
+        offsets = torch.arange(S, device=tokens.device)
+        in_suffix = offsets < n_answer[:, None]  # (R, S): False at padding
+        positions = first[:, None] + offsets  # (R, S) absolute positions
+        suffix_tokens = tokens.gather(1, positions.clamp(max=tokens.shape[1] - 1))
+        prefix = [KVCache(c.k[:, :, :P], c.v[:, :, :P]) for c in prefix_caches]
+        sees_prefix = torch.arange(P, device=tokens.device) < first[:, None]  # (R, P): key < b-1
+        causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
+        mask = torch.cat([sees_prefix[:, None, None, :].expand(R, 1, S, P), causal.expand(R, 1, S, S)], dim=-1)
+        with self.injecting(echo, in_suffix):
+            h, _ = model.trunk(suffix_tokens, positions, mask, prefix)
+        return model.output(h[in_suffix]).float()
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class Batch:
+    """A right-padded training batch.
+
+    tokens: (B, T) ids; valid: (B, T) bool, False at padding. At position t the targets are
+    token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens only (the echo terms'
+    positions A), `ce_targets` on what the plain cross-entropy trains on (the same, or every
+    next token with --train-on-inputs).
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    answer_targets: torch.Tensor
+    ce_targets: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def loss_terms(model, batch: Batch, echo: EchoPath | None = None, routed: torch.Tensor | None = None):
+    """Summed (not averaged) loss terms of one batch, and the counts to average them by.
+
+    Returns (ce_sum, echo_sum): ce_sum is the plain cross-entropy summed over the ce_targets;
+    echo_sum is ECHO.md item 6's routed term `CE(echo) + lambda tau^2 KL(teacher || plain)`
+    summed over the routed samples' answer tokens. Dividing by the step's token counts (see
+    train.py) gives the averages; sums let gradient accumulation and data-parallel ranks add up
+    to exactly one big batch. Logits are made only where a loss is taken: never a
+    (B, T, vocab) fp32 tensor.
+    """
+    answer = batch.answer_targets != IGNORE_INDEX
+    ce_at = batch.ce_targets != IGNORE_INDEX
+    if echo is not None:
+        routed = routed & answer.any(1)  # a sample cut off before its answer has no echo terms
+    rows = routed.nonzero()[:, 0] if echo is not None else None
+    run_echo = rows is not None and len(rows) > 0
+    keep_kv = run_echo and echo.config.echo_pass == "suffix"
+    caches = model.new_caches() if keep_kv else None
+    h, states = model.trunk(batch.tokens, caches=caches, collect=echo.source_layers if run_echo else ())
+    logits = model.output(h[ce_at]).float()  # (N_ce, vocab)
+    ce_sum = F.cross_entropy(logits, batch.ce_targets[ce_at], reduction="sum")
+    if not run_echo:
+        return ce_sum, logits.new_zeros(())
+    z_echo = echo.echo_logits(model, batch, rows, states, caches)
+    # The plain logits at the routed answer positions, picked out of those already computed
+    # (answer positions are always among the ce positions).
+    routed_answer = answer & torch.zeros_like(answer).index_fill_(0, rows, True)
+    z_plain = logits[routed_answer[ce_at]]
+    targets = batch.answer_targets[routed_answer]
+    tau = echo.config.tau
+    kl = F.kl_div(F.log_softmax(z_plain / tau, -1), F.log_softmax(z_echo.detach() / tau, -1),
+                  log_target=True, reduction="sum")
+    echo_sum = F.cross_entropy(z_echo, targets, reduction="sum") + echo.config.distill * tau ** 2 * kl
+    return ce_sum, echo_sum

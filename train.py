@@ -1,0 +1,425 @@
+"""Fine-tune LLaMA with LoRA, DoRA, Echo-LoRA or Echo-DoRA on commonsense_170k.
+
+    python train.py                                   # the embedded default: a tiny model, a minute on a CPU
+    python train.py --ckpt llama-7b --method echo-lora
+    torchrun --nproc_per_node 8 train.py --ckpt llama-7b --method echo-dora
+
+Reads top to bottom: configuration, data, model, optimizer, loop. Defaults are the published
+commonsense recipe (LLM-Adapters / DoRA): r 32, alpha 64, dropout 0.05 on q, k, v, up, down;
+batch 16, 3 epochs, cutoff 256, 120 validation records, 100 warmup steps then linear decay,
+AdamW without weight decay. The one deliberate difference: the loss is on answer tokens only for
+every method (`--train-on-inputs` restores the recipe's loss on prompt tokens), so LoRA, DoRA
+and Echo are compared under one loss. Every run writes, beside its adapter, config.json (every
+flag, library versions, the checkpoint's params) and metrics.jsonl.
+"""
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import llama
+from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
+from echo_lora import (Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters, loss_terms, save_adapter,
+                       trainable_parameters, write_atomically)
+
+EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
+SAMPLE = Path(__file__).resolve().parent / "data" / "sample"  # our own small records (data/README.md)
+
+
+@dataclass
+class Config:
+    ckpt: str = EMBEDDED  # checkpoints/<ckpt>, else a path; "tiny" is built on first use
+    method: str = "echo-lora"  # lora | dora | echo-lora | echo-dora
+    data: str = "data/commonsense_170k.json"  # one or more commonsense JSON files, comma-separated
+    out: str = ""  # default: out/<method>-<ckpt name>
+    # adapters (the recipe)
+    r: int = 32
+    alpha: float = 64
+    dropout: float = 0.05
+    targets: str = "wq,wk,wv,w3,w2"  # Meta names of q, k, v, up, down
+    # optimisation (the recipe)
+    lr: float = 0.0  # 0: by method and model, see default_lr
+    batch_size: int = 16
+    micro_batch_size: int = 16  # per process; gradient accumulation makes up batch_size
+    epochs: int = 3
+    cutoff: int = 256
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    train_on_inputs: bool = False
+    val_size: int = 120
+    val_seed: int = 42  # fixed apart from --seed, so every run validates on the same records
+    eval_every: int = 80  # steps between validation losses (the recipe's eval_steps)
+    save_every: int = 200  # steps between resumable checkpoints
+    max_steps: int = 0  # 0: all epochs; else stop after this many steps (the schedule spans them)
+    seed: int = 42
+    # the Echo path (ECHO.md); block numbers 1-based, comma-separated, empty = the default quarter
+    echo_source_layers: str = ""
+    echo_target_layers: str = ""
+    echo_pool: str = "mean"
+    echo_route_p: float = 0.5
+    echo_distill: float = 1.0
+    echo_tau: float = 1.0
+    echo_mask: str = "answer"
+    echo_pass: str = "suffix"
+    # machinery
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    device: str = ""  # default: cuda when available
+    log_every: int = 1
+
+
+# Per-checkpoint defaults for fields left unset on the command line. The embedded tiny model
+# trains on our own small sample for a one-minute CPU demo; its lr is higher because its base
+# model is random, so the adapters carry everything.
+PRESETS = {
+    EMBEDDED: dict(data=str(SAMPLE / "train.json"), val_size=40, warmup_steps=10, eval_every=20, save_every=50,
+                   epochs=2, lr=2e-3),
+}
+
+
+def default_lr(method: str, ckpt: str) -> float:
+    """The recipe's rates: 3e-4 for LoRA; 2e-4 for DoRA, 1e-4 for DoRA on Llama-3-8B."""
+    if "dora" not in method:
+        return 3e-4
+    return 1e-4 if "llama3" in ckpt.lower().replace("-", "") else 2e-4
+
+
+def parse_config(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=f.type, default=None)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, False)}
+    preset = PRESETS.get(Path(given.get("ckpt", EMBEDDED)).name, {})
+    cfg = Config(**{**preset, **given})
+    if cfg.method not in ("lora", "dora", "echo-lora", "echo-dora"):
+        parser.error(f"--method must be lora, dora, echo-lora or echo-dora, found {cfg.method!r}")
+    if cfg.batch_size % cfg.micro_batch_size:
+        parser.error(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    cfg.lr = cfg.lr or default_lr(cfg.method, cfg.ckpt)
+    cfg.out = cfg.out or f"out/{cfg.method}-{Path(cfg.ckpt).name}"
+    return cfg
+
+
+def echo_config(cfg: Config) -> EchoConfig | None:
+    if not cfg.method.startswith("echo-"):
+        return None
+    if cfg.gradient_checkpointing and cfg.echo_pass == "suffix":
+        # The suffix pass reads the plain pass's keys and values, which checkpointing throws away.
+        raise SystemExit("--gradient-checkpointing needs --echo-pass full")
+    layers = lambda s: tuple(int(x) for x in s.split(",")) if s else None  # noqa: E731
+    try:
+        return EchoConfig(source_layers=layers(cfg.echo_source_layers), target_layers=layers(cfg.echo_target_layers),
+                          pool=cfg.echo_pool, route_p=cfg.echo_route_p, distill=cfg.echo_distill, tau=cfg.echo_tau,
+                          mask=cfg.echo_mask, echo_pass=cfg.echo_pass)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded default: a tiny random LLaMA and a tokenizer trained on our sample, written as an
+# ordinary Meta-layout checkpoint so eval.py and everything else load it like a real one.
+
+
+def build_embedded_checkpoint(folder: Path, sample: Path):
+    import sentencepiece
+
+    texts = [train_prompt(r) for r in load_records(sample)]
+    model_file = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model_file, vocab_size=800, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        remove_extra_whitespaces=False,  # the prompt's whitespace is part of the protocol
+    )
+    args = llama.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=800, multiple_of=32,
+                           max_seq_len=512)
+    torch.manual_seed(0)
+    model = llama.Transformer(args)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder / "tokenizer.model", lambda tmp: tmp.write_bytes(model_file.getvalue()))
+    write_atomically(folder / "consolidated.00.pth", lambda tmp: torch.save(model.state_dict(), tmp))
+    params = {k: v for k, v in dataclasses.asdict(args).items() if k != "ffn_hidden_dim"}
+    write_atomically(folder / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2)))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def encode_examples(records, tokenizer, cutoff: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, answer-only labels) per record."""
+    return [encode_record(tokenizer, r, cutoff) for r in records]
+
+
+def split_validation(n: int, val_size: int, val_seed: int) -> tuple[list[int], list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(val_seed)).tolist()
+    return order[val_size:], order[:val_size]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffled batches of similar-length examples, so little compute goes to padding.
+
+    Shuffle, cut into chunks of 64 batches, sort each chunk by length, cut it into batches,
+    shuffle the batches: the order stays random but each batch's lengths are close.
+    """
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    chunk = 64 * batch_size
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: -lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def collate(examples, train_on_inputs: bool, pad_id: int) -> Batch:
+    """Right-pad, and shift labels so position t holds the label of token t + 1."""
+    T = max(len(ids) for ids, _ in examples)
+    tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(examples), T), dtype=torch.bool)
+    answer = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, labels) in enumerate(examples):
+        tokens[i, :len(ids)] = torch.tensor(ids)
+        valid[i, :len(ids)] = True
+        answer[i, :len(ids) - 1] = torch.tensor(labels[1:])
+    ce = torch.where(valid.roll(-1, 1) & valid, tokens.roll(-1, 1), IGNORE_INDEX) if train_on_inputs else answer
+    ce[:, -1] = IGNORE_INDEX if train_on_inputs else ce[:, -1]
+    return Batch(tokens, valid, answer, ce)
+
+
+# --------------------------------------------------------------------------------------------
+# Training machinery
+
+
+def lr_at(step: int, cfg: Config, total_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then linear decay to zero at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+
+
+@torch.no_grad()
+def validation_loss(model, examples, cfg: Config, pad_id: int, device) -> float:
+    """Plain cross-entropy per target token on the validation records (dropout off)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), cfg.micro_batch_size):
+        batch = collate(examples[start:start + cfg.micro_batch_size], cfg.train_on_inputs, pad_id).to(device)
+        with autocast(device):
+            ce_sum, _ = loss_terms(model, batch)
+        total += ce_sum.item()
+        count += int((batch.ce_targets != IGNORE_INDEX).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def all_reduce_gradients(params):
+    """Sum the gradients over data-parallel processes (each holds its part of the step's sums)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def save_checkpoint(path: Path, step: int, model, echo, optimizer, best_val: float):
+    state = {"step": step, "adapter": {k: v.detach() for k, v in adapter_parameters(model).items()},
+             "echo": echo.state_dict() if echo else None, "optimizer": optimizer.state_dict(),
+             "best_val": best_val, "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
+    if not path.is_file():
+        raise SystemExit(f"{path}: --resume given but there is no checkpoint to resume from")
+    state = torch.load(path, weights_only=False)
+    params = adapter_parameters(model)
+    with torch.no_grad():
+        for name, tensor in state["adapter"].items():
+            params[name].copy_(tensor)
+    if echo:
+        echo.load_state_dict(state["echo"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["best_val"]
+
+
+def run_record(cfg: Config, args: llama.ModelArgs, n_train: int, n_echo_params: int) -> dict:
+    import numpy
+    import safetensors
+    import sentencepiece
+    import tiktoken
+
+    return {"config": dataclasses.asdict(cfg), "model_args": dataclasses.asdict(args), "train_records": n_train,
+            "echo_parameters": n_echo_params, "command": " ".join(sys.argv),
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+                         "sentencepiece": sentencepiece.__version__, "tiktoken": tiktoken.__version__,
+                         "safetensors": safetensors.__version__}}
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    echo_cfg = echo_config(cfg)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        raise SystemExit(f"--batch-size {cfg.batch_size} must split into {world} processes x "
+                         f"--micro-batch-size {cfg.micro_batch_size}")
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    # ---- model
+    if cfg.ckpt == EMBEDDED and not (Path("checkpoints") / EMBEDDED / "params.json").is_file():
+        if rank == 0:
+            print(f"no checkpoint given: building the embedded tiny model in checkpoints/{EMBEDDED}/")
+            build_embedded_checkpoint(Path("checkpoints") / EMBEDDED, Path(PRESETS[EMBEDDED]["data"]))
+        if world > 1:
+            dist.barrier()
+    try:
+        model, tokenizer = llama.load(llama.resolve_checkpoint(cfg.ckpt), device=device,
+                                      dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    if tokenizer is None:
+        raise SystemExit(f"{cfg.ckpt}: no tokenizer.model beside the weights or one folder up")
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
+    add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                 dora="dora" in cfg.method)
+    model.train()
+    echo = EchoPath(model, echo_cfg).to(device) if echo_cfg else None
+    params = trainable_parameters(model) + (list(echo.parameters()) if echo else [])
+
+    # ---- data
+    try:
+        records = [r for path in cfg.data.split(",") for r in load_records(path)]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    examples = encode_examples(records, tokenizer, cfg.cutoff)
+    train_idx, val_idx = split_validation(len(examples), cfg.val_size, cfg.val_seed)
+    val_examples = [examples[i] for i in val_idx]
+    lengths = [len(examples[i][0]) for i in train_idx]
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # ---- optimizer
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    step, best_val = 0, math.inf
+    if cfg.resume:
+        step, best_val = restore_checkpoint(out / "checkpoint.pt", model, echo, optimizer)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        record = run_record(cfg, model.args, len(train_idx), echo.n_parameters() if echo else 0)
+        write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+        n_adapter = sum(p.numel() for p in trainable_parameters(model))
+        print(f"{cfg.method}: {n_adapter:,} adapter parameters"
+              + (f" + {echo.n_parameters():,} echo parameters (training only)" if echo else "")
+              + f"; {len(train_idx)} training records, {total_steps} steps, lr {cfg.lr:g}, on {device}")
+        metrics_file = out / "metrics.jsonl"
+        kept = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= step] \
+            if cfg.resume and metrics_file.exists() else []
+        metrics_file.write_text("".join(l + "\n" for l in kept))  # a resumed run continues the same log
+
+    # ---- loop
+    micro_per_rank = cfg.batch_size // (world * cfg.micro_batch_size)
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    t_last, tokens_since = time.perf_counter(), 0
+    while step < total_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch_ids = length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch)[index]
+        batch_examples = [examples[train_idx[i]] for i in batch_ids]
+        # Every process sees the whole step's batch: it takes its slice, and divides its sums by
+        # the step's token counts, so the summed gradients are those of one big batch.
+        step_batch = collate(batch_examples, cfg.train_on_inputs, tokenizer.pad_id)
+        n_ce = int((step_batch.ce_targets != IGNORE_INDEX).sum())
+        n_answer = int((step_batch.answer_targets != IGNORE_INDEX).sum())
+        routing = torch.rand(len(batch_examples), generator=torch.Generator().manual_seed(cfg.seed * 100003 + step))
+        routed_all = routing < (echo_cfg.route_p if echo_cfg else 0.0)
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        share = len(batch_examples) // world
+        losses = torch.zeros(3)
+        for m in range(micro_per_rank):
+            lo = rank * share + m * cfg.micro_batch_size
+            hi = min(lo + cfg.micro_batch_size, (rank + 1) * share if rank < world - 1 else len(batch_examples))
+            if lo >= hi:
+                continue
+            batch = collate(batch_examples[lo:hi], cfg.train_on_inputs, tokenizer.pad_id).to(device)
+            with autocast(device):
+                ce_sum, echo_sum = loss_terms(model, batch, echo, routed_all[lo:hi].to(device))
+            loss = ce_sum / max(n_ce, 1) + echo_sum / max(n_answer, 1)
+            loss.backward()
+            losses += torch.tensor([loss.item(), ce_sum.item() / max(n_ce, 1), echo_sum.item() / max(n_answer, 1)])
+            tokens_since += int(batch.valid.sum())
+        if world > 1:
+            all_reduce_gradients(params)
+            dist.all_reduce(losses)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if rank == 0:
+            entry = {"step": step, "loss": losses[0].item(), "ce": losses[1].item(), "echo": losses[2].item(),
+                     "lr": lr, "grad_norm": grad_norm.item(), "routed": int(routed_all.sum())}
+            if step % cfg.log_every == 0:
+                elapsed = time.perf_counter() - t_last
+                entry["tokens_per_s"] = tokens_since * world / elapsed
+                t_last, tokens_since = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            if val_examples and (step % cfg.eval_every == 0 or step == total_steps):
+                entry["val_loss"] = validation_loss(model, val_examples, cfg, tokenizer.pad_id, device)
+                if entry["val_loss"] < best_val:  # the best adapter is the one kept (the recipe's choice)
+                    best_val = entry["val_loss"]
+                    save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step,
+                                              "val_loss": best_val})
+                bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if not val_examples and step == total_steps:
+                save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step})
+            if step % cfg.save_every == 0 or step == total_steps:
+                save_checkpoint(out / "checkpoint.pt", step, model, echo, optimizer, best_val)
+    bar.close()
+    if rank == 0:
+        print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")
+        data_dir = f" --data-dir {SAMPLE} --datasets boolq ARC-Easy" if cfg.ckpt == EMBEDDED else ""
+        print(f"evaluate it: python eval.py --ckpt {cfg.ckpt} --adapter {out}{data_dir}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
