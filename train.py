@@ -103,7 +103,8 @@ def parse_config(argv=None) -> Config:
             parser.add_argument(flag, action="store_true")
         else:
             parser.add_argument(flag, type=f.type, default=None)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, False)}
+    # Only what was given on the command line (`0` is a value; unset is None, or False for a switch).
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
     preset = PRESETS.get(Path(given.get("ckpt", EMBEDDED)).name, {})
     cfg = Config(**{**preset, **given})
     if cfg.method not in ("lora", "dora", "echo-lora", "echo-dora"):
@@ -349,6 +350,11 @@ def main(argv=None):
         kept = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= step] \
             if cfg.resume and metrics_file.exists() else []
         metrics_file.write_text("".join(l + "\n" for l in kept))  # a resumed run continues the same log
+
+    if rank == 0 and val_examples and step == 0:  # the untouched model's loss, for reference
+        val_loss = validation_loss(model, val_examples, cfg, tokenizer.pad_id, device)
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": 0, "val_loss": val_loss}) + "\n")
 
     # ---- loop
     micro_per_rank = cfg.batch_size // (world * cfg.micro_batch_size)

@@ -1,0 +1,126 @@
+"""train.py end to end on CPU: real records with the real LLaMA-2 tokenizer, the embedded
+default, resume against an uninterrupted run, and two data-parallel processes against one."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llama
+import train
+from conftest import ROOT, SHARED
+from data.commonsense import IGNORE_INDEX, load_records
+from reference import write_meta_folder
+
+ARC_TRAIN = SHARED / "data" / "commonsense" / "ARC-Easy" / "train.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random LLaMA with the real LLaMA-2 tokenizer, as a Meta checkpoint folder."""
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-llama2"
+    torch.manual_seed(0)
+    write_meta_folder(llama.Transformer(llama.ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                                                        vocab_size=32000, multiple_of=32)), folder)
+    shutil.copy(SHARED / "models" / "llama2-tokenizer" / "tokenizer.model", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def arc_records(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "arc.json"
+    path.write_text(json.dumps(load_records(ARC_TRAIN)[:160]))
+    return path
+
+
+def run(tmp_path, ckpt, data, *extra):
+    out = tmp_path / "out"
+    train.main(["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--device", "cpu", "--batch-size", "8",
+                "--micro-batch-size", "4", "--warmup-steps", "2", "--val-size", "16", "--cutoff", "160", *extra])
+    return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_collate_shifts_answer_labels_and_train_on_inputs():
+    examples = [([1, 5, 6, 7, 8, 2], [IGNORE_INDEX] * 3 + [7, 8, 2]), ([1, 9, 10, 2], [IGNORE_INDEX] * 2 + [10, 2])]
+    batch = train.collate(examples, train_on_inputs=False, pad_id=0)
+    assert batch.answer_targets.tolist() == [[-100, -100, 7, 8, 2, -100], [-100, 10, 2, -100, -100, -100]]
+    assert torch.equal(batch.ce_targets, batch.answer_targets)
+    batch = train.collate(examples, train_on_inputs=True, pad_id=0)
+    assert batch.ce_targets.tolist() == [[5, 6, 7, 8, 2, -100], [9, 10, 2, -100, -100, -100]]
+
+
+@pytest.mark.parametrize("method", ["echo-lora", "echo-dora"])
+def test_real_records_validation_loss_goes_down(tmp_path, tiny_ckpt, arc_records, method):
+    out, metrics = run(tmp_path, tiny_ckpt, arc_records, "--method", method, "--max-steps", "16",
+                       "--eval-every", "8", "--lr", "5e-3")
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(val) == 3 and val[-1] < 0.7 * val[0], val  # steps 0, 8 and 16
+    steps = [m for m in metrics if "loss" in m]
+    assert len(steps) == 16 and all(m["loss"] == m["loss"] for m in steps) and sum(m["routed"] for m in steps) > 0
+    saved = load_file(str(out / "adapter.safetensors"))
+    assert not any("echo" in k or "proj" in k or "gate" in k for k in saved)
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["method"] == method and record["echo_parameters"] > 0
+
+
+def test_resumed_run_continues_the_same_loss_curve(tmp_path, tiny_ckpt, arc_records, monkeypatch):
+    common = ("--method", "echo-lora", "--max-steps", "8", "--save-every", "4", "--eval-every", "4")
+    _, uninterrupted = run(tmp_path / "a", tiny_ckpt, arc_records, *common)
+
+    original = train.save_checkpoint
+
+    def crash_after_first_checkpoint(path, step, *args):
+        original(path, step, *args)
+        raise KeyboardInterrupt(f"simulated crash at step {step}")
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", tiny_ckpt, arc_records, *common)
+    monkeypatch.setattr(train, "save_checkpoint", original)
+    _, resumed = run(tmp_path / "b", tiny_ckpt, arc_records, *common, "--resume")
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+    assert strip(resumed) == strip(uninterrupted)
+
+
+def test_two_data_parallel_processes_equal_one(tmp_path, tiny_ckpt, arc_records):
+    args = ["--ckpt", str(tiny_ckpt), "--data", str(arc_records), "--device", "cpu", "--method", "echo-lora",
+            "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3", "--val-size", "0",
+            "--dropout", "0", "--warmup-steps", "1", "--cutoff", "160"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", [sys.executable, "train.py"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", "29533", "train.py"])):
+        subprocess.run(launcher + args + ["--out", str(tmp_path / name)], cwd=ROOT, env=env, check=True,
+                       capture_output=True, timeout=300)
+    one, two = (load_file(str(tmp_path / n / "adapter.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert diff < 1e-6, diff
+    assert max(one[k].abs().max().item() for k in one if "lora_B" in k) > 0  # it really trained
+
+
+def test_embedded_default_runs_from_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train.main(["--max-steps", "3", "--eval-every", "3"])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "tiny" / "tokenizer.model").is_file()
+    assert (tmp_path / "out" / "echo-lora-tiny" / "adapter.safetensors").is_file()
+    assert "python eval.py --ckpt tiny --adapter out/echo-lora-tiny" in printed
+    model, tokenizer = llama.load(tmp_path / "checkpoints" / "tiny")
+    assert tokenizer.n_words == model.args.vocab_size
+
+
+def test_bad_input_is_one_clear_error(tmp_path, tiny_ckpt):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--method", "qlora"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "q", "input": "", "output": "o"}]))
+    with pytest.raises(SystemExit, match=r"bad.json: record 0: missing key 'answer'"):
+        train.main(["--ckpt", str(tiny_ckpt), "--data", str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="needs --echo-pass full"):
+        train.main(["--ckpt", str(tiny_ckpt), "--echo-mask", "none"])
