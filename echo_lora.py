@@ -119,8 +119,8 @@ class LoRALinear(nn.Module):
             W_o . (BA)_o  = sum_k B_ok (W A^T)_ok    W A^T: (out, r), one pass over W
             ||(BA)_o||^2  = B_o (A A^T) B_o^T        A A^T: (r, r)
 
-        The expansion loses relative precision only when W_o + s (BA)_o nearly cancels W_o,
-        i.e. when the update is as large as the weight itself, which fine-tuning never reaches.
+        The expansion loses relative precision only when W_o + s (BA)_o is much shorter than
+        W_o (an update that nearly cancels the weight row), which fine-tuning never comes near.
         """
         with torch.autocast(self.lora_A.device.type, enabled=False):  # the norm stays fp32
             A, B, s = self.lora_A, self.lora_B, self.scale
@@ -164,11 +164,12 @@ def add_adapters(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 32, alpha: 
     """
     if adapted_linears(model):
         raise ValueError("the model already has adapters; merge(model) or build a fresh model first")
+    targets = list(dict.fromkeys(targets))  # a repeated name must not wrap a layer twice
     unknown = [t for t in targets if t not in BLOCK_LINEARS]
     if unknown or not targets:
-        raise ValueError(f"unknown adapter targets {unknown or list(targets)}; expected some of {list(BLOCK_LINEARS)}")
+        raise ValueError(f"unknown adapter targets {unknown or targets}; expected some of {list(BLOCK_LINEARS)}")
     n_blocks = len(model.layers)
-    blocks = range(n_blocks) if layers is None else layers
+    blocks = range(n_blocks) if layers is None else sorted(set(layers))
     outside = [i for i in blocks if not 0 <= i < n_blocks]
     if outside or not blocks:
         raise ValueError(f"adapter layers {outside or list(blocks)} are not blocks of this {n_blocks}-block model")
@@ -330,7 +331,8 @@ def config_from_peft(peft_config: dict, file: Path) -> dict:
     unsupported = {
         "peft_type": lambda v: v != "LORA", "bias": lambda v: v not in (None, "none"),
         "use_rslora": bool, "rank_pattern": bool, "alpha_pattern": bool, "modules_to_save": bool,
-        "fan_in_fan_out": bool, "lora_bias": bool,
+        "fan_in_fan_out": bool, "lora_bias": bool, "exclude_modules": bool, "layer_replication": bool,
+        "trainable_token_indices": bool, "target_parameters": bool, "alora_invocation_tokens": bool,
         "target_modules": lambda v: not isinstance(v, list),
         "layers_pattern": lambda v: v not in (None, "layers", ["layers"]),
     }
@@ -414,7 +416,8 @@ def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], fil
                          f"unexpected {unexpected[:3]}{'...' * (len(unexpected) > 3)}")
     for name, tensor in tensors.items():
         if tensor.shape != params[name].shape:
-            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
+            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(params[name].shape)}")
     for name, tensor in tensors.items():
         params[name].copy_(tensor)
 
