@@ -564,9 +564,17 @@ class EchoPath(nn.Module):
                                 [cache.select(rows) for cache in caches])
 
     def full_pass(self, model, tokens, echo, inject_at, answer):
-        """The reference: recompute every position of the routed samples with the injection."""
-        with self.injecting(echo, inject_at):
-            h, _ = model.trunk(tokens)
+        """The reference: recompute every position of the routed samples with the injection.
+
+        Never under activation checkpointing: its recomputation would run in backward, after
+        the injection is switched off, and compute a different function.
+        """
+        checkpointing, model.gradient_checkpointing = model.gradient_checkpointing, False
+        try:
+            with self.injecting(echo, inject_at):
+                h, _ = model.trunk(tokens)
+        finally:
+            model.gradient_checkpointing = checkpointing
         return model.output(h[answer]).float()
 
     def suffix_pass(self, model, tokens, echo, answer, first, prefix_caches):

@@ -242,8 +242,8 @@ class Transformer(nn.Module):
         collected = {}
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
-            if self.gradient_checkpointing and self.training and cache is None:
-                h = torch.utils.checkpoint.checkpoint(layer, h, rotations, mask, None, use_reentrant=False)
+            if self.gradient_checkpointing and self.training and (cache is None or cache.k is None):
+                h = checkpointed_block(layer, h, rotations, mask, cache)
             else:
                 h = layer(h, rotations, mask, cache)
             if i + 1 in collect:
@@ -257,6 +257,22 @@ class Transformer(nn.Module):
 
     def new_caches(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
+
+
+def checkpointed_block(layer, h, rotations, mask, cache: KVCache | None):
+    """A block under activation checkpointing: its activations are recomputed in backward.
+
+    An empty cache that records the block's keys and values is filled from the checkpointed
+    function's outputs rather than inside it, so the recomputation has no side effect.
+    """
+    def run(h):
+        local = KVCache()
+        return layer(h, rotations, mask, local), local.k, local.v
+
+    h, k, v = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False)
+    if cache is not None:
+        cache.k, cache.v = k, v
+    return h
 
 
 def attention_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:

@@ -119,9 +119,6 @@ def parse_config(argv=None) -> Config:
 def echo_config(cfg: Config) -> EchoConfig | None:
     if not cfg.method.startswith("echo-"):
         return None
-    if cfg.gradient_checkpointing and cfg.echo_pass == "suffix":
-        # The suffix pass reads the plain pass's keys and values, which checkpointing throws away.
-        raise SystemExit("--gradient-checkpointing needs --echo-pass full")
     layers = lambda s: tuple(int(x) for x in s.split(",")) if s else None  # noqa: E731
     try:
         return EchoConfig(source_layers=layers(cfg.echo_source_layers), target_layers=layers(cfg.echo_target_layers),

@@ -167,8 +167,9 @@ def test_stripped_echo_adapter_is_a_plain_lora_adapter(tmp_path, dora):
         assert torch.equal(fresh.eval()(batch.tokens), plain.eval()(batch.tokens))
 
 
-def loss_and_grads(dora, echo_pass, routed, batch=None):
+def loss_and_grads(dora, echo_pass, routed, batch=None, checkpointing=False):
     model, batch = adapted_model(dora=dora), batch or ragged_batch()
+    model.gradient_checkpointing = checkpointing
     echo = echo_path(model, echo_pass=echo_pass)
     ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
     loss = ce_sum + echo_sum
@@ -191,6 +192,16 @@ def test_suffix_echo_pass_equals_full_recomputation(dora, routed):
             assert f is None and s is None, name  # e.g. echo modules when nothing is routed
             continue
         assert (f - s).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("echo_pass", ["suffix", "full"])
+def test_gradient_checkpointing_changes_nothing_but_memory(echo_pass):
+    routed = torch.tensor([1, 0, 1, 1], dtype=torch.bool)
+    loss, grads = loss_and_grads(False, echo_pass, routed)
+    ckpt_loss, ckpt_grads = loss_and_grads(False, echo_pass, routed, checkpointing=True)
+    assert abs(loss.item() - ckpt_loss.item()) < 1e-5
+    for name in grads:
+        assert (grads[name] - ckpt_grads[name]).abs().max() < 1e-5, name
 
 
 def saved_activation_bytes(echo_pass):
