@@ -131,20 +131,18 @@ def load_records(path) -> list[dict]:
     return parse_records(path.read_text(encoding="utf-8"), str(path))
 
 
-def encode_record(tokenizer, record: dict, cutoff: int = 256, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one training record, as LLM-Adapters' finetune.py makes them.
+def encode_record(tokenizer, record: dict, cutoff: int = 256) -> tuple[list[int], list[int]]:
+    """Token ids and answer-only labels of one training record, as LLM-Adapters' finetune.py
+    makes them (train.py's --train-on-inputs trains on every token instead, at batching time).
 
     The ids are BOS + the training text, truncated to `cutoff`, plus EOS when there is room.
-    Without `train_on_inputs`, the first len(tokens of the prompt without its output) labels
-    are IGNORE_INDEX. That count is upstream's rule, and it is exact for LLaMA's tokenizers:
+    The first len(tokens of the prompt without its output) labels are IGNORE_INDEX. That count is upstream's rule, and it is exact for LLaMA's tokenizers:
     the prompt ends in 16 spaces, which tokenise as one 16-space piece alone, and as a 15-space
     piece then " the" in front of the output, so the same number of pieces precede the output.
     """
     ids = tokenizer.encode(train_prompt(record), bos=True, eos=False)[:cutoff]
     if len(ids) < cutoff and ids[-1] != tokenizer.eos_id:
         ids.append(tokenizer.eos_id)
-    if train_on_inputs:
-        return ids, list(ids)
     # Clipped to len(ids) so labels always align with ids; upstream's list would come out
     # longer than its ids if the prompt alone tokenised longer than the full text.
     n_prompt = min(len(tokenizer.encode(train_prompt_without_output(record), bos=True, eos=False)), len(ids))
