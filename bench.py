@@ -312,12 +312,9 @@ def main(argv=None):
 
 
 def peft_available() -> bool:
-    try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("peft", "transformers"))
 
 
 def add_ratios(rows):

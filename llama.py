@@ -294,28 +294,41 @@ def attention_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:
 # Decoding
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
-             pad_id: int = 0) -> list[list[int]]:
-    """Batched greedy decoding; returns each prompt's new ids, up to (not including) a stop id.
-
-    Prompts are left-padded so every sample's next token is in the last column; positions count
-    only real tokens and the mask hides the padding, so a batch decodes exactly like one prompt
-    at a time.
-    """
-    device = model.output.weight.device
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((B, longest), dtype=torch.bool, device=device)
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids with each prompt flush right, and (B, T) bool, True at real tokens."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((len(prompts), longest), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         tokens[i, longest - len(p):] = torch.tensor(p, device=device)
         valid[i, longest - len(p):] = True
+    return tokens, valid
+
+
+@torch.no_grad()
+def prefill(model: Transformer, prompts: list[list[int]], pad_id: int = 0):
+    """Run left-padded prompts through the model once, filling fresh KV caches.
+
+    Left padding puts every sample's next token in the last column; positions count only real
+    tokens and the mask hides the padding, so a batch decodes exactly like one prompt at a time.
+    Returns the last position's logits (B, vocab) (never the (B, T, vocab) of every position),
+    the caches, the key mask (B, T) and each sample's next position (B,).
+    """
+    tokens, valid = left_pad(prompts, pad_id, model.output.weight.device)
     positions = (valid.cumsum(1) - 1).clamp(min=0)
     caches = model.new_caches()
-    logits = model(tokens, positions, attention_mask(valid, longest), caches)[:, -1]
-    stop = torch.tensor(sorted(stop_ids), device=device)
+    hidden, _ = model.trunk(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
+    return model.output(hidden[:, -1]), caches, valid, positions[:, -1] + 1
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
+             pad_id: int = 0) -> list[list[int]]:
+    """Batched greedy decoding; returns each prompt's new ids, up to (not including) a stop id."""
+    logits, caches, valid, next_pos = prefill(model, prompts, pad_id)
+    B, device = len(prompts), valid.device
+    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = positions[:, -1] + 1
     new_tokens = []
     for _ in range(max_new_tokens):
         token = logits.float().argmax(-1)
@@ -346,12 +359,28 @@ LLAMA3_NAMED_SPECIALS = [
 ]
 LLAMA3_N_SPECIALS = 256
 
+# GPT-2's split pattern: what an HF ByteLevel pre-tokenizer with `use_regex` splits a text by.
+GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# An HF Digits(individual_digits) step, then GPT-2's pattern on the stretches between the digits
+# (SmolLM2's and StarCoder's hub files), as one regex: every digit is a piece of its own, and a
+# digit ends a whitespace run the way the end of a stretch does.
+DIGITS_GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+# Added tokens that end a reply in these families' formats: decoding stops at whichever exist.
+END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>")
+
 
 class Tokenizer:
-    """One interface over LLaMA 1/2's SentencePiece model and Llama 3's tiktoken BPE file.
+    """One interface over three files: LLaMA 1/2's SentencePiece model, Llama 3's tiktoken BPE
+    file, and an HF byte-level BPE tokenizer.json (SmolLM2, Llama 3 hub downloads).
 
-    The backend is chosen by sniffing the file: Llama 3's tokenizer.model is text lines of
-    `base64(token) rank`; LLaMA 1/2's is a binary SentencePiece protobuf.
+    The backend is chosen by sniffing the file: a tokenizer.json is a JSON object; Llama 3's
+    tokenizer.model is text lines of `base64(token) rank`; LLaMA 1/2's is a binary SentencePiece
+    protobuf.
+
+    `encode(text, bos=True)` puts in front what the model's own tokenizer puts there when the
+    commonsense recipe encodes a prompt: BOS for the two tokenizer.model files; for a
+    tokenizer.json, what transformers adds by the same files (`add_bos`). SmolLM2's files add
+    nothing, so its prompts start without a BOS, exactly as in transformers.
     """
 
     def __init__(self, path):
@@ -360,7 +389,10 @@ class Tokenizer:
             head = self.path.open("rb").read(256)
         except OSError as e:
             raise FileNotFoundError(f"{self.path}: cannot read tokenizer: {e}") from None
-        if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
+        self.add_bos = True
+        if head.lstrip().startswith(b"{"):
+            self._init_tokenizer_json()
+        elif re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
             self._init_tiktoken()
         else:
             self._init_sentencepiece()
@@ -371,7 +403,7 @@ class Tokenizer:
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path}: not a SentencePiece model nor a tiktoken BPE file: {e}") from None
+            raise ValueError(f"{self.path}: not a SentencePiece model, tiktoken BPE file or tokenizer.json: {e}") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         # SentencePiece LLaMA has no pad token; id 0 (<unk>) is what the commonsense recipe pads with.
@@ -404,11 +436,169 @@ class Tokenizer:
         self._encode = lambda text: self.tt.encode(text, disallowed_special=())
         self._decode = self.tt.decode
 
+    def _init_tokenizer_json(self):
+        """Run an HF byte-level BPE tokenizer.json with tiktoken: the vocabulary gives the ranks,
+        the pre-tokenizer the split regex, the added tokens the specials; tokenizer_config.json
+        and config.json beside it name BOS, EOS and pad."""
+        import tiktoken
+
+        spec = read_json(self.path)
+        if spec.get("normalizer") is not None:
+            raise ValueError(f"{self.path}: normalizer {spec['normalizer'].get('type')!r} is not implemented "
+                             f"(a byte-level BPE tokenizer.json has none)")
+        pattern = byte_level_split_pattern(spec.get("pre_tokenizer"), self.path)
+        specials = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
+        ranks = byte_level_ranks(spec.get("model", {}), set(specials.values()), self.path)
+        self.n_words = 1 + max([*ranks.values(), *specials.values()])
+        # transformers drops a byte its vocabulary lacks (SmolLM2's lacks 21 that text hardly
+        # holds: six control characters, and bytes UTF-8 never or all but never uses). tiktoken
+        # needs a rank for every byte: such a byte gets one past the vocabulary, and encode drops
+        # it. One difference is left: transformers drops the byte before merging, so the bytes
+        # around it may merge, which here they cannot.
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        ranks.update({byte: self.n_words + i for i, byte in enumerate(missing)})
+        self.tt = tiktoken.Encoding(name=str(self.path), pat_str=pattern, mergeable_ranks=ranks,
+                                    special_tokens=specials)
+
+        folder = self.path.parent
+        tokenizer_config, config = (read_json(folder / name) if (folder / name).is_file() else {}
+                                    for name in ("tokenizer_config.json", "config.json"))
+        names = {**spec["model"]["vocab"], **specials}
+        self.bos_id = hf_token_id("bos", tokenizer_config, config, names, folder)
+        self.eos_id = hf_token_id("eos", tokenizer_config, config, names, folder)
+        if self.eos_id is None:
+            raise ValueError(f"{self.path}: no EOS token: neither tokenizer_config.json's eos_token "
+                             f"nor config.json's eos_token_id in {folder}")
+        pad_id = hf_token_id("pad", tokenizer_config, config, names, folder)
+        self.pad_id = self.eos_id if pad_id is None else pad_id  # padding is masked: any id serves
+        prefix = hf_bos_prefix(spec.get("post_processor"), tokenizer_config, self.bos_id, self.path)
+        self.add_bos = prefix is not None
+        self.bos_id = prefix if self.add_bos else self.bos_id
+        config_eos = config.get("eos_token_id")
+        self.stop_ids = ({self.eos_id} | set(config_eos if isinstance(config_eos, list) else [])
+                         | {specials[name] for name in END_OF_TURN_TOKENS if name in specials})
+        # Special-token text in user data is encoded as ordinary text, never as control tokens.
+        self._encode = lambda text: [t for t in self.tt.encode(text, disallowed_special=()) if t < self.n_words]
+        self._decode = self.tt.decode
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+        return [self.bos_id] * (bos and self.add_bos) + self._encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
         return self._decode(list(ids))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON: {e}") from None
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character a token string spells a byte with ->
+    that byte. Printable Latin-1 bytes are their own character; the other 68 (controls, space,
+    0x7F-0xA0, 0xAD) are U+0100 onwards in byte order, so a token string never holds whitespace
+    ("Ġ" is the space)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    alphabet = {chr(b): b for b in printable}
+    alphabet.update({chr(0x100 + i): b for i, b in enumerate(b for b in range(256) if b not in printable)})
+    return alphabet
+
+
+def byte_level_split_pattern(pre_tokenizer: dict | None, path: Path) -> str:
+    """The regex tiktoken splits a text by, from a tokenizer.json's byte-level pre-tokenizer.
+
+    Three forms are implemented: ByteLevel with `use_regex` (GPT-2's pattern); Digits with
+    individual digits, then that ByteLevel (SmolLM2's hub file); a Split regex, then ByteLevel
+    without its own regex (Llama 3's hub files: the Split pattern). A Split pattern here must
+    match every character, as these do: tiktoken drops what no match covers, transformers keeps it.
+    """
+    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
+    kinds = [step.get("type") for step in steps]
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" and not steps[-1].get("add_prefix_space") else None
+    if byte_level is not None:
+        own_regex = byte_level.get("use_regex", True)
+        if kinds == ["ByteLevel"] and own_regex:
+            return GPT2_SPLIT_PATTERN
+        if kinds == ["Digits", "ByteLevel"] and own_regex and steps[0].get("individual_digits"):
+            return DIGITS_GPT2_SPLIT_PATTERN
+        split = steps[0]
+        if (kinds == ["Split", "ByteLevel"] and not own_regex and "Regex" in split.get("pattern", {})
+                and split.get("behavior") == "Isolated" and not split.get("invert")):
+            return split["pattern"]["Regex"]
+    raise ValueError(f"{path}: pre_tokenizer {json.dumps(pre_tokenizer)[:300]} is not implemented; expected "
+                     f"ByteLevel (use_regex, no prefix space), Digits (individual) then ByteLevel, or an "
+                     f"isolating Split regex then ByteLevel (no use_regex)")
+
+
+def byte_level_ranks(model: dict, added_ids: set[int], path: Path) -> dict[bytes, int]:
+    """tiktoken's mergeable ranks from an HF byte-level BPE model: each token's bytes -> its id.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, HF BPE the pair
+    listed first among the merges, so the ids must grow in merge order (equal ids for several
+    merges of one token, as transformers' conversion of a tiktoken file lists them), and every
+    token beyond the single bytes must be some merge's result: both are checked.
+    """
+    if (model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix")):
+        raise ValueError(f"{path}: model {model.get('type')!r} is not a plain byte-level BPE "
+                         f"(byte_fallback, subword prefixes and suffixes are not implemented)")
+    alphabet = byte_level_alphabet()
+    vocab = {token: i for token, i in model["vocab"].items() if i not in added_ids}
+    try:
+        ranks = {bytes(alphabet[c] for c in token): i for token, i in vocab.items()}
+    except KeyError as e:
+        raise ValueError(f"{path}: vocabulary character {e} is outside GPT-2's byte-level alphabet; "
+                         f"not a byte-level BPE") from None
+    previous, merged = -1, set()
+    for n, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        rank = vocab.get(left + right, -1)
+        if rank < previous:
+            raise ValueError(f"{path}: merge {n} ({left!r}, {right!r}) makes id {rank}, after id {previous}: "
+                             f"the ids must grow in merge order for tiktoken's ranks")
+        previous = rank
+        merged.add(left + right)
+    unmerged = [token for token in vocab if len(token) > 1 and token not in merged]
+    if unmerged:
+        raise ValueError(f"{path}: {len(unmerged)} tokens are no merge's result (e.g. {unmerged[0]!r})")
+    return ranks
+
+
+def hf_token_id(kind: str, tokenizer_config: dict, config: dict, names: dict[str, int], folder: Path) -> int | None:
+    """The id of tokenizer_config.json's `<kind>_token` (a string, or an object with "content"),
+    else config.json's `<kind>_token_id` (the first where it lists several), else None."""
+    token = tokenizer_config.get(f"{kind}_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    if token is not None:
+        if token not in names:
+            raise ValueError(f"{folder / 'tokenizer_config.json'}: {kind}_token {token!r} is not in the vocabulary")
+        return names[token]
+    ids = config.get(f"{kind}_token_id")
+    return ids[0] if isinstance(ids, list) else ids
+
+
+def hf_bos_prefix(post_processor: dict | None, tokenizer_config: dict, bos_id: int | None, path: Path) -> int | None:
+    """The id transformers (5.x) puts in front of every text it encodes, or None.
+
+    Its rule: tokenizer_config.json's add_bos_token where it is given (the template is rebuilt
+    from it), else the template of the tokenizer.json post-processor. Tokens after the text
+    (add_eos_token, a template ending in a token) are not implemented.
+    """
+    if tokenizer_config.get("add_eos_token"):
+        raise ValueError(f"{path.parent / 'tokenizer_config.json'}: add_eos_token is not implemented")
+    if "add_bos_token" in tokenizer_config:
+        return bos_id if tokenizer_config["add_bos_token"] else None
+    processors = (post_processor or {}).get("processors", [post_processor] if post_processor else [])
+    unknown = {p.get("type") for p in processors} - {"ByteLevel", "TemplateProcessing"}
+    templates = [p for p in processors if p.get("type") == "TemplateProcessing"]
+    pieces = [item["SpecialToken"]["id"] if "SpecialToken" in item else "$A" for item in
+              (templates[0].get("single", []) if templates else [{"Sequence": {}}])]
+    if unknown or len(templates) > 1 or pieces not in (["$A"], [*pieces[:1], "$A"]):
+        raise ValueError(f"{path}: post_processor {json.dumps(post_processor)[:300]} is not implemented; "
+                         f"expected ByteLevel and at most a template of one token before the text")
+    return templates[0]["special_tokens"][pieces[0]]["ids"][0] if len(pieces) == 2 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,8 +755,9 @@ def merge_shards(name, pieces, full: torch.Size, shards) -> torch.Tensor:
 
 
 def find_tokenizer(ckpt_dir: Path) -> Tokenizer | None:
-    """tokenizer.model beside the weights or one folder up (Meta's download puts it there)."""
-    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
+    """tokenizer.model or an HF tokenizer.json beside the weights, else tokenizer.model one folder
+    up (Meta's download puts it there). An HF Llama 2 folder holds both files: the first wins."""
+    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir / "tokenizer.json", ckpt_dir.parent / "tokenizer.model"):
         if candidate.is_file():
             return Tokenizer(candidate)
     return None

@@ -3,7 +3,14 @@
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"  # real tokenizers, weights and benchmark files; never copied in
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+# The test models are tiny: their ops take microseconds, so a second intra-op thread adds only
+# synchronisation, which costs far more than it saves (measured on this 2-core machine with another
+# process busy: test_eval.py 91 s with 2 threads, 11 s with 1). Tests of a real model may raise it.
+torch.set_num_threads(1)

@@ -28,16 +28,6 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the defau
 R, ALPHA = 4, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: extra threads only add synchronisation, which costs ~17 ms per
-    op (seconds per test) when another process keeps a core busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(ARGS)

@@ -1,6 +1,5 @@
 """data/: the upstream prompt bytes, answer-only labels on real records, file checks, download."""
 
-import json
 import shutil
 import subprocess
 import sys

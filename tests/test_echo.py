@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import llama
 from data.commonsense import IGNORE_INDEX
-from echo_lora import (EchoConfig, EchoPath, LoRALinear, add_adapters, adapter_state, load_adapter, loss_terms,
+from echo_lora import (EchoConfig, EchoPath, LoRALinear, add_adapters, load_adapter, loss_terms,
                        save_adapter, trainable_parameters)
 from train import collate
 

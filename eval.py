@@ -1,0 +1,461 @@
+"""The commonsense evaluator: eight benchmarks under the published protocol, batched and exact.
+
+    python eval.py --ckpt llama-7b --adapter out/echo-lora --datasets all
+    python eval.py --ckpt llama-7b --adapter out/echo-lora --num-beams 4   # the protocol's decoding
+    python eval.py --ckpt llama-7b --datasets boolq piqa --limit 100      # the base model, a quick look
+
+The protocol is LLM-Adapters' commonsense_evaluate.py (Hu et al., 2023, "LLM-Adapters"), which
+DoRA (Liu et al., 2024, section 5.1) reuses for every number of its commonsense table: each test
+question is put in the evaluation prompt (data.commonsense.eval_prompt) and tokenised with BOS
+and no EOS, the adapted model writes up to 32 new tokens with 4-beam search, and the answer is
+the first match of the benchmark's label set in what it wrote; a reply that names no label is
+wrong.
+
+One difference, on purpose: upstream pads batches on the left but passes no attention mask, so
+its answers are right only at batch size 1 (LLM-Adapters issue 61). Here the padding is masked
+and positions count only real tokens, so every batch size gives the answers of batch size 1.
+Greedy decoding is the default (one row per question, not four); `--num-beams 4` is the
+protocol's. `--scoring likelihood` ranks the labels by log-likelihood instead of generating: a
+different measurement, written to its own files.
+"""
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.commonsense import eval_prompt, load_records
+from echo_lora import load_adapter, merge, write_atomically
+from llama import Tokenizer, Transformer, generate, load, prefill, resolve_checkpoint
+
+
+class Benchmark(NamedTuple):
+    column: str  # the column name of the published tables
+    labels: str  # the label set as upstream's extract_answer searches for it
+
+
+# Keyed by upstream's dataset folder names, in the column order of the published tables. The
+# patterns are upstream's: plain alternations, case-sensitive, without word boundaries.
+BENCHMARKS = {
+    "boolq": Benchmark("BoolQ", "true|false"),
+    "piqa": Benchmark("PIQA", "solution1|solution2"),
+    "social_i_qa": Benchmark("SIQA", "answer1|answer2|answer3|answer4|answer5"),
+    "hellaswag": Benchmark("HellaSwag", "ending1|ending2|ending3|ending4"),
+    "winogrande": Benchmark("WinoGrande", "option1|option2"),
+    "ARC-Easy": Benchmark("ARC-e", "answer1|answer2|answer3|answer4|answer5"),
+    "ARC-Challenge": Benchmark("ARC-c", "answer1|answer2|answer3|answer4|answer5"),
+    "openbookqa": Benchmark("OBQA", "answer1|answer2|answer3|answer4|answer5"),
+}
+
+# Accuracy (%) on the eight benchmarks in BENCHMARKS order, then the average. Copied verbatim
+# from NVlabs/DoRA, commonsense_reasoning/README.md, the three "Accuracy comparison of LoRA and
+# DoRA ..." tables, rows with r = 32 (the LLaMA-7B DoRA r = 32 row lists lr 1e-4 there).
+PUBLISHED = {
+    "llama-7b": {
+        "LoRA r=32": (67.5, 80.8, 78.2, 83.4, 80.4, 78.0, 62.6, 79.1, 76.3),
+        "DoRA r=32": (69.7, 83.4, 78.6, 87.2, 81.0, 81.9, 66.2, 79.2, 78.4),
+    },
+    "llama2-7b": {
+        "LoRA r=32": (69.8, 79.9, 79.5, 83.6, 82.6, 79.8, 64.7, 81.0, 77.6),
+        "DoRA r=32": (71.8, 83.7, 76.0, 89.1, 82.6, 83.7, 68.2, 82.4, 79.7),
+    },
+    "llama3-8b": {
+        "LoRA r=32": (70.8, 85.2, 79.9, 91.7, 84.3, 84.2, 71.2, 79.0, 80.8),
+        "DoRA r=32": (74.6, 89.3, 79.9, 95.5, 85.6, 90.5, 80.4, 85.8, 85.2),
+    },
+}
+
+RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
+ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the text training taught
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------
+# Answers
+
+
+def extract_answer(dataset: str, generated: str) -> str:
+    """The label upstream's extract_answer finds in `generated`, or "" (counted wrong).
+
+    `generated` is the decoded new tokens alone. Upstream decodes prompt + new tokens, splits on
+    "### Response:" and keeps part [1], then strips it. The prompt holds exactly one "### Response:",
+    at its end (no test question contains the string), so part [1] is the prompt's trailing
+    whitespace plus the new text up to any "### Response:" the model writes itself: part [0] of
+    the new text, whitespace aside (which cannot change a regex search). NVlabs/DoRA's copy
+    keeps the last part, [-1]; the two differ only when the model writes "### Response:".
+
+    The first match wins, case-sensitive, with no word boundaries: "answer12" gives "answer1"
+    and "True" gives "", as upstream's regex does.
+    """
+    response = generated.split(RESPONSE_MARKER)[0]
+    match = re.search(BENCHMARKS[dataset].labels, response)
+    return match.group(0) if match else ""
+
+
+def candidate_labels(dataset: str, record: dict) -> list[str]:
+    """The labels a question offers: those its "Answer format: answer1/answer2/..." line lists
+    (every test file ends its instructions so; some ARC questions have 3 or 5 choices), else the
+    benchmark's whole label set."""
+    _, marker, answer_format = record["instruction"].rpartition("Answer format:")
+    pattern = BENCHMARKS[dataset].labels
+    return (marker and re.findall(pattern, answer_format)) or pattern.split("|")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def add_hypothesis(finished: list, score: float, ids: list[int], num_beams: int):
+    """Keep the best `num_beams` finished hypotheses, best first; on a tie the earlier one."""
+    finished.append((score, ids))
+    finished.sort(key=lambda hypothesis: -hypothesis[0])  # stable
+    del finished[num_beams:]
+
+
+def can_improve(finished: list, best_running: float, n_generated: int, num_beams: int,
+                length_penalty: float) -> bool:
+    """transformers' stopping rule for early_stopping=False: a question searches on while it has
+    fewer than num_beams finished hypotheses, or while its best running beam, normalised by the
+    current length, beats the worst of them (a heuristic: it assumes a beam's normalised score
+    does not rise later)."""
+    return len(finished) < num_beams or best_running / n_generated**length_penalty > finished[-1][0]
+
+
+@torch.no_grad()
+def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, max_new_tokens: int, stop_ids,
+                pad_id: int = 0, length_penalty: float = 1.0) -> list[list[int]]:
+    """Each prompt's best beam-search continuation, up to (not including) a stop id.
+
+    The semantics are transformers' beam search (the protocol's implementation, checked against
+    it in the tests) with do_sample=False and early_stopping=False. Per question and step:
+    - the candidates are the best (1 + number of stop ids, at least 2) x num_beams extensions
+      of its beams by summed log-probability, so num_beams of them never end;
+    - a candidate among the best num_beams that ends in a stop id becomes a finished hypothesis,
+      scored sum / generated_length ** length_penalty (the stop token counted);
+    - the best num_beams candidates that do not end go on as the beams;
+    - at max_new_tokens the best num_beams candidates are finished as they stand;
+    - the question is done when `can_improve` says so, and leaves the batch.
+    The answer is the best finished hypothesis. The length normalisation is today's; transformers
+    changed it around v4.36 (PRs 27351 and 27808): before, it divided by the whole sequence length,
+    prompt included (LLM-Adapters installed transformers from git in 2023; DoRA pins v4.36.0).
+
+    Questions are batched, num_beams rows each, with masked left padding as in llama.generate;
+    the cache rows follow their beams through KVCache.select.
+    """
+    device = model.output.weight.device
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    n_candidates = max(2, 1 + len(stop)) * num_beams
+    logits, caches, valid, next_pos = prefill(model, prompts, pad_id)
+    # Every question starts as num_beams copies of its prompt, all but the first at -1e9, so the
+    # first step extends one beam only (what transformers does, kept for identical tie-breaking).
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(num_beams)
+    caches = [cache.select(rows) for cache in caches]
+    logits, valid, next_pos = logits[rows], valid[rows], next_pos[rows]
+    beam_scores = torch.full((len(prompts), num_beams), -1e9, device=device)
+    beam_scores[:, 0] = 0
+    beams = torch.empty((len(prompts), num_beams, 0), dtype=torch.long, device=device)  # new ids so far
+    finished = [[] for _ in prompts]  # per question: (score, new ids), best first
+    active = list(range(len(prompts)))  # the questions still in the batch, in row order
+    for n_generated in range(1, max_new_tokens + 1):
+        vocab = logits.shape[-1]
+        scores = F.log_softmax(logits.float(), dim=-1).view(len(active), num_beams, vocab) + beam_scores[:, :, None]
+        top_scores, top_index = scores.view(len(active), -1).topk(n_candidates)  # (A, n_candidates), best first
+        parent, token = top_index // vocab, top_index % vocab
+        extended = torch.cat([beams.gather(1, parent[:, :, None].expand(-1, -1, beams.shape[2])),
+                              token[:, :, None]], dim=2)  # (A, n_candidates, n_generated)
+        ends = torch.isin(token, stop) | (n_generated == max_new_tokens)
+        ending = ends[:, :num_beams].nonzero().tolist()
+        for a, k in ending:
+            add_hypothesis(finished[active[a]], top_scores[a, k].item() / n_generated**length_penalty,
+                           extended[a, k].tolist(), num_beams)
+        if n_generated == max_new_tokens:
+            break
+        beam_scores, chosen = top_scores.masked_fill(ends, -1e9).topk(num_beams)  # (A, num_beams)
+        beams = extended.gather(1, chosen[:, :, None].expand(-1, -1, n_generated))
+        best_running = beam_scores[:, 0].tolist()
+        keep = torch.tensor([can_improve(finished[q], best_running[a], n_generated, num_beams, length_penalty)
+                             for a, q in enumerate(active)], device=device)
+        if not keep.any():
+            break
+        # The cache rows the kept questions' new beams continue: question a's rows start at a * num_beams.
+        first_row = torch.arange(len(active), device=device)[:, None] * num_beams
+        rows = (first_row + parent.gather(1, chosen))[keep].flatten()
+        caches = [cache.select(rows) for cache in caches]
+        active = [q for q, kept in zip(active, keep.tolist()) if kept]
+        beams, beam_scores = beams[keep], beam_scores[keep]
+        valid = torch.cat([valid[rows], torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
+        next_pos = next_pos[rows]
+        logits = model(beams[:, :, -1].reshape(-1, 1), next_pos[:, None], valid[:, None, None, :], caches)[:, -1]
+        next_pos = next_pos + 1
+    best = [hypotheses[0][1] for hypotheses in finished]
+    return [ids[:-1] if ids[-1] in stop_ids else ids for ids in best]
+
+
+def decode_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], num_beams: int,
+                 max_new_tokens: int) -> list[list[int]]:
+    """New ids for a batch of prompts: greedy for num_beams 1, else beam search."""
+    if num_beams == 1:
+        return generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id)
+    return beam_search(model, prompts, num_beams, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id)
+
+
+def prediction(dataset: str, index: int, record: dict, generated: str | None, answer: str) -> dict:
+    """One line of predictions.jsonl."""
+    return dict(dataset=dataset, index=index, generated=generated, answer=answer, gold=record["answer"],
+                correct=answer == record["answer"])
+
+
+def evaluate(model: Transformer, tokenizer: Tokenizer, dataset: str, records: list[dict], batch_size: int = 32,
+             num_beams: int = 1, max_new_tokens: int = 32) -> list[dict]:
+    """Generate a reply to every record and extract its label: one prediction per record, in
+    file order, with its dataset, index, generated text, extracted answer and gold label."""
+    prompts = [tokenizer.encode(eval_prompt(record), bos=True, eos=False) for record in records]
+    # Longest first: a batch holds prompts of similar length (little padding), and the largest
+    # batch runs first, so running out of memory shows at once rather than at the end.
+    order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))
+    generated = [""] * len(records)
+    with tqdm(total=len(records), desc=dataset, unit="q") as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            new_ids = decode_batch(model, tokenizer, [prompts[i] for i in batch], num_beams, max_new_tokens)
+            for i, ids in zip(batch, new_ids):
+                generated[i] = tokenizer.decode(ids)
+            bar.update(len(batch))
+    return [prediction(dataset, i, record, text, extract_answer(dataset, text))
+            for i, (record, text) in enumerate(zip(records, generated))]
+
+
+# --------------------------------------------------------------------------------------------
+# Likelihood ranking (not the published protocol)
+
+
+@torch.no_grad()
+def label_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, record: dict) -> dict[str, float]:
+    """Summed log-probability of "the correct answer is <label>" after the evaluation prompt,
+    for each of the question's labels, from one forward over all of them.
+
+    The prompt and the answer are tokenised as one text (as the model read them in training),
+    and the answer is every token after the first len(tokens of the prompt alone): the rule
+    data.commonsense.encode_record masks the training labels by, so the scored tokens are the
+    ones answer-only training taught.
+    """
+    device = model.output.weight.device
+    prompt = eval_prompt(record)
+    n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
+    labels = candidate_labels(dataset, record)
+    texts = [tokenizer.encode(prompt + ANSWER_TEMPLATE.format(label), bos=True, eos=False) for label in labels]
+    longest = max(len(ids) for ids in texts)
+    # Right padding: causal attention keeps every real token away from the padding after it.
+    tokens = torch.tensor([ids + [tokenizer.pad_id] * (longest - len(ids)) for ids in texts], device=device)
+    logprobs = F.log_softmax(model(tokens)[:, :-1].float(), dim=-1)  # (C, T - 1, vocab): predicts token t + 1
+    token_logprobs = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (C, T - 1)
+    position = torch.arange(1, longest, device=device)
+    lengths = torch.tensor([len(ids) for ids in texts], device=device)[:, None]
+    scored = (position >= n_prompt) & (position < lengths)  # the answer's tokens, (C, T - 1)
+    sums = torch.where(scored, token_logprobs, 0.0).sum(1)
+    return dict(zip(labels, sums.tolist()))
+
+
+def rank_by_likelihood(model: Transformer, tokenizer: Tokenizer, dataset: str, records: list[dict]) -> list[dict]:
+    """Predictions whose answer is the most likely label; no text is generated."""
+    predictions = []
+    for i, record in enumerate(tqdm(records, desc=f"{dataset} (likelihood)", unit="q")):
+        logprobs = label_logprobs(model, tokenizer, dataset, record)
+        pred = prediction(dataset, i, record, None, max(logprobs, key=logprobs.get))
+        predictions.append(pred | {"label_logprobs": logprobs})
+    return predictions
+
+
+# --------------------------------------------------------------------------------------------
+# Scores and the table
+
+
+def score(predictions: list[dict]) -> dict:
+    """Accuracy of one benchmark's predictions; an unanswered item (no label found) is wrong."""
+    n = len(predictions)
+    correct = sum(p["correct"] for p in predictions)
+    return dict(accuracy=correct / n if n else 0.0, correct=correct, n=n,
+                unanswered=sum(p["answer"] == "" for p in predictions))
+
+
+def average_accuracy(results: dict[str, dict]) -> float:
+    """The published tables' average: the mean of the per-benchmark accuracies."""
+    return sum(r["accuracy"] for r in results.values()) / len(results) if results else 0.0
+
+
+def format_table(results: dict[str, dict], published: dict[str, tuple] | None) -> str:
+    """Markdown: this run's accuracy (%), items and unanswered items per benchmark, then the
+    published rows for the same base model (PUBLISHED[name]), in the published column order."""
+    def row(name, cells):
+        return "| " + " | ".join([name, *cells]) + " |"
+
+    def this_run(field, fmt):
+        return [fmt(results[d][field]) if d in results else "-" for d in BENCHMARKS]
+
+    def total(field):
+        return str(sum(r[field] for r in results.values()))
+
+    lines = [row("", [b.column for b in BENCHMARKS.values()] + ["Average / total"]),
+             row("---", ["---:"] * (len(BENCHMARKS) + 1)),
+             row("this run (%)", this_run("accuracy", lambda a: f"{100 * a:.1f}")
+                 + [f"{100 * average_accuracy(results):.1f}"]),
+             row("items", this_run("n", str) + [total("n")]),
+             row("unanswered", this_run("unanswered", str) + [total("unanswered")])]
+    for name, accuracies in (published or {}).items():
+        lines.append(row(f"{name} (published)", [f"{a:.1f}" for a in accuracies]))
+    if published and len(results) < len(BENCHMARKS):
+        lines.append(f"\nThis run's average covers {len(results)} of the {len(BENCHMARKS)} benchmarks; "
+                     "the published averages cover all of them.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+
+
+def dataset_names(requested: list[str]) -> list[str]:
+    """`--datasets` as benchmark names in table order; `all` is the eight."""
+    unknown = [name for name in requested if name != "all" and name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown dataset {', '.join(map(repr, unknown))}; valid names: "
+                         f"{', '.join(BENCHMARKS)}, or all")
+    return [name for name in BENCHMARKS if name in requested or "all" in requested]
+
+
+def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tuple[dict, dict]:
+    """({name: records}, {name: why it is missing}); a malformed file is an error."""
+    test_sets, missing = {}, {}
+    for name in datasets:
+        path = data_dir / name / "test.json"
+        if not path.is_file():
+            missing[name] = f"no test set at {path} (python data/download.py fetches it)"
+            continue
+        test_sets[name] = load_records(path)[:limit]
+    if not test_sets:
+        raise FileNotFoundError(f"none of the test sets found: {'; '.join(missing.values())}")
+    return test_sets, missing
+
+
+def default_published(ckpt: str) -> str:
+    """The published rows for the checkpoint's folder name, when it is one of PUBLISHED's."""
+    name = Path(ckpt).name.lower()
+    return name if name in PUBLISHED else "none"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder")
+    parser.add_argument("--adapter", type=Path, help="adapter folder from train.py, merged into the weights "
+                                                     "(default: evaluate the base model)")
+    parser.add_argument("--datasets", nargs="+", default=["all"], metavar="NAME",
+                        help=f"some of {' '.join(BENCHMARKS)}, or all (default)")
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data",
+                        help="folder holding <dataset>/test.json (default: this repo's data/)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the adapter folder, "
+                                                 "or out/eval-<ckpt> for the base model)")
+    parser.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
+                        help="generate a reply and extract its label (the protocol), or rank the labels "
+                             "by log-likelihood")
+    parser.add_argument("--num-beams", type=positive_int, default=1, help="1: greedy; 4: the protocol's beam search")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per batch")
+    parser.add_argument("--limit", type=positive_int, help="only the first N items of each test set")
+    parser.add_argument("--published", choices=[*PUBLISHED, "none"],
+                        help="published rows to print beside the results (default: the ckpt name, if it is one)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    args = parser.parse_args(argv)
+    args.published = args.published or default_published(args.ckpt)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.out = args.out or args.adapter or Path("out") / f"eval-{Path(args.ckpt).name}"
+    return args
+
+
+def load_model(args) -> tuple[Transformer, Tokenizer]:
+    """The checkpoint in eval mode, with the adapter merged into its weights if one is given."""
+    model, tokenizer = load(resolve_checkpoint(args.ckpt), args.device, DTYPES[args.dtype])
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.ckpt}: no tokenizer.model beside the weights or one folder up")
+    if args.adapter is not None:
+        load_adapter(args.adapter, model)
+        merge(model)  # plain linears again: decoding costs what the base model costs
+    return model, tokenizer
+
+
+def scoring_description(args) -> str:
+    if args.scoring == "likelihood":
+        return "Log-likelihood ranking of the labels (not the published protocol)."
+    decoding = "Greedy decoding" if args.num_beams == 1 else f"{args.num_beams}-beam search"
+    return f"{decoding}, at most {args.max_new_tokens} new tokens."
+
+
+def write_text(path: Path, text: str):
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def report(args, predictions: dict[str, list[dict]], missing: dict[str, str], seconds: dict[str, float]) -> str:
+    """Write results.md, results.json and predictions.jsonl (with a -likelihood suffix for
+    likelihood ranking) under args.out; return the markdown."""
+    results = {name: score(preds) for name, preds in predictions.items()}
+    published = PUBLISHED.get(args.published)
+    lines = [f"# {args.ckpt}" + (f" + {args.adapter}" if args.adapter else " (base model)"),
+             "", scoring_description(args), "", format_table(results, published)]
+    lines += [f"- {name}: not run, {why}" for name, why in missing.items()]
+    markdown = "\n".join(lines) + "\n"
+    suffix = "-likelihood" if args.scoring == "likelihood" else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / f"results{suffix}.md", markdown)
+    summary = dict(results=results, average=average_accuracy(results), missing=missing, seconds=seconds,
+                   published={args.published: published} if published else {},
+                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    write_text(args.out / f"results{suffix}.json", json.dumps(summary, indent=2) + "\n")
+    write_text(args.out / f"predictions{suffix}.jsonl",
+               "".join(json.dumps(p) + "\n" for preds in predictions.values() for p in preds))
+    return markdown
+
+
+def run(args) -> str:
+    # Everything about the input is checked before the model (minutes at 7B) is loaded.
+    test_sets, missing = read_test_sets(args.data_dir, dataset_names(args.datasets), args.limit)
+    for name, why in missing.items():
+        print(f"eval.py: {name}: {why}; skipped", file=sys.stderr)
+    model, tokenizer = load_model(args)
+    predictions, seconds = {}, {}
+    for name, records in test_sets.items():
+        start = time.perf_counter()
+        if args.scoring == "likelihood":
+            predictions[name] = rank_by_likelihood(model, tokenizer, name, records)
+        else:
+            predictions[name] = evaluate(model, tokenizer, name, records, args.batch_size, args.num_beams,
+                                         args.max_new_tokens)
+        seconds[name] = time.perf_counter() - start
+    return report(args, predictions, missing, seconds)
+
+
+def main(argv=None) -> int:
+    """Run the evaluation; bad input is one line on stderr and exit code 1, not a traceback."""
+    args = parse_args(argv)
+    try:
+        print(run(args))
+    except (OSError, ValueError) as e:
+        print(f"eval.py: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
