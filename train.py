@@ -141,7 +141,11 @@ def build_embedded_checkpoint(folder: Path, sample: Path):
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model_file, vocab_size=800, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        remove_extra_whitespaces=False,  # the prompt's whitespace is part of the protocol
+        # As LLaMA's own SentencePiece model: whitespace kept as it is (identity normalisation,
+        # whitespace-only pieces), so the prompt's 16-space indent is one piece, the answer-only
+        # labels start exactly at the output, and the evaluation prompt ends as training saw it.
+        remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+        split_digits=True,
     )
     args = llama.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=800, multiple_of=32,
                            max_seq_len=512)
