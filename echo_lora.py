@@ -439,9 +439,14 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 def write_atomically(file: Path, write):
     """Write through a temporary file and rename it over `file`, so an interrupted save never
     leaves a half-written file where a good one was."""
-    tmp = file.with_name(file.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, file)
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left over when the write failed
 
 
 # ---- The Echo path (ECHO.md) ----

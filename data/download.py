@@ -12,9 +12,7 @@ verified, and then atomically, so an interrupted run never leaves a partial file
 
 import argparse
 import hashlib
-import os
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +20,7 @@ from typing import NamedTuple
 if not __package__:  # run as a script (python data/download.py): make the `data` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.commonsense import parse_records
+from echo_lora import write_atomically
 
 COMMIT = "816657208af4db747803f87ba40a4c71383fed7a"  # LLM-Adapters HEAD, 2024-03-10
 BASE_URL = f"https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/{COMMIT}/"
@@ -75,19 +74,6 @@ def hash_mismatch(source: Source, data: bytes) -> str | None:
     return None
 
 
-def write_atomic(path: Path, data: bytes):
-    """Write via a temporary file in the same folder, so `path` is either absent or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def fetch(name: str, base_url: str, dest: Path):
     """Download one file, verify its hashes and format, then write it under `dest`."""
     source = SOURCES[name]
@@ -106,7 +92,7 @@ def fetch(name: str, base_url: str, dest: Path):
     if problem:
         raise ValueError(f"{url}: not the pinned LLM-Adapters file ({problem}); {path} not written")
     records = parse_records(data.decode("utf-8"), url)
-    write_atomic(path, data)
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
     print(f"{name}: {len(records)} records -> {path}")
 
 
