@@ -389,7 +389,7 @@ def load_model(args) -> tuple[Transformer, Tokenizer]:
     """The checkpoint in eval mode, with the adapter merged into its weights if one is given."""
     model, tokenizer = load(resolve_checkpoint(args.ckpt), args.device, DTYPES[args.dtype])
     if tokenizer is None:
-        raise FileNotFoundError(f"{args.ckpt}: no tokenizer.model beside the weights or one folder up")
+        raise FileNotFoundError(f"{args.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
     if args.adapter is not None:
         load_adapter(args.adapter, model)
         merge(model)  # plain linears again: decoding costs what the base model costs

