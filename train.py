@@ -361,9 +361,12 @@ def main(argv=None):
     micro_per_rank = cfg.batch_size // (world * cfg.micro_batch_size)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
+    epoch_batches = {}
     while step < total_steps:
         epoch, index = divmod(step, steps_per_epoch)
-        batch_ids = length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch)[index]
+        if epoch not in epoch_batches:  # an epoch's order depends on (seed, epoch) alone: resumable
+            epoch_batches = {epoch: length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch)}
+        batch_ids = epoch_batches[epoch][index]
         batch_examples = [examples[train_idx[i]] for i in batch_ids]
         # Every process sees the whole step's batch: it takes its slice, and divides its sums by
         # the step's token counts, so the summed gradients are those of one big batch.
