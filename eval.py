@@ -3,6 +3,7 @@
     python eval.py --ckpt llama-7b --adapter out/echo-lora --datasets all
     python eval.py --ckpt llama-7b --adapter out/echo-lora --num-beams 4   # the protocol's decoding
     python eval.py --ckpt llama-7b --datasets boolq piqa --limit 100      # the base model, a quick look
+    python eval.py --compare out/lora-s* out/echo-lora-s*                # methods over seeds, paired
 
 The protocol is LLM-Adapters' commonsense_evaluate.py (Hu et al., 2023, "LLM-Adapters"), which
 DoRA (Liu et al., 2024, section 5.1) reuses for every number of its commonsense table: each test
@@ -317,6 +318,63 @@ def format_table(results: dict[str, dict], published: dict[str, tuple] | None) -
 
 
 # --------------------------------------------------------------------------------------------
+# Comparing runs: methods over seeds, and each Echo method against its base method
+
+
+def read_run(folder: Path) -> dict:
+    """An evaluated run: eval.py's results.json and predictions.jsonl, and, for a trained adapter,
+    train.py's config.json beside them (the method and the seed). No config.json: the base model."""
+    results = json.loads((folder / "results.json").read_text())["results"]
+    predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    config = folder / "config.json"
+    trained = json.loads(config.read_text())["config"] if config.is_file() else {"method": "none", "seed": None}
+    correct = {(p["dataset"], p["index"]): p["correct"] for p in predictions}
+    return dict(method=trained["method"], seed=trained["seed"], results=results, correct=correct)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
+
+
+def compare_runs(folders: list[Path]) -> str:
+    """Markdown: accuracy mean +- std over seeds per method and benchmark; then, for each Echo
+    method whose base method was run with the same seeds, the paired difference of the averages
+    and how many questions flip each way (right with Echo only vs right with the base only)."""
+    runs = [read_run(Path(f)) for f in folders]
+    methods = {}
+    for run in runs:
+        methods.setdefault(run["method"], []).append(run)
+    benchmarks = [d for d in BENCHMARKS if all(d in r["results"] for r in runs)]
+    header = ["method", "seeds"] + [BENCHMARKS[d].column for d in benchmarks] + ["Average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, group in methods.items():
+        cells = []
+        for d in benchmarks + ["average"]:
+            values = [100 * (r["results"][d]["accuracy"] if d != "average" else
+                             average_accuracy({b: r["results"][b] for b in benchmarks})) for r in group]
+            cells.append("{:.1f} ± {:.1f}".format(*mean_std(values)))
+        lines.append("| " + " | ".join([method, str(len(group))] + cells) + " |")
+    for method, group in methods.items():
+        base = {r["seed"]: r for r in methods.get(method.removeprefix("echo-"), [])} if method.startswith("echo-") else {}
+        pairs = [(r, base[r["seed"]]) for r in group if r["seed"] in base]
+        if not pairs:
+            continue
+        diffs = [100 * (average_accuracy({b: e["results"][b] for b in benchmarks})
+                        - average_accuracy({b: p["results"][b] for b in benchmarks})) for e, p in pairs]
+        questions = [q for q in pairs[0][0]["correct"] if q[0] in benchmarks]
+        gained = sum(e["correct"][q] and not p["correct"][q] for e, p in pairs for q in questions)
+        lost = sum(p["correct"][q] and not e["correct"][q] for e, p in pairs for q in questions)
+        mean, std = mean_std(diffs)
+        lines.append(f"\n{method} - {method.removeprefix('echo-')}: {mean:+.2f} ± {std:.2f} points on the average "
+                     f"over {len(pairs)} paired seeds (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}); "
+                     f"questions right only with Echo: {gained}, right only without: {lost}.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
 # The command line
 
 
@@ -358,7 +416,10 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder")
+    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="RUN",
+                        help="instead of evaluating: compare evaluated runs (folders with results.json), "
+                             "grouped by method, Echo against its base method")
     parser.add_argument("--adapter", type=Path, help="adapter folder from train.py, merged into the weights "
                                                      "(default: evaluate the base model)")
     parser.add_argument("--datasets", nargs="+", default=["all"], metavar="NAME",
@@ -379,6 +440,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     args = parser.parse_args(argv)
+    if not args.ckpt and not args.compare:
+        parser.error("--ckpt is required (or --compare RUN ...)")
+    if args.compare:
+        return args
     args.published = args.published or default_published(args.ckpt)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.out = args.out or args.adapter or Path("out") / f"eval-{Path(args.ckpt).name}"
@@ -450,7 +515,7 @@ def main(argv=None) -> int:
     """Run the evaluation; bad input is one line on stderr and exit code 1, not a traceback."""
     args = parse_args(argv)
     try:
-        print(run(args))
+        print(compare_runs(args.compare) if args.compare else run(args))
     except (OSError, ValueError) as e:
         print(f"eval.py: {e}", file=sys.stderr)
         return 1

@@ -298,3 +298,37 @@ def test_adapter_that_does_not_fit_is_one_line_and_a_failure(tiny_checkpoint, tm
                              "--limit", 1, "--datasets", "piqa", "--device", "cpu")
     assert code == 1
     assert printed.err.count("\n") == 1 and "adapter.safetensors" in printed.err and "shape" in printed.err
+
+
+# ---- comparing runs (the real-model experiment's table is generated, not typed)
+
+
+def write_run(folder, method, seed, correct_by_dataset):
+    """An evaluated run as eval.py and train.py leave it: results.json, predictions.jsonl, config.json."""
+    folder.mkdir(parents=True)
+    predictions = [{"dataset": d, "index": i, "generated": "", "answer": "", "gold": "x", "correct": c}
+                   for d, flags in correct_by_dataset.items() for i, c in enumerate(flags)]
+    results = {d: {"accuracy": sum(f) / len(f), "correct": sum(f), "n": len(f), "unanswered": 0}
+               for d, f in correct_by_dataset.items()}
+    (folder / "results.json").write_text(json.dumps({"results": results}))
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    if method != "none":
+        (folder / "config.json").write_text(json.dumps({"config": {"method": method, "seed": seed}}))
+
+
+def test_compare_runs_means_over_seeds_and_pairs_echo_with_its_base(tmp_path):
+    T, F = True, False
+    write_run(tmp_path / "lora1", "lora", 1, {"boolq": [T, F, F, F], "piqa": [T, T, F, F]})  # 25, 50
+    write_run(tmp_path / "lora2", "lora", 2, {"boolq": [T, T, F, F], "piqa": [T, T, F, F]})  # 50, 50
+    write_run(tmp_path / "echo1", "echo-lora", 1, {"boolq": [T, T, T, F], "piqa": [F, T, F, F]})  # 75, 25
+    write_run(tmp_path / "echo2", "echo-lora", 2, {"boolq": [T, T, F, F], "piqa": [T, T, T, F]})  # 50, 75
+    write_run(tmp_path / "base", "none", None, {"boolq": [F, F, F, F], "piqa": [T, F, F, F]})
+    text = evaluator.compare_runs(sorted(tmp_path.iterdir()))
+    # lora: boolq 25, 50 -> 37.5 ± 17.7; average per seed 37.5, 50 -> 43.75 ± 8.8
+    assert "| lora | 2 | 37.5 ± 17.7 | 50.0 ± 0.0 | 43.8 ± 8.8 |" in text
+    assert "| none | 1 | 0.0 ± 0.0 | 25.0 ± 0.0 | 12.5 ± 0.0 |" in text
+    # echo averages 50, 62.5 vs lora 37.5, 50: +12.5 both seeds; flips: seed 1 gains boolq 1, 2 and
+    # loses piqa 0; seed 2 gains piqa 2
+    assert "echo-lora - lora: +12.50 ± 0.00 points" in text
+    assert "right only with Echo: 3, right only without: 1." in text
+    assert evaluator.main(["--compare", str(tmp_path / "lora1"), str(tmp_path / "echo1")]) == 0
