@@ -1,4 +1,4 @@
-"""LLaMA 1, 2 and 3 in plain PyTorch: the model, its two tokenizers, checkpoint loading, decoding.
+"""LLaMA 1, 2 and 3 in plain PyTorch: the model, its tokenizers, checkpoint loading, decoding.
 
 One file, nothing about fine-tuning. Parameter names are Meta's state-dict keys, so a Meta
 checkpoint (params.json + consolidated.*.pth) loads with a plain `load_state_dict`.

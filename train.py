@@ -198,8 +198,10 @@ def collate(examples, train_on_inputs: bool, pad_id: int) -> Batch:
         tokens[i, :len(ids)] = torch.tensor(ids)
         valid[i, :len(ids)] = True
         answer[i, :len(ids) - 1] = torch.tensor(labels[1:])
-    ce = torch.where(valid.roll(-1, 1) & valid, tokens.roll(-1, 1), IGNORE_INDEX) if train_on_inputs else answer
-    ce[:, -1] = IGNORE_INDEX if train_on_inputs else ce[:, -1]
+    if not train_on_inputs:
+        return Batch(tokens, valid, answer, answer)
+    ce = torch.full_like(answer, IGNORE_INDEX)  # the recipe's loss: every real next token
+    ce[:, :-1] = torch.where(valid[:, 1:], tokens[:, 1:], IGNORE_INDEX)
     return Batch(tokens, valid, answer, ce)
 
 
