@@ -74,11 +74,21 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+@contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def random_model(args: llama.ModelArgs, device, dtype) -> llama.Transformer:
     """Random weights (never zeros: a zero model would make every kernel's job trivial)."""
     torch.manual_seed(0)
-    with torch.device(device):
-        model = llama.Transformer(args).to(dtype)
+    with torch.device(device), default_dtype(dtype):  # built in bf16: no fp32 copy of 7B weights
+        model = llama.Transformer(args)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim > 1:
@@ -149,8 +159,8 @@ def peft_step_fn(args, method, device, dtype):
                          rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"},
                          max_position_embeddings=args.max_seq_len, tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device(device):
-        hf = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device), default_dtype(dtype):
+        hf = LlamaForCausalLM(config)
     model = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=HF_TARGETS,
                                           use_dora=method == "dora", task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -211,8 +221,8 @@ def time_hf_decode(args, prompts, new_tokens, device, dtype):
                          num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                          num_key_value_heads=args.kv_heads, tie_word_embeddings=False,
                          rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"})
-    with torch.device(device):
-        hf = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.device(device), default_dtype(dtype):
+        hf = LlamaForCausalLM(config).eval()
     T = max(map(len, prompts))
     ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
