@@ -381,19 +381,21 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         share = len(batch_examples) // world
-        losses = torch.zeros(3)
+        losses = torch.zeros(2, device=device)  # (ce, echo) of this step, summed on the device:
+        # reading them per micro-batch would stall the GPU on every one
         for m in range(micro_per_rank):
             lo = rank * share + m * cfg.micro_batch_size
             hi = min(lo + cfg.micro_batch_size, (rank + 1) * share if rank < world - 1 else len(batch_examples))
             if lo >= hi:
                 continue
-            batch = collate(batch_examples[lo:hi], cfg.train_on_inputs, tokenizer.pad_id).to(device)
+            batch = collate(batch_examples[lo:hi], cfg.train_on_inputs, tokenizer.pad_id)
+            tokens_since += int(batch.valid.sum())
+            batch = batch.to(device)
             with autocast(device):
                 ce_sum, echo_sum = loss_terms(model, batch, echo, routed_all[lo:hi].to(device))
             loss = ce_sum / max(n_ce, 1) + echo_sum / max(n_answer, 1)
             loss.backward()
-            losses += torch.tensor([loss.item(), ce_sum.item() / max(n_ce, 1), echo_sum.item() / max(n_answer, 1)])
-            tokens_since += int(batch.valid.sum())
+            losses += torch.stack([ce_sum.detach() / max(n_ce, 1), echo_sum.detach() / max(n_answer, 1)])
         if world > 1:
             all_reduce_gradients(params)
             dist.all_reduce(losses)
@@ -404,7 +406,8 @@ def main(argv=None):
         bar.update(1)
 
         if rank == 0:
-            entry = {"step": step, "loss": losses[0].item(), "ce": losses[1].item(), "echo": losses[2].item(),
+            ce, echo_loss = losses.tolist()
+            entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss,
                      "lr": lr, "grad_norm": grad_norm.item(), "routed": int(routed_all.sum())}
             if step % cfg.log_every == 0:
                 elapsed = time.perf_counter() - t_last
