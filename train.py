@@ -300,6 +300,12 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
 
+    # ---- records first: a malformed file is reported before minutes of loading a 7B model
+    try:
+        records = [r for path in cfg.data.split(",") for r in load_records(path)]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
     # ---- model
     if cfg.ckpt == EMBEDDED and not (Path("checkpoints") / EMBEDDED / "params.json").is_file():
         if rank == 0:
@@ -316,17 +322,16 @@ def main(argv=None):
         raise SystemExit(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
-    add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                 dora="dora" in cfg.method)
+    try:  # a target name or an echo layer the model does not have
+        add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                     dora="dora" in cfg.method)
+        echo = EchoPath(model, echo_cfg).to(device) if echo_cfg else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     model.train()
-    echo = EchoPath(model, echo_cfg).to(device) if echo_cfg else None
     params = trainable_parameters(model) + (list(echo.parameters()) if echo else [])
 
-    # ---- data
-    try:
-        records = [r for path in cfg.data.split(",") for r in load_records(path)]
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    # ---- data (tokenised once the model's tokenizer is loaded)
     examples = encode_examples(records, tokenizer, cfg.cutoff)
     train_idx, val_idx = split_validation(len(examples), cfg.val_size, cfg.val_seed)
     val_examples = [examples[i] for i in val_idx]

@@ -124,3 +124,8 @@ def test_bad_input_is_one_clear_error(tmp_path, tiny_ckpt):
         train.main(["--ckpt", str(tiny_ckpt), "--data", str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"])
     with pytest.raises(SystemExit, match="needs --echo-pass full"):
         train.main(["--ckpt", str(tiny_ckpt), "--echo-mask", "none"])
+    good = ["--ckpt", str(tiny_ckpt), "--data", str(ARC_TRAIN), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"unknown adapter targets \['wz'\]"):
+        train.main(good + ["--targets", "wq,wz"])
+    with pytest.raises(SystemExit, match="echo layer 9 is outside the model's blocks 1..4"):
+        train.main(good + ["--echo-source-layers", "3,9"])
