@@ -153,7 +153,7 @@ def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, ma
     device = model.output.weight.device
     stop = torch.tensor(sorted(stop_ids), device=device)
     n_candidates = max(2, 1 + len(stop)) * num_beams
-    logits, caches, valid, next_pos = prefill(model, prompts, pad_id)
+    logits, caches, valid, next_pos = prefill(model, prompts, max_new_tokens, pad_id)
     # Every question starts as num_beams copies of its prompt, all but the first at -1e9, so the
     # first step extends one beam only (what transformers does, kept for identical tie-breaking).
     rows = torch.arange(len(prompts), device=device).repeat_interleave(num_beams)
