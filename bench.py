@@ -10,7 +10,10 @@ Random bf16 weights of a named shape (no checkpoint needed). Workloads:
   batches as train.py does (length-grouped); peft's as the upstream recipe does (random order,
   each batch padded to its longest, an attention mask). Reported as real (non-pad) tokens/s and
   the extrapolated time of the whole recipe (3 epochs of commonsense_170k's 170,420 records);
-- decode: greedy, 32 new tokens for 32 prompts of about 120 tokens, new tokens/s.
+- decode: greedy, 32 new tokens for 32 prompts of about 120 tokens, new tokens/s;
+- evaluation (`--test-sets`): eval.py's own decoding of real test-set prompts, greedy and 4 beams,
+  as questions/s and the extrapolated minutes for the eight benchmarks' 22,420 questions. Random
+  weights never stop early, so every reply runs the full 32 tokens: an upper bound on the time.
 Every timing is after warm-up; on CUDA with events and `max_memory_allocated`. transformers and
 peft are imported only here and in tests: they are the peer, never a dependency of the library.
 Prints one table and writes bench.json.
@@ -21,6 +24,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -39,6 +43,7 @@ SHAPES = {
 TARGETS = ("wq", "wk", "wv", "w3", "w2")
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RECIPE_RECORDS, RECIPE_EPOCHS = 170_420, 3
+BENCHMARK_QUESTIONS = 22_420  # the eight commonsense test sets together
 ANSWER_TOKENS = 8  # the fixed workload's "answer": about what a recipe record's answer is
 
 
@@ -234,6 +239,26 @@ def time_hf_decode(args, prompts, new_tokens, device, dtype):
     return {"new_tokens_per_s": (out.shape[1] - T) * len(prompts) / timer.seconds}
 
 
+def time_evaluation(model, tokenizer, test_dir, per_set, device):
+    """eval.py's decoding (sorted, batched, left-padded) of the first `per_set` questions of each
+    test set found, greedy and with 4 beams: questions/s and minutes for all eight benchmarks."""
+    import eval as evaluator
+
+    test_sets = {name: load_records(test_dir / name / "test.json")[:per_set]
+                 for name in evaluator.BENCHMARKS if (test_dir / name / "test.json").is_file()}
+    model.eval()
+    result = {}
+    for beams in (1, 4):
+        timer, n = Timer(device), sum(map(len, test_sets.values()))
+        with timer.region():
+            for name, records in test_sets.items():
+                evaluator.evaluate(model, tokenizer, name, records, batch_size=32, num_beams=beams)
+        qps = n / timer.seconds
+        result[f"beams_{beams}"] = {"questions": n, "questions_per_s": qps,
+                                    "minutes_for_8_benchmarks": BENCHMARK_QUESTIONS / qps / 60}
+    return result
+
+
 def matmul_tflops(device, dtype, n=8192 if torch.cuda.is_available() else 1024, reps=10):
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -268,7 +293,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--route-p", type=float, default=0.5)
     p.add_argument("--data", help="commonsense JSON: also time the real-record workload")
-    p.add_argument("--tokenizer", help="tokenizer.model for --data (its vocabulary must fit the shape)")
+    p.add_argument("--tokenizer", help="tokenizer.model for --data and --test-sets (its vocabulary must fit the shape)")
+    p.add_argument("--test-sets", type=Path, help="folder of <benchmark>/test.json: time eval.py's decoding on them")
+    p.add_argument("--questions-per-set", type=int, default=64)
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + peft peer")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
@@ -278,13 +305,14 @@ def main(argv=None):
     with_peft = not a.no_peft and peft_available()
 
     workloads = {"fixed 16x256": (fixed_workload(args, a.batch_size, a.seq_len, a.warmup + a.steps),) * 2}
-    mean_tokens = None
-    if a.data:
+    mean_tokens = tokenizer = None
+    if a.data or a.test_sets:
         if not a.tokenizer:
-            p.error("--data needs --tokenizer")
+            p.error("--data and --test-sets need --tokenizer")
         tokenizer = llama.Tokenizer(a.tokenizer)
         if tokenizer.n_words > args.vocab_size:
             p.error(f"{a.tokenizer}: {tokenizer.n_words} tokens do not fit the {a.shape} shape's {args.vocab_size}")
+    if a.data:
         ours, theirs, mean_tokens = data_workloads(a.data, tokenizer, a.batch_size, 256, a.warmup + a.steps)
         workloads["real records"] = (ours, theirs)
 
@@ -306,13 +334,16 @@ def main(argv=None):
     add_ratios(rows)
 
     prompts = decode_prompts(args, 32, 120)
-    decode = {"ours": time_our_decode(random_model(args, device, dtype), prompts, 32, device)}
+    model = random_model(args, device, dtype)
+    decode = {"ours": time_our_decode(model, prompts, 32, device)}
+    evaluation = time_evaluation(model, tokenizer, a.test_sets, a.questions_per_set, device) if a.test_sets else None
+    del model
     if with_peft:
         decode["transformers"] = time_hf_decode(args, prompts, 32, device, dtype)
     tflops = matmul_tflops(device, dtype)
     ceiling = lora_ceiling_tokens_per_s(args, tflops)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "shape": a.shape, "dtype": str(dtype), "train": rows, "decode": decode,
+              "torch": torch.__version__, "shape": a.shape, "dtype": str(dtype), "train": rows, "decode": decode, "evaluation": evaluation,
               "matmul_tflops": tflops, "lora_ceiling_tokens_per_s": ceiling, "mean_record_tokens": mean_tokens}
     print(format_table(result, mean_tokens))
     tmp = a.out + ".tmp"
@@ -358,6 +389,9 @@ def format_table(result, mean_tokens):
     if len(result["decode"]) == 2:
         lines.append(f"decode ratio ours / transformers: "
                      f"{result['decode']['ours']['new_tokens_per_s'] / result['decode']['transformers']['new_tokens_per_s']:.2f}x")
+    for decoding, e in (result["evaluation"] or {}).items():
+        lines.append(f"evaluation, {decoding.replace('_', ' ')}: {e['questions_per_s']:.1f} questions/s on "
+                     f"{e['questions']} real test prompts -> {e['minutes_for_8_benchmarks']:.1f} min for the 8 benchmarks")
     lines.append(f"matmul {result['matmul_tflops']:.1f} TFLOP/s -> LoRA training ceiling "
                  f"{result['lora_ceiling_tokens_per_s']:,.0f} tokens/s (4 x block matmul parameters per token)")
     return "\n".join(lines)
