@@ -10,7 +10,7 @@ import torch
 
 import llama
 from conftest import SHARED
-from reference import hf_llama, write_hf_folder
+from reference import hf_llama, write_hf_folder, write_meta_folder
 
 STORIES = SHARED / "models" / "stories260K-meta"
 LLAMA2_TOKENIZER = SHARED / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -233,3 +233,19 @@ def test_tokenizer_rejects_garbage(tmp_path):
     bad.write_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match="tokenizer.model"):
         llama.Tokenizer(bad)
+
+
+def test_vocab_size_minus_one_takes_the_tokenizers(tmp_path):
+    """LLaMA 1's params.json says vocab_size -1; Meta's download puts tokenizer.model one folder up."""
+    model = random_model(llama.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=32000, multiple_of=32))
+    folder = write_meta_folder(model, tmp_path / "7B")
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
+    with pytest.raises(FileNotFoundError, match="vocab_size is -1 and there is no tokenizer"):
+        llama.load(folder)
+    shutil.copy(LLAMA2_TOKENIZER, tmp_path / "tokenizer.model")
+    loaded, tokenizer = llama.load(folder, dtype=torch.float32)
+    assert loaded.args.vocab_size == tokenizer.n_words == 32000
+    tokens = torch.tensor([tokenizer.encode("Hello world", bos=True)])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
