@@ -334,6 +334,8 @@ def main(argv=None):
     # ---- data (tokenised once the model's tokenizer is loaded)
     examples = encode_examples(records, tokenizer, cfg.cutoff)
     train_idx, val_idx = split_validation(len(examples), cfg.val_size, cfg.val_seed)
+    if not train_idx:
+        raise SystemExit(f"{cfg.data}: {len(examples)} records and --val-size {cfg.val_size} leave none to train on")
     val_examples = [examples[i] for i in val_idx]
     lengths = [len(examples[i][0]) for i in train_idx]
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
