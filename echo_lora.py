@@ -480,6 +480,8 @@ class EchoConfig:
             raise ValueError("--echo-mask none injects at every position: it needs --echo-pass full")
         if not 0.0 <= self.route_p <= 1.0:
             raise ValueError(f"--echo-route-p must be in [0, 1], found {self.route_p}")
+        if self.tau <= 0 or self.distill < 0:
+            raise ValueError(f"--echo-tau must be > 0 and --echo-distill >= 0, found {self.tau} and {self.distill}")
 
 
 def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
