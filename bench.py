@@ -31,7 +31,7 @@ import torch
 import llama
 from data.commonsense import IGNORE_INDEX, load_records
 from echo_lora import EchoConfig, EchoPath, add_adapters, loss_terms, trainable_parameters
-from train import collate, encode_examples, length_grouped_batches
+from train import autocast, collate, encode_examples, length_grouped_batches
 
 SHAPES = {
     "llama-7b": llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
@@ -142,7 +142,7 @@ def our_step_fn(model, method, echo_pass, device, route_p):
     def step(examples):
         batch = collate(examples, False, 0).to(device)
         routed = (torch.rand(len(examples), generator=g) < route_p).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
         n = (batch.answer_targets != IGNORE_INDEX).sum()
         ((ce_sum + echo_sum) / n).backward()
@@ -153,9 +153,8 @@ def our_step_fn(model, method, echo_pass, device, route_p):
     return step
 
 
-def peft_step_fn(args, method, device, dtype):
-    """The same step through LlamaForCausalLM + get_peft_model, batches padded with a mask."""
-    from peft import LoraConfig, get_peft_model
+def hf_random_model(args: llama.ModelArgs, device, dtype):
+    """transformers' LlamaForCausalLM of the same shape, built directly in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
@@ -165,8 +164,14 @@ def peft_step_fn(args, method, device, dtype):
                          max_position_embeddings=args.max_seq_len, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device), default_dtype(dtype):
-        hf = LlamaForCausalLM(config)
-    model = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=HF_TARGETS,
+        return LlamaForCausalLM(config)
+
+
+def peft_step_fn(args, method, device, dtype):
+    """The same step through LlamaForCausalLM + get_peft_model, batches padded with a mask."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(hf_random_model(args, device, dtype), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=HF_TARGETS,
                                           use_dora=method == "dora", task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
@@ -177,7 +182,7 @@ def peft_step_fn(args, method, device, dtype):
         ids = torch.tensor([e[0] + [0] * (T - len(e[0])) for e in examples], device=device)
         mask = torch.tensor([[1] * len(e[0]) + [0] * (T - len(e[0])) for e in examples], device=device)
         labels = torch.tensor([e[1] + [IGNORE_INDEX] * (T - len(e[1])) for e in examples], device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -220,17 +225,9 @@ def time_our_decode(model, prompts, new_tokens, device):
 
 
 def time_hf_decode(args, prompts, new_tokens, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                         num_key_value_heads=args.kv_heads, tie_word_embeddings=False,
-                         rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"})
-    with torch.device(device), default_dtype(dtype):
-        hf = LlamaForCausalLM(config).eval()
-    T = max(map(len, prompts))
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    hf = hf_random_model(args, device, dtype).eval()
+    ids, valid = llama.left_pad(prompts, 0, device)
+    T, mask = ids.shape[1], valid.long()
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     hf.generate(input_ids=ids[:2], attention_mask=mask[:2], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
     timer = Timer(device)

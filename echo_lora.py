@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from data.commonsense import IGNORE_INDEX
-from llama import HF_TO_META_LAYER_NAMES, KVCache, hf_to_meta_rows, meta_to_hf_rows
+from llama import HF_TO_META_LAYER_NAMES, KVCache, hf_to_meta_rows, meta_to_hf_rows, read_json
 
 # The block linears an adapter can wrap: Meta's short name -> its path inside a block.
 BLOCK_LINEARS = {path.split(".")[1]: path for path in HF_TO_META_LAYER_NAMES.values() if "." in path}
@@ -420,13 +420,6 @@ def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], fil
                              f"the model expects {tuple(params[name].shape)}")
     for name, tensor in tensors.items():
         params[name].copy_(tensor)
-
-
-def read_json(file: Path) -> dict:
-    try:
-        return json.loads(Path(file).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: cannot read adapter config: {e}") from None
 
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:

@@ -350,11 +350,13 @@ def compare_runs(folders: list[Path]) -> str:
     benchmarks = [d for d in BENCHMARKS if all(d in r["results"] for r in runs)]
     header = ["method", "seeds"] + [BENCHMARKS[d].column for d in benchmarks] + ["Average"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    def run_average(run):  # over the benchmarks every run has
+        return average_accuracy({b: run["results"][b] for b in benchmarks})
+
     for method, group in methods.items():
         cells = []
         for d in benchmarks + ["average"]:
-            values = [100 * (r["results"][d]["accuracy"] if d != "average" else
-                             average_accuracy({b: r["results"][b] for b in benchmarks})) for r in group]
+            values = [100 * (r["results"][d]["accuracy"] if d != "average" else run_average(r)) for r in group]
             cells.append("{:.1f} ± {:.1f}".format(*mean_std(values)))
         lines.append("| " + " | ".join([method, str(len(group))] + cells) + " |")
     for method, group in methods.items():
@@ -362,8 +364,7 @@ def compare_runs(folders: list[Path]) -> str:
         pairs = [(r, base[r["seed"]]) for r in group if r["seed"] in base]
         if not pairs:
             continue
-        diffs = [100 * (average_accuracy({b: e["results"][b] for b in benchmarks})
-                        - average_accuracy({b: p["results"][b] for b in benchmarks})) for e, p in pairs]
+        diffs = [100 * (run_average(e) - run_average(p)) for e, p in pairs]
         questions = [q for q in pairs[0][0]["correct"] if q[0] in benchmarks]
         gained = sum(e["correct"][q] and not p["correct"][q] for e, p in pairs for q in questions)
         lost = sum(p["correct"][q] and not e["correct"][q] for e, p in pairs for q in questions)

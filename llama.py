@@ -70,10 +70,7 @@ class ModelArgs:
 
     @classmethod
     def from_params_json(cls, path: Path) -> "ModelArgs":
-        try:
-            params = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read params.json: {e}") from None
+        params = read_json(Path(path))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -151,7 +148,7 @@ class KVCache:
         elif self.buffers is not None:  # write in place: no copy of what is already cached
             start, end = self.k.shape[2], self.k.shape[2] + k.shape[2]
             self.buffers[0][:, :, start:end], self.buffers[1][:, :, start:end] = k, v
-            self.k, self.v = self.buffers[0][:, :, :end], self.buffers[1][:, :, :end]
+            self.view_buffers(end)
         else:  # out of place, so a recorded training pass stays differentiable
             self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
         return self.k, self.v
@@ -163,16 +160,19 @@ class KVCache:
         B, H, T, D = self.k.shape
         self.buffers = tuple(t.new_empty(B, H, T + extra, D) for t in (self.k, self.v))
         self.buffers[0][:, :, :T], self.buffers[1][:, :, :T] = self.k, self.v
-        self.k, self.v = self.buffers[0][:, :, :T], self.buffers[1][:, :, :T]
+        self.view_buffers(T)
+
+    def view_buffers(self, length: int):
+        """k and v become the first `length` positions of the preallocated buffers."""
+        self.k, self.v = self.buffers[0][:, :, :length], self.buffers[1][:, :, :length]
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache of a subset (or reordering) of the batch's samples."""
         if self.buffers is None:
             return KVCache(self.k[rows], self.v[rows])
         chosen = KVCache()
-        T = self.k.shape[2]
         chosen.buffers = (self.buffers[0][rows], self.buffers[1][rows])
-        chosen.k, chosen.v = chosen.buffers[0][:, :, :T], chosen.buffers[1][:, :, :T]
+        chosen.view_buffers(self.k.shape[2])
         return chosen
 
 
@@ -674,10 +674,7 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
 
     Anything this model cannot compute exactly is an error, not a silent difference.
     """
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read config.json: {e}") from None
+    cfg = read_json(path)
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise ValueError(f"{path}: {flag}=true is not a LLaMA feature this model implements")
