@@ -1,4 +1,4 @@
-"""Shared test set-up: where the real files live, and the repo root on sys.path."""
+"""Test set-up: where the real files live (tests/assets), and the repo root on sys.path."""
 
 import sys
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"  # real tokenizers, weights and benchmark files; never copied in
+ASSETS = ROOT / "tests" / "assets"  # real tokenizers, weights, golden outputs, benchmark slices (SOURCES.md)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 

@@ -4,16 +4,16 @@ No timing is asserted (performance is measured, not tested)."""
 import json
 
 import bench
-from conftest import SHARED
+from conftest import ASSETS
 
 
 def test_bench_tiny_runs_all_workloads_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--shape", "tiny", "--method", "lora", "echo-dora", "--batch-size", "4", "--seq-len", "32",
                 "--steps", "1", "--warmup", "1", "--out", str(out),
-                "--data", str(SHARED / "data" / "commonsense" / "openbookqa" / "test.json"),
-                "--tokenizer", str(SHARED / "models" / "llama2-tokenizer" / "tokenizer.model"),
-                "--test-sets", str(SHARED / "data" / "commonsense"), "--questions-per-set", "2"])
+                "--data", str(ASSETS / "data" / "commonsense" / "openbookqa" / "test.json"),
+                "--tokenizer", str(ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"),
+                "--test-sets", str(ASSETS / "data" / "commonsense"), "--questions-per-set", "2"])
     result = json.loads(out.read_text())
     rows = {(r["workload"], r["impl"], r["method"], r["echo_pass"]): r for r in result["train"]}
     assert set(rows) == {(w, i, m, p) for w in ("fixed 16x256", "real records")

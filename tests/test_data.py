@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, ASSETS
 from data import download, make_sample
 from data.commonsense import (
     IGNORE_INDEX,
@@ -19,7 +19,7 @@ from data.commonsense import (
 )
 from llama import Tokenizer
 
-COMMONSENSE = SHARED / "data" / "commonsense"
+COMMONSENSE = ASSETS / "data" / "commonsense"
 RECORD = {"instruction": "Is it so?", "input": "", "output": "the correct answer is true", "answer": "true"}
 WITH_INPUT = {**RECORD, "input": "Some context."}
 
@@ -78,7 +78,7 @@ EVAL_WITH_INPUT = visible(
 
 @pytest.fixture(scope="module")
 def llama2_tokenizer():
-    return Tokenizer(SHARED / "models" / "llama2-tokenizer" / "tokenizer.model")
+    return Tokenizer(ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model")
 
 
 def test_train_prompt_is_upstream_bytes():
@@ -115,7 +115,7 @@ def test_only_output_and_eos_are_labelled_on_real_records(llama2_tokenizer, name
 
 
 def test_llama3_tokenizer_labels_the_output_too():
-    tok = Tokenizer(SHARED / "models" / "llama3-tokenizer" / "tokenizer.model")
+    tok = Tokenizer(ASSETS / "models" / "llama3-tokenizer" / "tokenizer.model")
     for record in load_records(COMMONSENSE / "ARC-Easy" / "train.json")[:50]:
         ids, labels = encode_record(tok, record)
         start = answer_start(labels)
@@ -142,11 +142,10 @@ def test_cutoff_truncates_drops_eos_and_can_cut_the_answer(llama2_tokenizer):
     assert set(labels_none) == {IGNORE_INDEX}
 
 
-@pytest.mark.parametrize("name, records", [("boolq", 3270), ("piqa", 1838), ("social_i_qa", 1954),
-                                           ("winogrande", 1267), ("ARC-Easy", 2376), ("ARC-Challenge", 1172),
-                                           ("openbookqa", 500)])
-def test_real_test_sets_load(name, records):
-    assert len(load_records(COMMONSENSE / name / "test.json")) == records
+@pytest.mark.parametrize("name", ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge",
+                                  "openbookqa"])
+def test_real_test_set_slices_load(name):
+    assert len(load_records(COMMONSENSE / name / "test.json")) == 200  # the first 200 records (SOURCES.md)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -172,7 +171,7 @@ def test_load_records_missing_file(tmp_path):
 
 
 def make_mirror(root, names):
-    """A folder laid out like the LLM-Adapters repo, holding copies of the shared test sets."""
+    """A folder laid out like the LLM-Adapters repo, holding copies of the committed test-set slices."""
     for name in names:
         (root / "dataset" / name).mkdir(parents=True)
         shutil.copyfile(COMMONSENSE / name / "test.json", root / "dataset" / name / "test.json")

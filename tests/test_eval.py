@@ -15,12 +15,12 @@ import torch
 import echo_lora
 import eval as evaluator
 import llama
-from conftest import SHARED
+from conftest import ASSETS
 from data.commonsense import eval_prompt
 from reference import hf_llama, write_meta_folder
 
-DATA = SHARED / "data" / "commonsense"
-LLAMA2_TOKENIZER = SHARED / "models" / "llama2-tokenizer" / "tokenizer.model"
+DATA = ASSETS / "data" / "commonsense"
+LLAMA2_TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
 AVAILABLE = [name for name in evaluator.BENCHMARKS if (DATA / name / "test.json").is_file()]
 
 
@@ -65,7 +65,7 @@ def upstream_extract(dataset: str, record: dict, generated: str) -> str:
 def test_all_eight_benchmarks_are_upstreams_folder_names():
     assert list(evaluator.BENCHMARKS) == ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande",
                                           "ARC-Easy", "ARC-Challenge", "openbookqa"]
-    assert len(AVAILABLE) >= 7, "the shared test sets are part of the suite"
+    assert len(AVAILABLE) >= 7, "the committed test-set slices are part of the suite"
 
 
 @pytest.mark.parametrize("name", list(evaluator.BENCHMARKS))

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import llama
-from conftest import SHARED
+from conftest import ASSETS
 from reference import hf_llama, write_hf_folder, write_meta_folder
 
-STORIES = SHARED / "models" / "stories260K-meta"
-LLAMA2_TOKENIZER = SHARED / "models" / "llama2-tokenizer" / "tokenizer.model"
-LLAMA3_TOKENIZER = SHARED / "models" / "llama3-tokenizer" / "tokenizer.model"
-VECTORS = SHARED / "models" / "tokenizer-test-vectors"
+STORIES = ASSETS / "models" / "stories260K-meta"
+LLAMA2_TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
+LLAMA3_TOKENIZER = ASSETS / "models" / "llama3-tokenizer" / "tokenizer.model"
+VECTORS = ASSETS / "models" / "tokenizer-test-vectors"
 
 # Tiny random configs shaped like the three families (the property each one exercises).
 SHAPES = {

@@ -18,14 +18,14 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 import eval as evaluator
 import llama
 import train
-from conftest import SHARED
+from conftest import ASSETS
 from data.commonsense import eval_prompt, load_records, train_prompt
 from echo_lora import add_adapters, adapted_linears, export_peft
 
-GOLDEN = SHARED / "models" / "smollm2-135m" / "golden.json"
-COMMONSENSE = SHARED / "data" / "commonsense"
-VECTORS = SHARED / "models" / "tokenizer-test-vectors" / "ggml-vocab-llama.inp"
-LLAMA3_TOKENIZER = SHARED / "models" / "llama3-tokenizer" / "tokenizer.model"
+GOLDEN = ASSETS / "models" / "smollm2-135m" / "golden.json"
+COMMONSENSE = ASSETS / "data" / "commonsense"
+VECTORS = ASSETS / "models" / "tokenizer-test-vectors" / "ggml-vocab-llama.inp"
+LLAMA3_TOKENIZER = ASSETS / "models" / "llama3-tokenizer" / "tokenizer.model"
 # fp32 logits of a 30-block model, ours against transformers (and peft): measured up to 7.6e-5, on
 # logits up to about 40.
 LOGITS_TOLERANCE = 2e-4
@@ -45,7 +45,7 @@ def hf_model(folder) -> LlamaForCausalLM:
 
 
 def benchmark_texts() -> list[str]:
-    """Both prompt templates of every record of the seven real test sets: 24,754 texts."""
+    """Both prompt templates of every committed record of the seven real test sets: 2,800 texts."""
     records = [r for path in sorted(COMMONSENSE.glob("*/test.json")) for r in load_records(path)]
     return [text for r in records for text in (eval_prompt(r), train_prompt(r))]
 

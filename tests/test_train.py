@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 import llama
 import train
-from conftest import ROOT, SHARED
+from conftest import ROOT, ASSETS
 from data.commonsense import IGNORE_INDEX, load_records
 from reference import write_meta_folder
 
-ARC_TRAIN = SHARED / "data" / "commonsense" / "ARC-Easy" / "train.json"
+ARC_TRAIN = ASSETS / "data" / "commonsense" / "ARC-Easy" / "train.json"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def tiny_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     write_meta_folder(llama.Transformer(llama.ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
                                                         vocab_size=32000, multiple_of=32)), folder)
-    shutil.copy(SHARED / "models" / "llama2-tokenizer" / "tokenizer.model", folder)
+    shutil.copy(ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model", folder)
     return folder
 
 
