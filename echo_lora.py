@@ -13,7 +13,7 @@ The DoRA column norm ||.||_c is, in PyTorch's (out, in) weight layout, the norm 
 row. It is computed here from r-sized products only, never from the (out, in) matrix W + s B A
 (`LoRALinear.weight_norm`), which is what keeps DoRA's memory close to LoRA's.
 
-The second half of the file (the Echo path, ECHO.md) feeds a signal into the low-rank
+The second half of the file (the Echo path, METHOD.md) feeds a signal into the low-rank
 activation through `LoRALinear.echo`.
 """
 
@@ -57,7 +57,7 @@ class LoRALinear(nn.Module):
     input only; the base path never sees it (torchtune does the same; peft's DoRA also feeds the
     dropped-out input through W, so comparisons with peft run with dropout off).
 
-    `echo` is the Echo path's hook (ECHO.md item 4): None, or a callable that maps the low-rank
+    `echo` is the Echo path's hook (METHOD.md item 4): None, or a callable that maps the low-rank
     activation u (..., r) to a term added to it. It never enters the weight norm, merge or the
     saved adapter.
     """
@@ -196,7 +196,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """lora_A, lora_B (and magnitude for DoRA) of every adapted linear, keyed by model path.
-    The Echo path's parameters are not adapter parameters (ECHO.md item 7)."""
+    The Echo path's parameters are not adapter parameters (METHOD.md item 8)."""
     params = {}
     for path, module in adapted_linears(model).items():
         for name in ("lora_A", "lora_B", "magnitude") if module.dora else ("lora_A", "lora_B"):
@@ -240,7 +240,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain nn.Linear back, in place.
 
     The merged model computes what the adapted one computes (LoRA section 4.1: no inference
-    latency); the Echo path, attached to the adapters, is discarded with them (ECHO.md item 7).
+    latency); the Echo path, attached to the adapters, is discarded with them (METHOD.md item 8).
     """
     for path, module in adapted_linears(model).items():
         module.base.weight.copy_(module.merged_weight())
@@ -442,17 +442,17 @@ def write_atomically(file: Path, write):
         tmp.unlink(missing_ok=True)  # only left over when the write failed
 
 
-# ---- The Echo path (ECHO.md) ----
+# ---- The Echo path (METHOD.md) ----
 #
 # Training-only. The model never holds an echo parameter: the projections and gates live in an
 # `EchoPath` beside it, and are plugged into the target LoRALinear modules' `echo` hook only for
 # the duration of the echo pass (`EchoPath.injecting`). Dropping the EchoPath object is
-# therefore the whole of "discarding" it (ECHO.md item 7).
+# therefore the whole of "discarding" it (METHOD.md item 8).
 
 
 @dataclass
 class EchoConfig:
-    """ECHO.md's flags. Block numbers are 1-based, as in ECHO.md (h_l leaves block l)."""
+    """METHOD.md's flags. Block numbers are 1-based, as in METHOD.md (h_l leaves block l)."""
 
     source_layers: tuple[int, ...] | None = None  # default: the deepest quarter of blocks
     target_layers: tuple[int, ...] | None = None  # default: the shallowest quarter of blocks
@@ -486,7 +486,7 @@ def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
 class EchoInjector(nn.Module):
     """One target module's projection P (d -> r) and scalar gate g(e) = sigmoid(w . e + c).
 
-    ECHO.md item 4: the low-rank activation becomes `A x + m_t * g(e) * P e`.
+    METHOD.md item 4: the low-rank activation becomes `A x + m_t * g(e) * P e`.
     """
 
     def __init__(self, dim: int, r: int):
@@ -524,7 +524,7 @@ class EchoPath(nn.Module):
 
     @contextmanager
     def injecting(self, echo: torch.Tensor, inject_at: torch.Tensor):
-        """Within this block, every target module adds its echo term (ECHO.md item 4)."""
+        """Within this block, every target module adds its echo term (METHOD.md item 4)."""
         for name, module in self.targets.items():
             module.echo = partial(self.injectors[name.replace(".", "_")], echo=echo, inject_at=inject_at)
         try:
@@ -535,7 +535,7 @@ class EchoPath(nn.Module):
 
     def echo_vector(self, states: dict, pool_at: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """e (R, d): the mean of the source states, pooled over `pool_at` (mean) or taken at
-        `last` (last), RMS-normalised without a learned scale (ECHO.md item 2). Detached: the
+        `last` (last), RMS-normalised without a learned scale (METHOD.md item 2). Detached: the
         teacher signal is read off the plain pass, never trained through."""
         h = sum(states[layer].detach().float() for layer in self.source_layers) / len(self.source_layers)
         if self.config.pool == "mean":
@@ -578,7 +578,7 @@ class EchoPath(nn.Module):
         return model.output(h[answer]).float()
 
     def suffix_pass(self, model, tokens, echo, answer, first, prefix_caches):
-        """ECHO.md item 5b: only the answer positions b-1..T-2 are computed, attending to the plain
+        """METHOD.md item 6: only the answer positions b-1..T-2 are computed, attending to the plain
         pass's keys and values of positions 0..b-2 (kept in the autograd graph, not detached).
 
         Those prefix states are the same in a full echo pass, because the injection is zero
@@ -628,7 +628,7 @@ def loss_terms(model, batch: Batch, echo: EchoPath | None = None, routed: torch.
     """Summed (not averaged) loss terms of one batch, and the counts to average them by.
 
     Returns (ce_sum, echo_sum): ce_sum is the plain cross-entropy summed over the ce_targets;
-    echo_sum is ECHO.md item 6's routed term `CE(echo) + lambda tau^2 KL(teacher || plain)`
+    echo_sum is METHOD.md item 7's routed term `CE(echo) + lambda tau^2 KL(teacher || plain)`
     summed over the routed samples' answer tokens. Dividing by the step's token counts (see
     train.py) gives the averages; sums let gradient accumulation and data-parallel ranks add up
     to exactly one big batch. Logits are made only where a loss is taken: never a

@@ -63,7 +63,7 @@ class Config:
     save_every: int = 200  # steps between resumable checkpoints
     max_steps: int = 0  # 0: all epochs; else stop after this many steps (the schedule spans them)
     seed: int = 42
-    # the Echo path (ECHO.md); block numbers 1-based, comma-separated, empty = the default quarter
+    # the Echo path (METHOD.md); block numbers 1-based, comma-separated, empty = the default quarter
     echo_source_layers: str = ""
     echo_target_layers: str = ""
     echo_pool: str = "mean"

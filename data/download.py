@@ -1,6 +1,7 @@
-"""Fetch the public commonsense data: commonsense_170k.json and the eight test sets.
+"""Fetch the public commonsense data: commonsense_170k.json, the eight test sets, four training splits.
 
     python data/download.py                      # everything, into data/
+    python data/download.py --only ARC-Easy-train ARC-Easy   # one benchmark's training split and test set
     python data/download.py --only boolq piqa    # some of it
     python data/download.py --base-url URL       # a mirror laid out like the upstream repo
 
@@ -37,7 +38,11 @@ def _test_set(name: str, git_blob: str, sha256: str | None) -> Source:
     return Source(f"dataset/{name}/test.json", f"{name}/test.json", git_blob, sha256)
 
 
-# Hashes from /work/shared/data/commonsense/SOURCES.md (see data/README.md).
+def _train_split(name: str, git_blob: str, sha256: str) -> Source:
+    return Source(f"dataset/{name}/train.json", f"{name}/train.json", git_blob, sha256)
+
+
+# Hashes of the upstream files (see data/README.md).
 SOURCES = {
     "boolq": _test_set("boolq", "6d7edb0a8e8a6566b546ccf0d98d24e48db3fdf3",
                        "89df2397cbca81dc31adcc6f7f5b635821aa0565aafde46725b2b4bd39b4dfa9"),
@@ -56,6 +61,16 @@ SOURCES = {
                             "8479930f7b8a26052c78250280b5465a4016ca7fc806af440d0f37e243f3099e"),
     "commonsense_170k": Source("ft-training_set/commonsense_170k.json", "commonsense_170k.json",
                                "529e426b33d4cdb1d0c4a275a1a7245ad081fd91", None),
+    # Four benchmarks' training splits, also committed upstream: real training data of a size a small
+    # model can be fine-tuned on in minutes (the README's SmolLM2 experiment).
+    "ARC-Easy-train": _train_split("ARC-Easy", "488a8e5e5bbbd7a630ebbfe07a1fd91b7d9d8c9b",
+                                   "6a06cece3dec32f4fb1c1b0fc29dab14be7cf3053b417290dbc6cd845359f5ff"),
+    "ARC-Challenge-train": _train_split("ARC-Challenge", "d7e080b04bff9fd16dd85455fb04481807a088d8",
+                                        "a9debff28aafed86a08211dc3584a3b6cb38edca8c56bb34cd5002ed54aeebfb"),
+    "boolq-train": _train_split("boolq", "87a7beee26b49f81c450641ef2ff84f55611321f",
+                                "5ccbaceebaddc69765e1c4a363632196b81851d303696672165ab59ec4e48c83"),
+    "openbookqa-train": _train_split("openbookqa", "75bcd5eb9f5e77a3796c05e6bb38f169d19563fc",
+                                     "a1e094eeea01f70c0baa880f37497b26700ae99b243927b9c529984de9b1fe90"),
 }
 
 

@@ -1,12 +1,14 @@
 """data/: the upstream prompt bytes, answer-only labels on real records, file checks, download."""
 
+import hashlib
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, ASSETS
+from conftest import ASSETS, ROOT
 from data import download, make_sample
 from data.commonsense import (
     IGNORE_INDEX,
@@ -142,10 +144,10 @@ def test_cutoff_truncates_drops_eos_and_can_cut_the_answer(llama2_tokenizer):
     assert set(labels_none) == {IGNORE_INDEX}
 
 
-@pytest.mark.parametrize("name", ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge",
-                                  "openbookqa"])
-def test_real_test_set_slices_load(name):
-    assert len(load_records(COMMONSENSE / name / "test.json")) == 200  # the first 200 records (SOURCES.md)
+@pytest.mark.parametrize("name, records", [("boolq", 200), ("piqa", 320), ("social_i_qa", 200), ("winogrande", 200),
+                                           ("ARC-Easy", 200), ("ARC-Challenge", 200), ("openbookqa", 500)])
+def test_real_test_sets_load(name, records):
+    assert len(load_records(COMMONSENSE / name / "test.json")) == records  # the slices of SOURCES.md
 
 
 @pytest.mark.parametrize("content, message", [
@@ -170,36 +172,35 @@ def test_load_records_missing_file(tmp_path):
         load_records(tmp_path / "nothing.json")
 
 
-def make_mirror(root, names):
-    """A folder laid out like the LLM-Adapters repo, holding copies of the committed test-set slices."""
-    for name in names:
-        (root / "dataset" / name).mkdir(parents=True)
-        shutil.copyfile(COMMONSENSE / name / "test.json", root / "dataset" / name / "test.json")
+def make_mirror(root):
+    """A folder laid out like the LLM-Adapters repo, holding openbookqa's real test set: the one test
+    set committed whole (tests/assets), so its pinned hashes can be checked."""
+    (root / "dataset" / "openbookqa").mkdir(parents=True)
+    shutil.copyfile(COMMONSENSE / "openbookqa" / "test.json", root / "dataset" / "openbookqa" / "test.json")
     return root.as_uri()
 
 
 def test_download_fetches_verifies_and_skips_present_files(tmp_path, capsys):
-    url, dest = make_mirror(tmp_path / "mirror", ["boolq", "openbookqa"]), tmp_path / "data"
-    (dest / "boolq").mkdir(parents=True)
-    (dest / "boolq" / "test.json").write_text("[]")  # a stale file is replaced, not trusted
-    download.main(["--dest", str(dest), "--only", "boolq", "openbookqa", "--base-url", url])
-    for name in ["boolq", "openbookqa"]:
-        assert (dest / name / "test.json").read_bytes() == (COMMONSENSE / name / "test.json").read_bytes()
+    url, dest = make_mirror(tmp_path / "mirror"), tmp_path / "data"
+    (dest / "openbookqa").mkdir(parents=True)
+    (dest / "openbookqa" / "test.json").write_text("[]")  # a stale file is replaced, not trusted
+    download.main(["--dest", str(dest), "--only", "openbookqa", "--base-url", url])
+    assert (dest / "openbookqa" / "test.json").read_bytes() == (COMMONSENSE / "openbookqa" / "test.json").read_bytes()
     download.main(["--dest", str(dest), "--only", "openbookqa", "--base-url", url])
     assert "openbookqa: already present" in capsys.readouterr().out
-    assert sorted(p.name for p in dest.rglob("*")) == ["boolq", "openbookqa", "test.json", "test.json"]
+    assert sorted(p.name for p in dest.rglob("*")) == ["openbookqa", "test.json"]
 
 
 def test_download_of_a_changed_file_fails_and_writes_nothing(tmp_path):
-    url, dest = make_mirror(tmp_path / "mirror", ["boolq"]), tmp_path / "data"
-    mirrored = tmp_path / "mirror" / "dataset" / "boolq" / "test.json"
-    mirrored.write_text(mirrored.read_text().replace('"answer": "true"', '"answer": "false"', 1))  # still valid
+    url, dest = make_mirror(tmp_path / "mirror"), tmp_path / "data"
+    mirrored = tmp_path / "mirror" / "dataset" / "openbookqa" / "test.json"
+    mirrored.write_text(mirrored.read_text().replace('"answer": "answer1"', '"answer": "answer2"', 1))  # still valid
     run = subprocess.run([sys.executable, str(ROOT / "data" / "download.py"), "--dest", str(dest),
-                          "--only", "boolq", "--base-url", url], capture_output=True, text=True)
+                          "--only", "openbookqa", "--base-url", url], capture_output=True, text=True)
     assert run.returncode == 1
-    assert run.stderr.startswith(f"download.py: {url}/dataset/boolq/test.json: not the pinned LLM-Adapters file")
+    assert run.stderr.startswith(f"download.py: {url}/dataset/openbookqa/test.json: not the pinned LLM-Adapters file")
     assert "git blob id" in run.stderr and run.stderr.count("\n") == 1
-    assert list(dest.rglob("*")) in ([], [dest / "boolq"])  # no file, no leftover temporary
+    assert list(dest.rglob("*")) in ([], [dest / "openbookqa"])  # no file, no leftover temporary
 
 
 def test_git_blob_id_matches_git():
@@ -222,3 +223,15 @@ def test_sample_files_are_reproducible_and_disjoint(tmp_path, monkeypatch):
     train_instructions = {r["instruction"] for r in train}
     assert not train_instructions & {r["instruction"] for r in boolq + arc}
     assert len(train_instructions) == len(train)
+
+
+def test_assets_match_their_sources():
+    """Every committed real file is the one tests/assets/SOURCES.md names (size and sha256), and
+    nothing sits there unlisted."""
+    rows = re.findall(r"^\| `([^`]+)` \| (\d+) \| ([0-9a-f]{64}) \|$", (ASSETS / "SOURCES.md").read_text(), re.M)
+    listed = {name: (int(size), digest) for name, size, digest in rows}
+    present = {p.relative_to(ASSETS).as_posix() for p in ASSETS.rglob("*") if p.is_file()} - {"SOURCES.md"}
+    assert present == set(listed)
+    for name, (size, digest) in listed.items():
+        content = (ASSETS / name).read_bytes()
+        assert (len(content), hashlib.sha256(content).hexdigest()) == (size, digest), name

@@ -1,4 +1,4 @@
-"""The Echo path's properties (ECHO.md), each checked against a computation written out here:
+"""The Echo path's properties (METHOD.md), each checked against a computation written out here:
 masking (nothing leaks from the answer), the teacher/student split of the distillation, the
 discard (a stripped adapter is a plain LoRA adapter), the parameter count, and the suffix echo
 pass against the full recomputation it replaces."""
@@ -134,7 +134,7 @@ def test_echo_parameter_count_matches_the_formula():
     K, targets, d, r = 2, 5, 64, 8  # shallowest quarter of 8 blocks; q, k, v, up, down
     assert echo.target_layers == (1, 2) and echo.source_layers == (7, 8)
     assert echo.n_parameters() == K * targets * (d * r + d + 1)
-    # LLaMA-7B, K = 8, r = 32: ECHO.md's "about 5.4 M"
+    # LLaMA-7B, K = 8, r = 32: METHOD.md's "5.4 M"
     assert abs(8 * 5 * (4096 * 32 + 4096 + 1) - 5.4e6) < 0.1e6
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import llama
 import train
-from conftest import ROOT, ASSETS
+from conftest import ASSETS, ROOT
 from data.commonsense import IGNORE_INDEX, load_records
 from reference import write_meta_folder
 
