@@ -113,9 +113,9 @@ FLAG_RANGES = {
 }
 # The files that make a folder a run: train.py refuses to write over them unless asked.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors", "adapter_config.json")
-# Flags a resumed run may change, because they cannot change what it computes (a larger
-# --max-steps is checked apart: it continues the run further).
-RESUME_MAY_CHANGE = {"resume", "overwrite", "log_every", "save_every", "gradient_checkpointing", "max_steps"}
+# Flags a resumed run may change, because they cannot change what it computes (--out: the run
+# folder was moved; a larger --max-steps is checked apart: it continues the run further).
+RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "log_every", "save_every", "gradient_checkpointing", "max_steps"}
 
 
 def default_lr(method: str, ckpt: str) -> float:
@@ -185,7 +185,7 @@ def check_out_folder(cfg: Config):
     saved = llama.read_json(out / "config.json").get("config", {}) if (out / "config.json").is_file() else {}
     now = dataclasses.asdict(cfg)
     changed = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
-    if (now["max_steps"] or math.inf) < (saved.get("max_steps", 0) or math.inf):  # 0: all epochs
+    if "max_steps" in saved and (now["max_steps"] or math.inf) < (saved["max_steps"] or math.inf):  # 0: all epochs
         changed.append("max_steps")  # only a longer run continues this one
     if changed:
         raise SystemExit(f"{out}: --resume with flags that change the run: "
@@ -346,6 +346,16 @@ def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["best_val"]
+
+
+def stop_if_not_finite(step: int, out: Path, cfg: Config, **values: float):
+    """NaN or inf stops training at once, with one line naming the step. Checked before each
+    update and each save, so nothing non-finite is saved: the adapter in `out` stays the last
+    finite one."""
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    raise SystemExit(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items())
+                     + f": not finite, training stopped (--lr {cfg.lr:g} too high?); {out} keeps the last finite adapter")
 
 
 def metrics_lines(path: Path, up_to_step: int) -> list[str]:
@@ -513,11 +523,7 @@ def main(argv=None):
             all_reduce_gradients(params)
             dist.all_reduce(losses)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not torch.isfinite(torch.cat([losses, grad_norm.reshape(1).to(losses)])).all():
-            # Before the update: the adapter on disk (and in memory) stays the last finite one.
-            raise SystemExit(f"step {step + 1}: loss {losses.sum().item():.4g}, gradient norm {grad_norm.item():.4g}: "
-                             f"not finite, training stopped (--lr {cfg.lr:g} too high?); {out} keeps the last "
-                             "finite adapter")
+        stop_if_not_finite(step + 1, out, cfg, loss=losses.sum().item(), gradient_norm=grad_norm.item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -534,6 +540,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
             if val_examples and (step % cfg.eval_every == 0 or step == total_steps):
                 entry["val_loss"] = validation_loss(model, val_examples, cfg, tokenizer.pad_id, device)
+                stop_if_not_finite(step, out, cfg, val_loss=entry["val_loss"])
                 if entry["val_loss"] < best_val:  # the best adapter is the one kept (the recipe's choice)
                     best_val = entry["val_loss"]
                     save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step,
@@ -541,6 +548,9 @@ def main(argv=None):
                 bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if not val_examples and step == total_steps or step % cfg.save_every == 0:
+                stop_if_not_finite(step, out, cfg, largest_parameter=torch.cat([p.detach().flatten() for p in params])
+                                   .abs().max().item())  # NaN propagates through max
             if not val_examples and step == total_steps:
                 save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step})
             if step % cfg.save_every == 0 or step == total_steps:
