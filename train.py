@@ -462,9 +462,9 @@ def main(argv=None):
     if cfg.resume:
         step, best_val = restore_checkpoint(out / "checkpoint.pt", model, echo, optimizer)
     if rank == 0:
-        if cfg.overwrite:  # asked for: the old run goes before anything of the new one is written
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
+        if cfg.overwrite:  # asked for: the old run, and eval.py's results of its adapter, go first
+            for file in [out / name for name in RUN_FILES] + [*out.glob("results*.*"), *out.glob("predictions*.jsonl")]:
+                file.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         record = run_record(cfg, model.args, len(train_idx), echo.n_parameters() if echo else 0)
         write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))

@@ -110,12 +110,13 @@ def test_out_folder_holding_a_run_is_refused_and_left_as_it_was(finished_run, ck
     assert run_files(finished_run) == before
     copy = tmp_path / "copy"
     shutil.copytree(finished_run, copy)
-    (copy / "eval-results-of-the-old-run.md").write_text("kept")
+    (copy / "results.json").write_text("{}")  # eval.py's results of the old adapter
+    (copy / "notes.txt").write_text("kept")
     train.main(train_args(ckpt, records, copy, "--overwrite", "--max-steps", "1"))
     metrics = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]  # the new run's log alone
     assert json.loads((copy / "config.json").read_text())["config"]["max_steps"] == 1
-    assert (copy / "eval-results-of-the-old-run.md").exists()  # only run files are replaced
+    assert not (copy / "results.json").exists() and (copy / "notes.txt").exists()  # only what the run made goes
 
 
 def test_default_out_twice_gives_a_new_folder(ckpt, records, tmp_path, monkeypatch, capsys):
@@ -128,7 +129,7 @@ def test_default_out_twice_gives_a_new_folder(ckpt, records, tmp_path, monkeypat
     train.main(common)
     assert (tmp_path / "out" / "echo-lora-tiny-2" / "adapter.safetensors").is_file()
     assert (tmp_path / "out" / "echo-lora-tiny" / "adapter.safetensors").read_bytes() == first
-    assert f"--adapter out/echo-lora-tiny-2" in capsys.readouterr().out
+    assert "--adapter out/echo-lora-tiny-2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, named", [(["--lr", "1e-3"], "--lr"), (["--batch-size", "8"], "--batch-size"),
