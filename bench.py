@@ -117,6 +117,8 @@ def fixed_workload(args, batch_size, seq_len, n_batches):
 def data_workloads(path, tokenizer, batch_size, cutoff, n_batches):
     """(ours, upstream's) batches over the same records: length-grouped vs random and padded."""
     examples = encode_examples(load_records(path), tokenizer, cutoff)
+    if not examples:
+        raise ValueError(f"{path}: holds no records")
     lengths = [len(ids) for ids, _ in examples]
     ours = length_grouped_batches(lengths, batch_size, seed=0)[:n_batches]
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
@@ -296,6 +298,13 @@ def main(argv=None):
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + peft peer")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
+    for flag, ok, allowed in (("batch_size", a.batch_size >= 1, ">= 1"), ("steps", a.steps >= 1, ">= 1"),
+                              ("seq_len", ANSWER_TOKENS < a.seq_len <= 2 * SHAPES[a.shape].max_seq_len,
+                               f"in ({ANSWER_TOKENS}, {2 * SHAPES[a.shape].max_seq_len}]"),
+                              ("warmup", a.warmup >= 0, ">= 0"), ("route_p", 0 <= a.route_p <= 1, "in [0, 1]"),
+                              ("questions_per_set", a.questions_per_set >= 1, ">= 1")):
+        if not ok:  # a bad value is one line here, not a traceback (or a division by zero) later
+            p.error(f"--{flag.replace('_', '-')} must be {allowed}, found {getattr(a, flag)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args = SHAPES[a.shape]
@@ -306,11 +315,16 @@ def main(argv=None):
     if a.data or a.test_sets:
         if not a.tokenizer:
             p.error("--data and --test-sets need --tokenizer")
+        if not Path(a.tokenizer).is_file():
+            p.error(f"--tokenizer {a.tokenizer}: no such file")
         tokenizer = llama.Tokenizer(a.tokenizer)
         if tokenizer.n_words > args.vocab_size:
             p.error(f"{a.tokenizer}: {tokenizer.n_words} tokens do not fit the {a.shape} shape's {args.vocab_size}")
     if a.data:
-        ours, theirs, mean_tokens = data_workloads(a.data, tokenizer, a.batch_size, 256, a.warmup + a.steps)
+        try:
+            ours, theirs, mean_tokens = data_workloads(a.data, tokenizer, a.batch_size, 256, a.warmup + a.steps)
+        except (OSError, ValueError) as e:
+            p.error(f"--data {e}")
         workloads["real records"] = (ours, theirs)
 
     rows = []

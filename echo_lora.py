@@ -17,6 +17,7 @@ The second half of the file (the Echo path, METHOD.md) feeds a signal into the l
 activation through `LoRALinear.echo`.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -29,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes, load_file, save as safetensors_bytes, save_file
 
 from data.commonsense import IGNORE_INDEX
-from llama import HF_TO_META_LAYER_NAMES, KVCache, hf_to_meta_rows, meta_to_hf_rows, read_json
+from llama import HF_TO_META_LAYER_NAMES, KVCache, check_json_types, hf_to_meta_rows, meta_to_hf_rows, read_json
 
 # The block linears an adapter can wrap: Meta's short name -> its path inside a block.
 BLOCK_LINEARS = {path.split(".")[1]: path for path in HF_TO_META_LAYER_NAMES.values() if "." in path}
@@ -253,14 +254,33 @@ def merge(model: nn.Module) -> nn.Module:
 # Saving and loading: this project's format, and peft's
 
 
+# The types of adapter_config.json's settings (load_adapter checks them before using them).
+ADAPTER_CONFIG_TYPES = {"r": int, "alpha": float, "dropout": float, "dora": bool, "targets": list,
+                        "layers": list | None, "tensors_sha256": str}
+
+
+def base_model_record(model: nn.Module) -> dict:
+    """What an adapter records of the base model it was trained on: its shape, and the cheap
+    fingerprint of its weights (llama.weights_fingerprint; None for a model not read by llama.load)."""
+    a = model.args
+    shape = dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab_size,
+                 hidden_dim=a.hidden_dim)
+    return dict(shape=shape, fingerprint=getattr(model, "fingerprint", None))
+
+
 def save_adapter(path, model: nn.Module, config: dict | None = None):
     """Write `path/adapter.safetensors` (adapter_state) and `path/adapter_config.json`
-    (adapter_config, plus the entries of `config`; the adapter's own settings win)."""
+    (adapter_config, plus the entries of `config`; the adapter's own settings win).
+
+    The two files are one unit: the config holds the SHA-256 of the tensor file and the base
+    model's record, so a save interrupted between the two renames (tensors of one step, config
+    of another) or an adapter put on another base is caught by load_adapter."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in adapter_state(model).items()}
-    full_config = {**(config or {}), **adapter_config(model)}
-    write_atomically(folder / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    data = safetensors_bytes({k: v.contiguous() for k, v in adapter_state(model).items()})
+    full_config = {**(config or {}), **adapter_config(model), "base_model": base_model_record(model),
+                   "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    write_atomically(folder / ADAPTER_FILE, lambda tmp: tmp.write_bytes(data))
     write_atomically(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(full_config, indent=2)))
 
 
@@ -268,13 +288,38 @@ def load_adapter(path, model: nn.Module) -> dict:
     """Load an adapter written by save_adapter into `model`, adding the adapters first if the
     model has none; returns the saved config."""
     folder = Path(path)
-    config = read_json(folder / CONFIG_FILE)
+    config_file, tensor_file = folder / CONFIG_FILE, folder / ADAPTER_FILE
+    config = read_json(config_file)
     missing = [k for k in ("r", "alpha", "dropout", "dora", "targets", "layers") if k not in config]
     if missing:
-        raise ValueError(f"{folder / CONFIG_FILE}: missing adapter settings {missing}")
-    fit_adapters(model, config, folder / CONFIG_FILE)
-    copy_adapter_tensors(model, read_safetensors(folder / ADAPTER_FILE), folder / ADAPTER_FILE)
+        raise ValueError(f"{config_file}: missing adapter settings {missing}")
+    check_json_types(config_file, config, ADAPTER_CONFIG_TYPES)
+    fit_adapters(model, config, config_file)
+    try:
+        data = tensor_file.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{tensor_file}: cannot read adapter tensors: {e}") from None
+    copy_adapter_tensors(model, read_safetensors(tensor_file, data), tensor_file)
+    # After the fit checks, so a tensor file that does not fit says how; an adapter written
+    # before checksums were recorded has none to check.
+    if config.get("tensors_sha256", hashlib.sha256(data).hexdigest()) != hashlib.sha256(data).hexdigest():
+        raise ValueError(f"{tensor_file}: its SHA-256 is not the one {config_file} records: the two files come "
+                         "from different saves (an interrupted save?)")
+    check_base_model(config.get("base_model"), model, config_file)
     return config
+
+
+def check_base_model(saved: dict | None, model: nn.Module, file: Path):
+    """An adapter loaded onto a base model other than the one it was trained on is an error."""
+    if not saved:
+        return  # written before the base model was recorded
+    mine = base_model_record(model)
+    if saved.get("shape") != mine["shape"]:
+        raise ValueError(f"{file}: the adapter was trained on a base of shape {saved.get('shape')}, "
+                         f"the model loaded has shape {mine['shape']}")
+    if None not in (saved.get("fingerprint"), mine["fingerprint"]) and saved["fingerprint"] != mine["fingerprint"]:
+        raise ValueError(f"{file}: the adapter was trained on other base weights (fingerprint {saved['fingerprint']}, "
+                         f"the model loaded has {mine['fingerprint']}): wrong --ckpt?")
 
 
 def export_peft(path, model: nn.Module, config: dict | None = None):
@@ -339,6 +384,8 @@ def config_from_peft(peft_config: dict, file: Path) -> dict:
     missing = [k for k in ("peft_type", "r", "lora_alpha", "target_modules") if k not in peft_config]
     if missing:
         raise ValueError(f"{file}: missing peft settings {missing}")
+    check_json_types(file, peft_config, {"r": int, "lora_alpha": float, "lora_dropout": float, "use_dora": bool,
+                                         "layers_to_transform": int | list | None})
     for field, is_unsupported in unsupported.items():
         if field in peft_config and is_unsupported(peft_config[field]):
             raise ValueError(f"{file}: unsupported peft setting {field}={peft_config[field]!r}")
@@ -418,13 +465,16 @@ def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], fil
         if tensor.shape != params[name].shape:
             raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(params[name].shape)}")
+        if not torch.isfinite(tensor).all():  # a diverged run's adapter: every output would be NaN
+            raise ValueError(f"{file}: {name} holds NaN or infinite values")
     for name, tensor in tensors.items():
         params[name].copy_(tensor)
 
 
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(file: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `file` (or of `data`, its bytes already read)."""
     try:
-        return load_file(str(file))
+        return load_file(str(file)) if data is None else load_safetensors_bytes(data)
     except Exception as e:  # safetensors raises several types; the user needs the file name
         raise ValueError(f"{file}: cannot read adapter tensors: {e}") from None
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data.commonsense import eval_prompt, load_records
 from echo_lora import load_adapter, merge, write_atomically
-from llama import Tokenizer, Transformer, generate, load, prefill, resolve_checkpoint
+from llama import Tokenizer, Transformer, generate, load, prefill, resolve_checkpoint, resolve_device
 
 
 class Benchmark(NamedTuple):
@@ -207,6 +207,16 @@ def decode_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
     return beam_search(model, prompts, num_beams, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id)
 
 
+def check_fits(model: Transformer, dataset: str, lengths: list[int], what: str):
+    """Every sequence within the model's rotary table, else a ValueError naming the first item
+    that is not (positions past the table have no rotation)."""
+    too_long = [i for i, n in enumerate(lengths) if n > model.max_positions]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(f"{dataset} item {i}: {what} is {lengths[i]} tokens, beyond the {model.max_positions} "
+                         f"positions of the model's rotary table ({len(too_long)} such items)")
+
+
 def prediction(dataset: str, index: int, record: dict, generated: str | None, answer: str) -> dict:
     """One line of predictions.jsonl."""
     return dict(dataset=dataset, index=index, generated=generated, answer=answer, gold=record["answer"],
@@ -218,6 +228,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, dataset: str, records: li
     """Generate a reply to every record and extract its label: one prediction per record, in
     file order, with its dataset, index, generated text, extracted answer and gold label."""
     prompts = [tokenizer.encode(eval_prompt(record), bos=True, eos=False) for record in records]
+    check_fits(model, dataset, [len(p) + max_new_tokens for p in prompts], f"prompt + --max-new-tokens {max_new_tokens}")
     # Longest first: a batch holds prompts of similar length (little padding), and the largest
     # batch runs first, so running out of memory shows at once rather than at the end.
     order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))
@@ -253,6 +264,9 @@ def label_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, recor
     labels = candidate_labels(dataset, record)
     texts = [tokenizer.encode(prompt + ANSWER_TEMPLATE.format(label), bos=True, eos=False) for label in labels]
     longest = max(len(ids) for ids in texts)
+    if longest > model.max_positions:
+        raise ValueError(f"{dataset}: a prompt + answer of {longest} tokens, beyond the {model.max_positions} "
+                         "positions of the model's rotary table")
     # Right padding: causal attention keeps every real token away from the padding after it.
     tokens = torch.tensor([ids + [tokenizer.pad_id] * (longest - len(ids)) for ids in texts], device=device)
     logprobs = F.log_softmax(model(tokens)[:, :-1].float(), dim=-1)  # (C, T - 1, vocab): predicts token t + 1
@@ -324,12 +338,26 @@ def format_table(results: dict[str, dict], published: dict[str, tuple] | None) -
 def read_run(folder: Path) -> dict:
     """An evaluated run: eval.py's results.json and predictions.jsonl, and, for a trained adapter,
     train.py's config.json beside them (the method and the seed). No config.json: the base model."""
-    results = json.loads((folder / "results.json").read_text())["results"]
+    summary = json.loads((folder / "results.json").read_text())
+    results = summary["results"]
     predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     config = folder / "config.json"
     trained = json.loads(config.read_text())["config"] if config.is_file() else {"method": "none", "seed": None}
     correct = {(p["dataset"], p["index"]): p["correct"] for p in predictions}
-    return dict(method=trained["method"], seed=trained["seed"], results=results, correct=correct)
+    settings = {k: summary.get("args", {}).get(k) for k in COMPARED_SETTINGS}
+    return dict(folder=folder, method=trained["method"], seed=trained["seed"], results=results, correct=correct,
+                settings=settings)
+
+
+# The evaluation settings runs must share to be compared: they change what the accuracy measures.
+COMPARED_SETTINGS = ("scoring", "num_beams", "max_new_tokens", "limit")
+
+
+def check_same_settings(runs: list[dict]):
+    differ = [k for k in COMPARED_SETTINGS if len({r["settings"][k] for r in runs}) > 1]
+    if differ:
+        raise ValueError("--compare: the runs were evaluated with different settings: " + "; ".join(
+            f"--{k.replace('_', '-')} " + ", ".join(f"{r['settings'][k]} ({r['folder']})" for r in runs) for k in differ))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -344,6 +372,7 @@ def compare_runs(folders: list[Path]) -> str:
     method whose base method was run with the same seeds, the paired difference of the averages
     and how many questions flip each way (right with Echo only vs right with the base only)."""
     runs = [read_run(Path(f)) for f in folders]
+    check_same_settings(runs)
     methods = {}
     for run in runs:
         methods.setdefault(run["method"], []).append(run)
@@ -365,13 +394,16 @@ def compare_runs(folders: list[Path]) -> str:
         if not pairs:
             continue
         diffs = [100 * (run_average(e) - run_average(p)) for e, p in pairs]
-        questions = [q for q in pairs[0][0]["correct"] if q[0] in benchmarks]
+        in_run = [{q for q in r["correct"] if q[0] in benchmarks} for pair in pairs for r in pair]
+        questions = sorted(set.intersection(*in_run))  # flips need the question in both runs of a pair
+        unpaired = len(set.union(*in_run)) - len(questions)
         gained = sum(e["correct"][q] and not p["correct"][q] for e, p in pairs for q in questions)
         lost = sum(p["correct"][q] and not e["correct"][q] for e, p in pairs for q in questions)
         mean, std = mean_std(diffs)
         lines.append(f"\n{method} - {method.removeprefix('echo-')}: {mean:+.2f} ± {std:.2f} points on the average "
                      f"over {len(pairs)} paired seeds (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}); "
-                     f"questions right only with Echo: {gained}, right only without: {lost}.")
+                     f"questions right only with Echo: {gained}, right only without: {lost}."
+                     + (f" {unpaired} questions not in every run are left out of these counts." if unpaired else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -396,7 +428,11 @@ def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tu
         if not path.is_file():
             missing[name] = f"no test set at {path} (python data/download.py fetches it)"
             continue
-        test_sets[name] = load_records(path)[:limit]
+        records = load_records(path)[:limit]
+        if not records:  # averaged in, it would count as 0% (a third of 33.3 gone for nothing)
+            missing[name] = f"the test set {path} holds no records"
+            continue
+        test_sets[name] = records
     if not test_sets:
         raise FileNotFoundError(f"none of the test sets found: {'; '.join(missing.values())}")
     return test_sets, missing
@@ -439,12 +475,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--published", choices=[*PUBLISHED, "none"],
                         help="published rows to print beside the results (default: the ckpt name, if it is one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in --out")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     args = parser.parse_args(argv)
     if not args.ckpt and not args.compare:
         parser.error("--ckpt is required (or --compare RUN ...)")
     if args.compare:
         return args
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     args.published = args.published or default_published(args.ckpt)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.out = args.out or args.adapter or Path("out") / f"eval-{Path(args.ckpt).name}"
@@ -482,7 +523,7 @@ def report(args, predictions: dict[str, list[dict]], missing: dict[str, str], se
              "", scoring_description(args), "", format_table(results, published)]
     lines += [f"- {name}: not run, {why}" for name, why in missing.items()]
     markdown = "\n".join(lines) + "\n"
-    suffix = "-likelihood" if args.scoring == "likelihood" else ""
+    suffix = results_suffix(args)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / f"results{suffix}.md", markdown)
     summary = dict(results=results, average=average_accuracy(results), missing=missing, seconds=seconds,
@@ -494,8 +535,16 @@ def report(args, predictions: dict[str, list[dict]], missing: dict[str, str], se
     return markdown
 
 
+def results_suffix(args) -> str:
+    return "-likelihood" if args.scoring == "likelihood" else ""
+
+
 def run(args) -> str:
     # Everything about the input is checked before the model (minutes at 7B) is loaded.
+    finished = args.out / f"results{results_suffix(args)}.json"
+    if finished.exists() and not args.overwrite:
+        raise FileExistsError(f"{finished}: an earlier evaluation's results; --overwrite replaces them, "
+                              "--out writes elsewhere")
     test_sets, missing = read_test_sets(args.data_dir, dataset_names(args.datasets), args.limit)
     for name, why in missing.items():
         print(f"eval.py: {name}: {why}; skipped", file=sys.stderr)

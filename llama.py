@@ -15,9 +15,11 @@ training pass that continues another pass's keys and values (the echo suffix pas
 """
 
 import base64
+import hashlib
 import json
 import math
 import re
+import types
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -75,6 +77,7 @@ class ModelArgs:
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"{path}: unknown params.json keys {unknown}; expected a subset of {sorted(known)}")
+        check_json_types(path, params, {f.name: f.type for f in fields(cls)})
         return cls(**params)
 
 
@@ -241,6 +244,12 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer: `model.to(torch.bfloat16)` would cast a complex buffer
         # to real and silently drop the imaginary half. `rotations` moves it to the input's device.
         self.rope = rope_frequencies(args)
+        self.fingerprint = None  # set by load(): which base weights these are (weights_fingerprint)
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the rotary table covers: a longer sequence has no rotation to apply."""
+        return self.rope.shape[0]
 
     def rotations(self, positions: torch.Tensor) -> torch.Tensor:
         if self.rope.device != positions.device:
@@ -516,8 +525,25 @@ class Tokenizer:
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read JSON: {e}") from None
+
+
+def check_json_types(path: Path, values: dict, expected: dict):
+    """Each present key of `values` has its `expected` type (a type, or a union such as
+    `int | None`): a string where a number belongs would otherwise fail later, far from the
+    file. An int is a float here, as JSON writes 1e4 as 10000; a bool is never an int."""
+    for key, annotation in expected.items():
+        if key not in values:
+            continue
+        allowed = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
+        allowed = tuple(t for t in allowed if isinstance(t, type))
+        if float in allowed:
+            allowed += (int,)
+        value = values[key]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed)
+            raise ValueError(f"{path}: {key!r} is {json.dumps(value)}, expected {names}")
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -669,12 +695,26 @@ def hf_key_to_meta(key: str) -> str | None:
     raise ValueError(f"unexpected HF LLaMA weight {key!r}")
 
 
+# The types of the HF config.json keys read_hf_config reads.
+HF_CONFIG_TYPES = {
+    "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "num_key_value_heads": int | None,
+    "vocab_size": int, "intermediate_size": int, "head_dim": int | None, "rms_norm_eps": float, "rope_theta": float,
+    "max_position_embeddings": int, "tie_word_embeddings": bool, "hidden_act": str,
+}
+
+
 def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
     """ModelArgs from an HF config.json, and whether the output is tied to the embedding.
 
     Anything this model cannot compute exactly is an error, not a silent difference.
     """
     cfg = read_json(path)
+    if cfg.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in cfg.get("architectures") or []):
+        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')}: "
+                         "only LLaMA checkpoints (model_type 'llama', LlamaForCausalLM) load here")
+    if cfg.get("sliding_window") or cfg.get("use_sliding_window"):
+        raise ValueError(f"{path}: sliding-window attention is not a LLaMA feature this model implements")
+    check_json_types(path, cfg, HF_CONFIG_TYPES)
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise ValueError(f"{path}: {flag}=true is not a LLaMA feature this model implements")
@@ -705,10 +745,8 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
 
 
 def read_hf_weights(ckpt_dir: Path, args: ModelArgs, tied: bool) -> dict[str, torch.Tensor]:
-    """Meta-named weights from `*.safetensors` (or `pytorch_model*.bin`), q/k rows un-permuted."""
-    files = sorted(ckpt_dir.glob("*.safetensors")) or sorted(ckpt_dir.glob("pytorch_model*.bin"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt_dir}: config.json but no *.safetensors or pytorch_model*.bin")
+    """Meta-named weights from the files of `hf_weight_files`, q/k rows un-permuted."""
+    files = hf_weight_files(ckpt_dir)
     state = {}
     for file in files:
         for key, tensor in read_tensor_file(file).items():
@@ -726,6 +764,38 @@ def read_hf_weights(ckpt_dir: Path, args: ModelArgs, tied: bool) -> dict[str, to
     if tied and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"].clone()  # the model stays untied
     return state
+
+
+def hf_weight_files(ckpt_dir: Path) -> list[Path]:
+    """Exactly the files an HF folder's index lists (model.safetensors.index.json), or its single
+    model.safetensors (then the same for pytorch_model.bin): never every *.safetensors in the
+    folder, where a stray copy would silently replace the real weights."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (ckpt_dir / index).is_file():
+            weight_map = read_json(ckpt_dir / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{ckpt_dir / index}: 'weight_map' is not a mapping of weight names to file names")
+            files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise FileNotFoundError(f"{ckpt_dir / index}: lists {absent} but they are not in the folder")
+            return files
+        if (ckpt_dir / single).is_file():
+            return [ckpt_dir / single]
+    raise FileNotFoundError(f"{ckpt_dir}: config.json but no model.safetensors, model.safetensors.index.json, "
+                            "pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A cheap fingerprint of a base model's weights: a hash of the first 64 values of every
+    weight, as float32 (a bf16 file and its exact fp32 upcast agree). An adapter records it, so
+    loading the adapter onto another base of the same shape is noticed."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
@@ -787,6 +857,22 @@ def find_tokenizer(ckpt_dir: Path) -> Tokenizer | None:
     return None
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """`--device NAME` (default: cuda when available); a device torch cannot use here is a
+    ValueError naming the flag, not a traceback at the first tensor moved there."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available to torch here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
 def resolve_checkpoint(name) -> Path:
     """`--ckpt NAME`: the folder checkpoints/NAME, else NAME itself as a path."""
     for candidate in (Path("checkpoints") / name, Path(name)):
@@ -835,4 +921,5 @@ def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tok
         raise ValueError(f"{ckpt_dir}: missing weights {missing[:5]}")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     model.rope = rope_frequencies(args, device=device)  # built on the meta device above
+    model.fingerprint = weights_fingerprint(state)  # of the file's values, before the cast to `dtype`
     return model.eval(), tokenizer

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import llama
 from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
-from echo_lora import (Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters, loss_terms, save_adapter,
-                       trainable_parameters, write_atomically)
+from echo_lora import (Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters, copy_adapter_tensors, loss_terms,
+                       save_adapter, trainable_parameters, write_atomically)
 
 EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample"  # our own small records (data/README.md)
@@ -75,6 +75,7 @@ class Config:
     # machinery
     gradient_checkpointing: bool = False
     resume: bool = False
+    overwrite: bool = False  # replace the run already in --out (default: refuse to)
     device: str = ""  # default: cuda when available
     log_every: int = 1
 
@@ -86,6 +87,35 @@ PRESETS = {
     EMBEDDED: dict(data=str(SAMPLE / "train.json"), val_size=40, warmup_steps=10, eval_every=20, save_every=50,
                    epochs=2, lr=2e-3),
 }
+
+
+# The values each numeric flag may take: outside them is a parse error, not a traceback minutes
+# later or a silently wrong run (a negative --grad-clip ascends the gradient). NaN fails every
+# test. The echo flags are checked by EchoConfig.
+FLAG_RANGES = {
+    "r": (lambda v: v >= 1, ">= 1"),
+    "alpha": (lambda v: 0 < v < math.inf, "> 0 and finite"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lr": (lambda v: 0 <= v < math.inf, ">= 0 and finite (0: the recipe's rate)"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "micro_batch_size": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "cutoff": (lambda v: v >= 2, ">= 2 (BOS and at least one more token)"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v > 0, "> 0 (inf: no clipping)"),
+    "val_size": (lambda v: v >= 0, ">= 0"),
+    "val_seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+    "eval_every": (lambda v: v >= 1, ">= 1"),
+    "save_every": (lambda v: v >= 1, ">= 1"),
+    "max_steps": (lambda v: v >= 0, ">= 0 (0: all epochs)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+}
+# The files that make a folder a run: train.py refuses to write over them unless asked.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors", "adapter_config.json")
+# Flags a resumed run may change, because they cannot change what it computes (--out: the run
+# folder was moved; a larger --max-steps is checked apart: it continues the run further).
+RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "log_every", "save_every", "gradient_checkpointing", "max_steps"}
 
 
 def default_lr(method: str, ckpt: str) -> float:
@@ -109,11 +139,58 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**{**preset, **given})
     if cfg.method not in ("lora", "dora", "echo-lora", "echo-dora"):
         parser.error(f"--method must be lora, dora, echo-lora or echo-dora, found {cfg.method!r}")
+    for name, (ok, allowed) in FLAG_RANGES.items():
+        if not ok(getattr(cfg, name)):
+            parser.error(f"--{name.replace('_', '-')} must be {allowed}, found {getattr(cfg, name)}")
+    echo_flags = ["--" + k.replace("_", "-") for k in given if k.startswith("echo_")]
+    if echo_flags and not cfg.method.startswith("echo-"):
+        parser.error(f"{', '.join(echo_flags)} given with --method {cfg.method}, which has no Echo path")
+    if cfg.resume and cfg.overwrite:
+        parser.error("--resume continues the run in --out, --overwrite replaces it: give one")
+    try:
+        llama.resolve_device(cfg.device)
+    except ValueError as e:
+        parser.error(str(e))
     if cfg.batch_size % cfg.micro_batch_size:
         parser.error(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
     cfg.lr = cfg.lr or default_lr(cfg.method, cfg.ckpt)
-    cfg.out = cfg.out or f"out/{cfg.method}-{Path(cfg.ckpt).name}"
+    cfg.out = cfg.out or default_out(f"out/{cfg.method}-{Path(cfg.ckpt).name}", cfg.resume)
     return cfg
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def default_out(base: str, resume: bool) -> str:
+    """`--out` not given: `base`, or when a run is already there (and this is no --resume) the
+    first free `base`-2, -3, ...: running the same command twice never overwrites a run."""
+    if resume or not holds_run(Path(base)):
+        return base
+    n = 2
+    while holds_run(Path(f"{base}-{n}")):
+        n += 1
+    return f"{base}-{n}"
+
+
+def check_out_folder(cfg: Config):
+    """A folder holding a run is continued (--resume) or replaced (--overwrite), never silently
+    written over; a resumed run must not change what the run computes."""
+    out = Path(cfg.out)
+    if not holds_run(out) or cfg.overwrite:
+        return
+    if not cfg.resume:
+        raise SystemExit(f"{out}: holds a run already; --resume continues it, --overwrite replaces it, "
+                         "or give another --out")
+    saved = llama.read_json(out / "config.json").get("config", {}) if (out / "config.json").is_file() else {}
+    now = dataclasses.asdict(cfg)
+    changed = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
+    if "max_steps" in saved and (now["max_steps"] or math.inf) < (saved["max_steps"] or math.inf):  # 0: all epochs
+        changed.append("max_steps")  # only a longer run continues this one
+    if changed:
+        raise SystemExit(f"{out}: --resume with flags that change the run: "
+                         + ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
+                         + "; start a new run (another --out) instead")
 
 
 def echo_config(cfg: Config) -> EchoConfig | None:
@@ -257,11 +334,11 @@ def save_checkpoint(path: Path, step: int, model, echo, optimizer, best_val: flo
 def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
     if not path.is_file():
         raise SystemExit(f"{path}: --resume given but there is no checkpoint to resume from")
-    state = torch.load(path, weights_only=False)
-    params = adapter_parameters(model)
-    with torch.no_grad():
-        for name, tensor in state["adapter"].items():
-            params[name].copy_(tensor)
+    try:  # tensors and plain values only: a pickle that would run code is refused, never run
+        state = torch.load(path, weights_only=True)
+        copy_adapter_tensors(model, state["adapter"], path)
+    except Exception as e:  # pickle, torch and format errors alike; the user needs the file name
+        raise SystemExit(f"{path}: not a checkpoint this run can resume from: {str(e).splitlines()[0]}") from None
     if echo:
         echo.load_state_dict(state["echo"])
     optimizer.load_state_dict(state["optimizer"])
@@ -269,6 +346,33 @@ def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["best_val"]
+
+
+def stop_if_not_finite(step: int, out: Path, cfg: Config, **values: float):
+    """NaN or inf stops training at once, with one line naming the step. Checked before each
+    update and each save, so nothing non-finite is saved: the adapter in `out` stays the last
+    finite one."""
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    raise SystemExit(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items())
+                     + f": not finite, training stopped (--lr {cfg.lr:g} too high?); {out} keeps the last finite adapter")
+
+
+def metrics_lines(path: Path, up_to_step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `up_to_step`. A partial last line (the run was killed
+    during its append) is dropped; a malformed line before it is an error."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if n == len(lines):
+                break
+            raise SystemExit(f"{path}: line {n} is not a metrics entry") from None
+        if step <= up_to_step:
+            kept.append(line)
+    return kept
 
 
 def run_record(cfg: Config, args: llama.ModelArgs, n_train: int, n_echo_params: int) -> dict:
@@ -288,7 +392,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = llama.resolve_device(cfg.device)
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -299,6 +403,7 @@ def main(argv=None):
                          f"--micro-batch-size {cfg.micro_batch_size}")
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    check_out_folder(cfg)
 
     # ---- records first: a malformed file is reported before minutes of loading a 7B model
     try:
@@ -337,6 +442,14 @@ def main(argv=None):
     if not train_idx:
         raise SystemExit(f"{cfg.data}: {len(examples)} records and --val-size {cfg.val_size} leave none to train on")
     val_examples = [examples[i] for i in val_idx]
+    for name, part in (("training", train_idx), ("validation", val_idx)):
+        if part and not any(label != IGNORE_INDEX for i in part for label in examples[i][1]):
+            raise SystemExit(f"--cutoff {cfg.cutoff} cuts off the answer of every {name} record of {cfg.data}: "
+                             "no answer token to learn from or to validate on; raise --cutoff")
+    longest = max(len(ids) for ids, _ in examples)
+    if longest > model.max_positions:
+        raise SystemExit(f"--cutoff {cfg.cutoff}: records of {longest} tokens do not fit the {model.max_positions} "
+                         f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
     lengths = [len(examples[i][0]) for i in train_idx]
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -349,6 +462,9 @@ def main(argv=None):
     if cfg.resume:
         step, best_val = restore_checkpoint(out / "checkpoint.pt", model, echo, optimizer)
     if rank == 0:
+        if cfg.overwrite:  # asked for: the old run, and eval.py's results of its adapter, go first
+            for file in [out / name for name in RUN_FILES] + [*out.glob("results*.*"), *out.glob("predictions*.jsonl")]:
+                file.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         record = run_record(cfg, model.args, len(train_idx), echo.n_parameters() if echo else 0)
         write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
@@ -357,9 +473,9 @@ def main(argv=None):
               + (f" + {echo.n_parameters():,} echo parameters (training only)" if echo else "")
               + f"; {len(train_idx)} training records, {total_steps} steps, lr {cfg.lr:g}, on {device}")
         metrics_file = out / "metrics.jsonl"
-        kept = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= step] \
-            if cfg.resume and metrics_file.exists() else []
-        metrics_file.write_text("".join(l + "\n" for l in kept))  # a resumed run continues the same log
+        kept = metrics_lines(metrics_file, step) if cfg.resume and metrics_file.exists() else []
+        # a resumed run continues the same log
+        write_atomically(metrics_file, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
 
     if rank == 0 and val_examples and step == 0:  # the untouched model's loss, for reference
         val_loss = validation_loss(model, val_examples, cfg, tokenizer.pad_id, device)
@@ -407,6 +523,7 @@ def main(argv=None):
             all_reduce_gradients(params)
             dist.all_reduce(losses)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        stop_if_not_finite(step + 1, out, cfg, loss=losses.sum().item(), gradient_norm=grad_norm.item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -423,6 +540,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
             if val_examples and (step % cfg.eval_every == 0 or step == total_steps):
                 entry["val_loss"] = validation_loss(model, val_examples, cfg, tokenizer.pad_id, device)
+                stop_if_not_finite(step, out, cfg, val_loss=entry["val_loss"])
                 if entry["val_loss"] < best_val:  # the best adapter is the one kept (the recipe's choice)
                     best_val = entry["val_loss"]
                     save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step,
@@ -430,6 +548,9 @@ def main(argv=None):
                 bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if not val_examples and step == total_steps or step % cfg.save_every == 0:
+                stop_if_not_finite(step, out, cfg, largest_parameter=torch.cat([p.detach().flatten() for p in params])
+                                   .abs().max().item())  # NaN propagates through max
             if not val_examples and step == total_steps:
                 save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step})
             if step % cfg.save_every == 0 or step == total_steps:

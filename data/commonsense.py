@@ -128,7 +128,11 @@ def load_records(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (python data/download.py fetches the public sets)")
-    return parse_records(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_records(text, str(path))
 
 
 def encode_record(tokenizer, record: dict, cutoff: int = 256) -> tuple[list[int], list[int]]:
