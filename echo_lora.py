@@ -626,8 +626,8 @@ class Batch:
 
     tokens: (B, T) ids; valid: (B, T) bool, False at padding. At position t the targets are
     token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens only (the echo terms'
-    positions A), `ce_targets` on what the plain cross-entropy trains on (the same, or every
-    next token with --train-on-inputs).
+    positions A), `ce_targets` on what the plain cross-entropy trains on (every next token, the
+    recipe's default; the answer tokens alone with train.py --answer-only-loss).
     """
 
     tokens: torch.Tensor

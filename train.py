@@ -105,7 +105,7 @@ def default_lr(method: str, ckpt: str) -> float:
     if "dora" not in method:
         return 3e-4
     name = Path(ckpt).name.lower().replace("-", "").replace("_", "")
-    return DORA_LR.get(name, 1e-4 if name.startswith("llama3") else 2e-4)
+    return next((lr for key, lr in DORA_LR.items() if key in name), 1e-4 if "llama3" in name else 2e-4)
 
 
 def parse_config(argv=None) -> Config:
