@@ -55,15 +55,22 @@ class LoRALinear(nn.Module):
 
     Adapter parameters are fp32 whatever the base weight's dtype: updates of size lr * grad
     vanish in bf16, and the DoRA magnitude especially must stay fp32. Dropout acts on the adapter
-    input only; the base path never sees it (torchtune does the same; peft's DoRA also feeds the
-    dropped-out input through W, so comparisons with peft run with dropout off).
+    input; the frozen path W x never sees it. In training, DoRA with dropout computes what peft
+    (and DoRA's own fork) compute,
+
+        W x + (m / ||V|| - 1) W drop(x) + (m / ||V||) s B A drop(x),    V = W + s B A,
+
+    which costs one more product with W than LoRA does. `adapter_only_dropout` (a departure from
+    the recipe, train.py --adapter-only-dropout) computes (m / ||V||)(W x + s B A drop(x)) instead,
+    reusing W x. With dropout off, and so at inference, the two are the same function.
 
     `echo` is the Echo path's hook (METHOD.md item 4): None, or a callable that maps the low-rank
     activation u (..., r) to a term added to it. It never enters the weight norm, merge or the
     saved adapter.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False,
+                 adapter_only_dropout: bool = False):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linears (LLaMA has no biases)")
@@ -79,6 +86,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout)
+        self.adapter_only_dropout = adapter_only_dropout
         self.echo = None
         if dora:
             # ||W_o||^2 per row: W is frozen, so this part of the weight norm is computed once.
@@ -94,22 +102,29 @@ class LoRALinear(nn.Module):
         """Recompute ||W_o||^2 (fp32) after the base weight changed (load_state_dict calls this)."""
         self.base_norm_sq = self.base.weight.float().pow(2).sum(1)  # (out,)
 
-    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """u = A dropout(x) (+ the echo term): the r-dimensional activation, (..., in) -> (..., r)."""
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)  # the adapter computes in fp32 even on bf16 activations
-        u = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+    def low_rank(self, dropped: torch.Tensor) -> torch.Tensor:
+        """u = A dropout(x) (+ the echo term): the r-dimensional activation, (..., in) -> (..., r),
+        of the already dropped-out input."""
+        if not torch.is_autocast_enabled(dropped.device.type):
+            dropped = dropped.to(self.lora_A.dtype)  # the adapter computes in fp32 even on bf16 activations
+        u = F.linear(dropped, self.lora_A)  # (..., r)
         if self.echo is not None:
             u = u + self.echo(u)
         return u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base_out = self.base(x)  # W x, (..., out)
-        update = self.scale * F.linear(self.low_rank(x), self.lora_B)  # s B u, (..., out)
+        dropped = self.dropout(x)  # one mask, shared by every term that reads drop(x)
+        update = self.scale * F.linear(self.low_rank(dropped), self.lora_B)  # s B u, (..., out)
         if not self.dora:
             return base_out + update.to(base_out.dtype)  # LoRA section 4.1
-        # DoRA eq. (5) applied to x: m / ||W + sBA|| * (W x + s B A x), reusing W x from above.
-        return (self.magnitude / self.weight_norm() * (base_out + update)).to(base_out.dtype)
+        direction_scale = self.magnitude / self.weight_norm()  # m / ||W + sBA||, (out,)
+        if self.training and self.dropout.p > 0 and not self.adapter_only_dropout:
+            # peft's DoRA under dropout: the magnitude's rescaling of W acts on drop(x), not x.
+            rescaled = (direction_scale - 1) * self.base(dropped)
+            return (base_out + rescaled + direction_scale * update).to(base_out.dtype)
+        # DoRA eq. (5) applied to x: m / ||W + sBA|| * (W x + s B A drop(x)), reusing W x from above.
+        return (direction_scale * (base_out + update)).to(base_out.dtype)
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
@@ -156,7 +171,7 @@ def refresh_base_norm_after_load(module: LoRALinear, incompatible_keys):
 
 
 def add_adapters(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 32, alpha: float = 64, dropout: float = 0.05,
-                 dora: bool = False, layers=None) -> nn.Module:
+                 dora: bool = False, layers=None, adapter_only_dropout: bool = False) -> nn.Module:
     """Wrap the `targets` linears (Meta names: wq, wk, wv, wo, w1, w2, w3) of the blocks `layers`
     (0-based; None = every block) in LoRALinear, and freeze every other parameter.
 
@@ -179,7 +194,7 @@ def add_adapters(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 32, alpha: 
         for target in targets:
             parent_name, _, name = BLOCK_LINEARS[target].rpartition(".")
             parent = model.layers[i].get_submodule(parent_name)
-            adapter = LoRALinear(getattr(parent, name), r, alpha, dropout, dora)
+            adapter = LoRALinear(getattr(parent, name), r, alpha, dropout, dora, adapter_only_dropout)
             setattr(parent, name, adapter.train(model.training))  # a new module would be in training mode
     return model
 
@@ -661,8 +676,8 @@ class Batch:
 
     tokens: (B, T) ids; valid: (B, T) bool, False at padding. At position t the targets are
     token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens only (the echo terms'
-    positions A), `ce_targets` on what the plain cross-entropy trains on (the same, or every
-    next token with --train-on-inputs).
+    positions A), `ce_targets` on what the plain cross-entropy trains on (every next token, the
+    recipe's default; the answer tokens alone with train.py --answer-only-loss).
     """
 
     tokens: torch.Tensor

@@ -1,27 +1,28 @@
 """The commonsense evaluator: eight benchmarks under the published protocol, batched and exact.
 
-    python eval.py --ckpt llama-7b --adapter out/echo-lora --datasets all
-    python eval.py --ckpt llama-7b --adapter out/echo-lora --num-beams 4   # the protocol's decoding
+    python eval.py --ckpt llama-7b --adapter out/echo-lora --datasets all   # the protocol: 4 beams
+    python eval.py --ckpt llama-7b --adapter out/echo-lora --num-beams 1   # greedy: fast, not the protocol
     python eval.py --ckpt llama-7b --datasets boolq piqa --limit 100      # the base model, a quick look
     python eval.py --compare out/lora-s* out/echo-lora-s*                # methods over seeds, paired
 
 The protocol is LLM-Adapters' commonsense_evaluate.py (Hu et al., 2023, "LLM-Adapters"), which
 DoRA (Liu et al., 2024, section 5.1) reuses for every number of its commonsense table: each test
 question is put in the evaluation prompt (data.commonsense.eval_prompt) and tokenised with BOS
-and no EOS, the adapted model writes up to 32 new tokens with 4-beam search, and the answer is
-the first match of the benchmark's label set in what it wrote; a reply that names no label is
-wrong.
+and no EOS, the adapted model writes up to 32 new tokens with 4-beam search (transformers
+4.36.0's, the version DoRA pins), and the answer is the first match of the benchmark's label set
+in what it wrote; a reply that names no label is wrong.
 
 One difference, on purpose: upstream pads batches on the left but passes no attention mask, so
 its answers are right only at batch size 1 (LLM-Adapters issue 61). Here the padding is masked
 and positions count only real tokens, so every batch size gives the answers of batch size 1.
-Greedy decoding is the default (one row per question, not four); `--num-beams 4` is the
-protocol's. `--scoring likelihood` ranks the labels by log-likelihood instead of generating: a
+The protocol's 4 beams are the default; `--num-beams 1` (greedy, one row per question instead of
+four) is the fast departure. `--scoring likelihood` ranks the labels by log-likelihood instead of generating: a
 different measurement, written to its own files.
 """
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -73,6 +74,16 @@ PUBLISHED = {
     },
 }
 
+# The settings every published row was produced under, and each row's learning rate (the "lr"
+# column beside it in the same README tables). A row is printed beside a run only when the run
+# matches them all (published_rows).
+PUBLISHED_PROTOCOL = dict(num_beams=4, max_new_tokens=32, beam_rule="transformers-4.36", r=32)
+PUBLISHED_LR = {"LoRA r=32": {"llama-7b": 3e-4, "llama2-7b": 3e-4, "llama3-8b": 3e-4},
+                "DoRA r=32": {"llama-7b": 1e-4, "llama2-7b": 2e-4, "llama3-8b": 1e-4}}
+# train.py's departures from the recipe (all off in the recipe), as they read in a results note.
+TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "loss averaged over the step's tokens",
+                    "group_by_length": "length-grouped batches", "adapter_only_dropout": "adapter-only DoRA dropout"}
+
 RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
 ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the text training taught
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -120,22 +131,29 @@ def add_hypothesis(finished: list, score: float, ids: list[int], num_beams: int)
     del finished[num_beams:]
 
 
-def can_improve(finished: list, best_running: float, n_generated: int, num_beams: int,
-                length_penalty: float) -> bool:
+# Which score transformers' stopping rule (early_stopping=False) compares with the worst finished
+# hypothesis. 4.36.0 (DoRA's pin): the best of this step's candidates, a candidate that ends
+# included (BeamSearchScorer.process passes next_scores.max() to BeamHypotheses.is_done).
+# 5.x: the best candidate that goes on (the best running beam), so it stops no later than 4.36.
+BEAM_RULES = ("transformers-4.36", "transformers-5")
+
+
+def can_improve(finished: list, best: float, n_generated: int, num_beams: int, length_penalty: float) -> bool:
     """transformers' stopping rule for early_stopping=False: a question searches on while it has
-    fewer than num_beams finished hypotheses, or while its best running beam, normalised by the
-    current length, beats the worst of them (a heuristic: it assumes a beam's normalised score
-    does not rise later)."""
-    return len(finished) < num_beams or best_running / n_generated**length_penalty > finished[-1][0]
+    fewer than num_beams finished hypotheses, or while `best` (see BEAM_RULES), normalised by
+    the generated length, beats the worst of them (a heuristic: it assumes a beam's normalised
+    score does not rise later)."""
+    return len(finished) < num_beams or best / n_generated**length_penalty > finished[-1][0]
 
 
 @torch.no_grad()
 def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, max_new_tokens: int, stop_ids,
-                pad_id: int = 0, length_penalty: float = 1.0) -> list[list[int]]:
+                pad_id: int = 0, length_penalty: float = 1.0, rule: str = BEAM_RULES[0]) -> list[list[int]]:
     """Each prompt's best beam-search continuation, up to (not including) a stop id.
 
-    The semantics are transformers' beam search (the protocol's implementation, checked against
-    it in the tests) with do_sample=False and early_stopping=False. Per question and step:
+    The semantics are transformers' beam search with do_sample=False and early_stopping=False,
+    under `rule` (BEAM_RULES: 4.36.0's, the protocol's, by default; checked against transformers
+    5's generate and against 4.36's rule written out, in the tests). Per question and step:
     - the candidates are the best (1 + number of stop ids, at least 2) x num_beams extensions
       of its beams by summed log-probability, so num_beams of them never end;
     - a candidate among the best num_beams that ends in a stop id becomes a finished hypothesis,
@@ -143,9 +161,9 @@ def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, ma
     - the best num_beams candidates that do not end go on as the beams;
     - at max_new_tokens the best num_beams candidates are finished as they stand;
     - the question is done when `can_improve` says so, and leaves the batch.
-    The answer is the best finished hypothesis. The length normalisation is today's; transformers
-    changed it around v4.36 (PRs 27351 and 27808): before, it divided by the whole sequence length,
-    prompt included (LLM-Adapters installed transformers from git in 2023; DoRA pins v4.36.0).
+    The answer is the best finished hypothesis. The length normalisation (by generated tokens) is
+    4.36.0's and today's; transformers before 4.36 divided by the whole sequence length, prompt
+    included (LLM-Adapters installed transformers from git in 2023; DoRA pins v4.36.0).
 
     Questions are batched, num_beams rows each, with masked left padding as in llama.generate;
     the cache rows follow their beams through KVCache.select.
@@ -180,8 +198,8 @@ def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, ma
             break
         beam_scores, chosen = top_scores.masked_fill(ends, -1e9).topk(num_beams)  # (A, num_beams)
         beams = extended.gather(1, chosen[:, :, None].expand(-1, -1, n_generated))
-        best_running = beam_scores[:, 0].tolist()
-        keep = torch.tensor([can_improve(finished[q], best_running[a], n_generated, num_beams, length_penalty)
+        best = (top_scores if rule == "transformers-4.36" else beam_scores)[:, 0].tolist()
+        keep = torch.tensor([can_improve(finished[q], best[a], n_generated, num_beams, length_penalty)
                              for a, q in enumerate(active)], device=device)
         if not keep.any():
             break
@@ -200,11 +218,12 @@ def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, ma
 
 
 def decode_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], num_beams: int,
-                 max_new_tokens: int) -> list[list[int]]:
+                 max_new_tokens: int, beam_rule: str = BEAM_RULES[0]) -> list[list[int]]:
     """New ids for a batch of prompts: greedy for num_beams 1, else beam search."""
     if num_beams == 1:
         return generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id)
-    return beam_search(model, prompts, num_beams, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id)
+    return beam_search(model, prompts, num_beams, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
+                       rule=beam_rule)
 
 
 def check_fits(model: Transformer, dataset: str, lengths: list[int], what: str):
@@ -224,7 +243,7 @@ def prediction(dataset: str, index: int, record: dict, generated: str | None, an
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, dataset: str, records: list[dict], batch_size: int = 32,
-             num_beams: int = 1, max_new_tokens: int = 32) -> list[dict]:
+             num_beams: int = 4, max_new_tokens: int = 32, beam_rule: str = BEAM_RULES[0]) -> list[dict]:
     """Generate a reply to every record and extract its label: one prediction per record, in
     file order, with its dataset, index, generated text, extracted answer and gold label."""
     prompts = [tokenizer.encode(eval_prompt(record), bos=True, eos=False) for record in records]
@@ -236,7 +255,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, dataset: str, records: li
     with tqdm(total=len(records), desc=dataset, unit="q") as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            new_ids = decode_batch(model, tokenizer, [prompts[i] for i in batch], num_beams, max_new_tokens)
+            new_ids = decode_batch(model, tokenizer, [prompts[i] for i in batch], num_beams, max_new_tokens,
+                                   beam_rule)
             for i, ids in zip(batch, new_ids):
                 generated[i] = tokenizer.decode(ids)
             bar.update(len(batch))
@@ -468,7 +488,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
                         help="generate a reply and extract its label (the protocol), or rank the labels "
                              "by log-likelihood")
-    parser.add_argument("--num-beams", type=positive_int, default=1, help="1: greedy; 4: the protocol's beam search")
+    parser.add_argument("--num-beams", type=positive_int, default=4,
+                        help="4: the protocol's beam search (default); 1: greedy, faster, not the protocol")
+    parser.add_argument("--beam-rule", choices=BEAM_RULES, default=BEAM_RULES[0],
+                        help="whose beam-search stopping rule: transformers 4.36.0's (the protocol's, "
+                             "default) or transformers 5's")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per batch")
     parser.add_argument("--limit", type=positive_int, help="only the first N items of each test set")
@@ -503,10 +527,55 @@ def load_model(args) -> tuple[Transformer, Tokenizer]:
     return model, tokenizer
 
 
+def read_train_config(adapter: Path | None) -> dict | None:
+    """train.py's flags for the adapter (its config.json), or None when there is none to read."""
+    config = adapter / "config.json" if adapter is not None else None
+    return json.loads(config.read_text())["config"] if config is not None and config.is_file() else None
+
+
+def protocol_differences(args, trained: dict | None, row_lr: float) -> list[str]:
+    """How this evaluation, and the training run behind its adapter, depart from a published
+    row's protocol (PUBLISHED_PROTOCOL and the row's lr); [] when they match."""
+    differs = []
+    if args.scoring != "generate":
+        differs.append("likelihood ranking instead of generation")
+    for name in ("num_beams", "max_new_tokens", "beam_rule"):
+        if getattr(args, name) != PUBLISHED_PROTOCOL[name]:
+            differs.append(f"{name.replace('_', '-')} {getattr(args, name)} (row: {PUBLISHED_PROTOCOL[name]})")
+    if args.limit:
+        differs.append(f"only the first {args.limit} items of each test set")
+    if args.adapter is None:
+        return differs + ["the base model, no adapter"]
+    if trained is None:
+        return differs + ["training settings unknown (no train.py config.json beside the adapter)"]
+    if trained.get("r") != PUBLISHED_PROTOCOL["r"]:
+        differs.append(f"r {trained.get('r')} (row: {PUBLISHED_PROTOCOL['r']})")
+    if not math.isclose(trained.get("lr", 0.0), row_lr):
+        differs.append(f"lr {trained.get('lr', 0.0):g} (row: {row_lr:g})")
+    if "train_on_inputs" in trained and not trained["train_on_inputs"]:  # written before answer_only_loss
+        trained = {**trained, "answer_only_loss": True}
+    differs += [text for flag, text in TRAIN_DEPARTURES.items() if trained.get(flag)]
+    return differs
+
+
+def published_rows(args, trained: dict | None) -> tuple[dict[str, tuple], list[str]]:
+    """The published rows to print beside this run (those whose protocol it matches), and a note
+    for each row left out saying what differs."""
+    rows, notes = {}, []
+    for name, accuracies in PUBLISHED.get(args.published, {}).items():
+        differs = protocol_differences(args, trained, PUBLISHED_LR[name][args.published])
+        if differs:
+            notes.append(f"- {name} (published) not shown: this run differs from its protocol in "
+                         f"{'; '.join(differs)}.")
+        else:
+            rows[name] = accuracies
+    return rows, notes
+
+
 def scoring_description(args) -> str:
     if args.scoring == "likelihood":
         return "Log-likelihood ranking of the labels (not the published protocol)."
-    decoding = "Greedy decoding" if args.num_beams == 1 else f"{args.num_beams}-beam search"
+    decoding = "Greedy decoding" if args.num_beams == 1 else f"{args.num_beams}-beam search ({args.beam_rule}'s rule)"
     return f"{decoding}, at most {args.max_new_tokens} new tokens."
 
 
@@ -518,10 +587,10 @@ def report(args, predictions: dict[str, list[dict]], missing: dict[str, str], se
     """Write results.md, results.json and predictions.jsonl (with a -likelihood suffix for
     likelihood ranking) under args.out; return the markdown."""
     results = {name: score(preds) for name, preds in predictions.items()}
-    published = PUBLISHED.get(args.published)
+    published, notes = published_rows(args, read_train_config(args.adapter))
     lines = [f"# {args.ckpt}" + (f" + {args.adapter}" if args.adapter else " (base model)"),
              "", scoring_description(args), "", format_table(results, published)]
-    lines += [f"- {name}: not run, {why}" for name, why in missing.items()]
+    lines += [f"- {name}: not run, {why}" for name, why in missing.items()] + notes
     markdown = "\n".join(lines) + "\n"
     suffix = results_suffix(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -556,7 +625,7 @@ def run(args) -> str:
             predictions[name] = rank_by_likelihood(model, tokenizer, name, records)
         else:
             predictions[name] = evaluate(model, tokenizer, name, records, args.batch_size, args.num_beams,
-                                         args.max_new_tokens)
+                                         args.max_new_tokens, args.beam_rule)
         seconds[name] = time.perf_counter() - start
     return report(args, predictions, missing, seconds)
 

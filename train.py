@@ -7,10 +7,11 @@
 Reads top to bottom: configuration, data, model, optimizer, loop. Defaults are the published
 commonsense recipe (LLM-Adapters / DoRA): r 32, alpha 64, dropout 0.05 on q, k, v, up, down;
 batch 16, 3 epochs, cutoff 256, 120 validation records, 100 warmup steps then linear decay,
-AdamW without weight decay. The one deliberate difference: the loss is on answer tokens only for
-every method (`--train-on-inputs` restores the recipe's loss on prompt tokens), so LoRA, DoRA
-and Echo are compared under one loss. Every run writes, beside its adapter, config.json (every
-flag, library versions, the checkpoint's params) and metrics.jsonl.
+AdamW without weight decay, random batches, the loss on the whole text (prompt and answer), each
+micro-batch's loss its own mean, the same 120 validation records as upstream's `datasets` split,
+DoRA's dropout as peft computes it. Every departure is an opt-in flag (README, "Departures from
+the recipe"). Every run writes, beside its adapter, config.json (every flag, library versions,
+the checkpoint's params) and metrics.jsonl.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -56,7 +58,11 @@ class Config:
     cutoff: int = 256
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    train_on_inputs: bool = False
+    # departures from the recipe, all off by default (README, "Departures from the recipe")
+    answer_only_loss: bool = False  # the plain cross-entropy on answer tokens only
+    token_mean_loss: bool = False  # one mean over the step's tokens, not a mean of micro-batch means
+    group_by_length: bool = False  # batches of similar lengths: less padding, less random batches
+    adapter_only_dropout: bool = False  # DoRA: dropout on the adapter path only (saves a W drop(x))
     val_size: int = 120
     val_seed: int = 42  # fixed apart from --seed, so every run validates on the same records
     eval_every: int = 80  # steps between validation losses (the recipe's eval_steps)
@@ -116,13 +122,18 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetenso
 # Flags a resumed run may change, because they cannot change what it computes (--out: the run
 # folder was moved; a larger --max-steps is checked apart: it continues the run further).
 RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "log_every", "save_every", "gradient_checkpointing", "max_steps"}
+# DoRA's rates for r = 32 by base model, as NVlabs/DoRA's commonsense README lists them beside its
+# rows (and its scripts pass them); eval.py prints those rows only beside runs at the same rate.
+DORA_LR = {"llama7b": 1e-4, "llama27b": 2e-4, "llama38b": 1e-4}
 
 
 def default_lr(method: str, ckpt: str) -> float:
-    """The recipe's rates: 3e-4 for LoRA; 2e-4 for DoRA, 1e-4 for DoRA on Llama-3-8B."""
+    """The recipe's rates: 3e-4 for LoRA; for DoRA the published r = 32 row's rate of the base
+    model (1e-4 LLaMA-7B, 2e-4 Llama-2-7B, 1e-4 Llama-3-8B), else 2e-4 (DoRA's other rows)."""
     if "dora" not in method:
         return 3e-4
-    return 1e-4 if "llama3" in ckpt.lower().replace("-", "") else 2e-4
+    name = Path(ckpt).name.lower().replace("-", "").replace("_", "")
+    return next((lr for key, lr in DORA_LR.items() if key in name), 1e-4 if "llama3" in name else 2e-4)
 
 
 def parse_config(argv=None) -> Config:
@@ -245,8 +256,17 @@ def encode_examples(records, tokenizer, cutoff: int) -> list[tuple[list[int], li
 
 
 def split_validation(n: int, val_size: int, val_seed: int) -> tuple[list[int], list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(val_seed)).tolist()
+    """(train, validation) record indices as upstream's `datasets` train_test_split(test_size=
+    val_size, shuffle=True, seed=val_seed) picks them: a permutation by numpy's default
+    generator seeded with val_seed, whose first val_size entries are the validation records."""
+    order = numpy.random.default_rng(val_seed).permutation(n).tolist()
     return order[val_size:], order[:val_size]
+
+
+def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The recipe's batches: a random order of the n examples, cut into batch_size pieces."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
@@ -293,13 +313,21 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
     return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
 
 
+def micro_batch_mean(ce_sum: torch.Tensor, batch: Batch, micros_per_step: int) -> torch.Tensor:
+    """The recipe's step loss, one micro-batch's share: the mean cross-entropy over this
+    micro-batch's own target tokens, divided by the step's number of micro-batches (HF Trainer
+    divides each micro-batch's mean by the accumulation steps; DDP averages the processes)."""
+    n_ce = (batch.ce_targets != IGNORE_INDEX).sum().clamp_min(1)
+    return ce_sum / n_ce / micros_per_step
+
+
 @torch.no_grad()
 def validation_loss(model, examples, cfg: Config, pad_id: int, device) -> float:
     """Plain cross-entropy per target token on the validation records (dropout off)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), cfg.micro_batch_size):
-        batch = collate(examples[start:start + cfg.micro_batch_size], cfg.train_on_inputs, pad_id).to(device)
+        batch = collate(examples[start:start + cfg.micro_batch_size], not cfg.answer_only_loss, pad_id).to(device)
         with autocast(device):
             ce_sum, _ = loss_terms(model, batch)
         total += ce_sum.item()
@@ -376,7 +404,6 @@ def metrics_lines(path: Path, up_to_step: int) -> list[str]:
 
 
 def run_record(cfg: Config, args: llama.ModelArgs, n_train: int, n_echo_params: int) -> dict:
-    import numpy
     import safetensors
     import sentencepiece
     import tiktoken
@@ -429,7 +456,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
     try:  # a target name or an echo layer the model does not have
         add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                     dora="dora" in cfg.method)
+                     dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
         echo = EchoPath(model, echo_cfg).to(device) if echo_cfg else None
     except ValueError as e:
         raise SystemExit(str(e)) from None
@@ -484,18 +511,21 @@ def main(argv=None):
 
     # ---- loop
     micro_per_rank = cfg.batch_size // (world * cfg.micro_batch_size)
+    micros_per_step = cfg.batch_size // cfg.micro_batch_size  # over all processes
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
     epoch_batches = {}
     while step < total_steps:
         epoch, index = divmod(step, steps_per_epoch)
         if epoch not in epoch_batches:  # an epoch's order depends on (seed, epoch) alone: resumable
-            epoch_batches = {epoch: length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch)}
+            seed = cfg.seed * 1000 + epoch
+            epoch_batches = {epoch: length_grouped_batches(lengths, cfg.batch_size, seed) if cfg.group_by_length
+                             else random_batches(len(lengths), cfg.batch_size, seed)}
         batch_ids = epoch_batches[epoch][index]
         batch_examples = [examples[train_idx[i]] for i in batch_ids]
         # Every process sees the whole step's batch: it takes its slice, and divides its sums by
         # the step's token counts, so the summed gradients are those of one big batch.
-        step_batch = collate(batch_examples, cfg.train_on_inputs, tokenizer.pad_id)
+        step_batch = collate(batch_examples, not cfg.answer_only_loss, tokenizer.pad_id)
         n_ce = int((step_batch.ce_targets != IGNORE_INDEX).sum())
         n_answer = int((step_batch.answer_targets != IGNORE_INDEX).sum())
         routing = torch.rand(len(batch_examples), generator=torch.Generator().manual_seed(cfg.seed * 100003 + step))
@@ -511,14 +541,15 @@ def main(argv=None):
             hi = min(lo + cfg.micro_batch_size, (rank + 1) * share if rank < world - 1 else len(batch_examples))
             if lo >= hi:
                 continue
-            batch = collate(batch_examples[lo:hi], cfg.train_on_inputs, tokenizer.pad_id)
+            batch = collate(batch_examples[lo:hi], not cfg.answer_only_loss, tokenizer.pad_id)
             tokens_since += int(batch.valid.sum())
             batch = batch.to(device)
             with autocast(device):
                 ce_sum, echo_sum = loss_terms(model, batch, echo, routed_all[lo:hi].to(device))
-            loss = ce_sum / max(n_ce, 1) + echo_sum / max(n_answer, 1)
+            ce = ce_sum / max(n_ce, 1) if cfg.token_mean_loss else micro_batch_mean(ce_sum, batch, micros_per_step)
+            loss = ce + echo_sum / max(n_answer, 1)
             loss.backward()
-            losses += torch.stack([ce_sum.detach() / max(n_ce, 1), echo_sum.detach() / max(n_answer, 1)])
+            losses += torch.stack([ce.detach(), echo_sum.detach() / max(n_answer, 1)])
         if world > 1:
             all_reduce_gradients(params)
             dist.all_reduce(losses)

@@ -137,7 +137,8 @@ def load_records(path) -> list[dict]:
 
 def encode_record(tokenizer, record: dict, cutoff: int = 256) -> tuple[list[int], list[int]]:
     """Token ids and answer-only labels of one training record, as LLM-Adapters' finetune.py
-    makes them (train.py's --train-on-inputs trains on every token instead, at batching time).
+    makes them (train.py trains the plain loss on every token, as upstream's default does, unless
+    --answer-only-loss; the Echo terms always use these labels).
 
     The ids are BOS + the training text, truncated to `cutoff`, plus EOS when there is room.
     The first len(tokens of the prompt without its output) labels are IGNORE_INDEX. That count is upstream's rule, and it is exact for LLaMA's tokenizers:

@@ -153,6 +153,7 @@ def test_autocast_keeps_the_norm_fp32_and_returns_the_autocast_dtype(dora):
 def test_dropout_reaches_only_the_adapter_input(dora):
     layer = bare_layer(dora)
     layer.dropout.p = 0.5
+    layer.adapter_only_dropout = True  # DoRA's departure flag; the recipe's form: tests/test_recipe.py
     layer.train()
     x = torch.randn(5, 32)
     torch.manual_seed(7)
