@@ -76,6 +76,7 @@ class Config:
     gradient_checkpointing: bool = False
     resume: bool = False
     device: str = ""  # default: cuda when available
+    precision: str = ""  # bf16 | fp32 (llama.PRECISIONS); default: bf16 on cuda, fp32 elsewhere
     log_every: int = 1
 
 
@@ -109,6 +110,8 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**{**preset, **given})
     if cfg.method not in ("lora", "dora", "echo-lora", "echo-dora"):
         parser.error(f"--method must be lora, dora, echo-lora or echo-dora, found {cfg.method!r}")
+    if cfg.precision and cfg.precision not in llama.PRECISIONS:
+        parser.error(f"--precision must be {' or '.join(llama.PRECISIONS)}, found {cfg.precision!r}")
     if cfg.batch_size % cfg.micro_batch_size:
         parser.error(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
     cfg.lr = cfg.lr or default_lr(cfg.method, cfg.ckpt)
@@ -223,7 +226,7 @@ def validation_loss(model, examples, cfg: Config, pad_id: int, device) -> float:
     total, count = 0.0, 0
     for start in range(0, len(examples), cfg.micro_batch_size):
         batch = collate(examples[start:start + cfg.micro_batch_size], cfg.train_on_inputs, pad_id).to(device)
-        with autocast(device):
+        with autocast(device, cfg.precision):
             ce_sum, _ = loss_terms(model, batch)
         total += ce_sum.item()
         count += int((batch.ce_targets != IGNORE_INDEX).sum())
@@ -231,8 +234,11 @@ def validation_loss(model, examples, cfg: Config, pad_id: int, device) -> float:
     return total / max(count, 1)
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, precision: str = ""):
+    """The bf16 recipe's autocast, on any device: matmuls in bf16 while the adapters, the DoRA
+    norm and the losses stay fp32 (echo_lora.LoRALinear); off for fp32. Default: the device's."""
+    precision = precision or llama.default_precision(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def all_reduce_gradients(params):
@@ -289,7 +295,11 @@ def main(argv=None):
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world > 1:
+    cfg.precision = cfg.precision or llama.default_precision(device)
+    # Launched by torchrun: join its process group even as its only process, so one GPU runs the
+    # multi-GPU code path (NCCL included).
+    distributed = "LOCAL_RANK" in os.environ
+    if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -315,7 +325,7 @@ def main(argv=None):
             dist.barrier()
     try:
         model, tokenizer = llama.load(llama.resolve_checkpoint(cfg.ckpt), device=device,
-                                      dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+                                      dtype=llama.PRECISIONS[cfg.precision])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
     if tokenizer is None:
@@ -398,12 +408,12 @@ def main(argv=None):
             batch = collate(batch_examples[lo:hi], cfg.train_on_inputs, tokenizer.pad_id)
             tokens_since += int(batch.valid.sum())
             batch = batch.to(device)
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 ce_sum, echo_sum = loss_terms(model, batch, echo, routed_all[lo:hi].to(device))
             loss = ce_sum / max(n_ce, 1) + echo_sum / max(n_answer, 1)
             loss.backward()
             losses += torch.stack([ce_sum.detach() / max(n_ce, 1), echo_sum.detach() / max(n_answer, 1)])
-        if world > 1:
+        if distributed:
             all_reduce_gradients(params)
             dist.all_reduce(losses)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -439,7 +449,7 @@ def main(argv=None):
         print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")
         data_dir = f" --data-dir {SAMPLE} --datasets boolq ARC-Easy" if cfg.ckpt == EMBEDDED else ""
         print(f"evaluate it: python eval.py --ckpt {cfg.ckpt} --adapter {out}{data_dir}")
-    if world > 1:
+    if distributed:
         dist.destroy_process_group()
 
 
