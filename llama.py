@@ -40,7 +40,6 @@ def default_precision(device) -> str:
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
-
 @dataclass
 class ModelArgs:
     """The fields of Meta's params.json (plus `ffn_hidden_dim` for HF configs, which state it)."""
