@@ -16,12 +16,30 @@ Random bf16 weights of a named shape (no checkpoint needed). Workloads:
   weights never stop early, so every reply runs the full 32 tokens: an upper bound on the time.
 Every timing is after warm-up; on CUDA with events and `max_memory_allocated`. transformers and
 peft are imported only here and in tests: they are the peer, never a dependency of the library.
-Prints one table and writes bench.json.
+Prints one table and writes bench.json, after every measurement (a run cut short keeps what it did).
+
+`--suite device` is the one command for a GPU call (README "GPU"): LLaMA-7B shape, everything from
+files in this repo (tests/assets: real records, the LLaMA-2 tokenizer, real test prompts), results
+written to a folder part by part:
+  1. parity.json: on a 2-block model of the shape, random weights, in fp32 and bf16: our logits
+     against transformers' LlamaForCausalLM, our LoRA and DoRA logits and adapter gradients against
+     peft's; a mismatch stops the run;
+  2. torchrun.json: `torchrun --nproc_per_node 1 train.py` for 3 steps of the embedded tiny model
+     (the process group: NCCL on CUDA, gloo on a CPU);
+  3. bench.json and bench.md: the speed suite above, every method, with all three workloads.
+    python bench.py --suite device                      # -> results/<device>-<date>/
+    python bench.py --suite device --shape tiny         # the same on a CPU in seconds (tested)
 """
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +48,8 @@ import torch
 
 import llama
 from data.commonsense import IGNORE_INDEX, load_records
-from echo_lora import EchoConfig, EchoPath, add_adapters, loss_terms, trainable_parameters
+from echo_lora import (EchoConfig, EchoPath, adapter_parameters, adapted_linears, add_adapters, export_peft,
+                       loss_terms, name_from_peft_key, permute_qk_rows, trainable_parameters, write_atomically)
 from train import autocast, collate, encode_examples, length_grouped_batches
 
 SHAPES = {
@@ -45,6 +64,19 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RECIPE_RECORDS, RECIPE_EPOCHS = 170_420, 3
 BENCHMARK_QUESTIONS = 22_420  # the eight commonsense test sets together
 ANSWER_TOKENS = 8  # the fixed workload's "answer": about what a recipe record's answer is
+ROOT = Path(__file__).resolve().parent
+ASSETS = ROOT / "tests" / "assets"  # the device suite's real files: committed, so they travel with the repo
+DEVICE_SUITE_FILES = {  # --data, --tokenizer, --test-sets of the device suite
+    "data": ",".join(str(ASSETS / "data" / "commonsense" / name / "train.json")
+                     for name in ("ARC-Challenge", "ARC-Easy", "boolq", "openbookqa")),
+    "tokenizer": ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model",
+    "test_sets": ASSETS / "data" / "commonsense",
+}
+# Parity, relative error ||ours - theirs|| / ||theirs|| of the logits and of all adapter gradients
+# together. fp32: both sides compute the same function, only the order of operations differs
+# (measured on a CPU, tiny shape: below 1e-6). bf16: each side rounds its activations to 8
+# significant bits at different points (measured on a CPU, tiny shape: up to 6e-3).
+PARITY_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 
 
 class Timer:
@@ -114,11 +146,12 @@ def fixed_workload(args, batch_size, seq_len, n_batches):
     return batches
 
 
-def data_workloads(path, tokenizer, batch_size, cutoff, n_batches):
-    """(ours, upstream's) batches over the same records: length-grouped vs random and padded."""
-    examples = encode_examples(load_records(path), tokenizer, cutoff)
+def data_workloads(paths, tokenizer, batch_size, cutoff, n_batches):
+    """(ours, upstream's) batches over the same records (comma-separated files): length-grouped
+    vs random and padded."""
+    examples = encode_examples([r for path in paths.split(",") for r in load_records(path)], tokenizer, cutoff)
     if not examples:
-        raise ValueError(f"{path}: holds no records")
+        raise ValueError(f"{paths}: holds no records")
     lengths = [len(ids) for ids, _ in examples]
     ours = length_grouped_batches(lengths, batch_size, seed=0)[:n_batches]
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
@@ -131,7 +164,7 @@ def data_workloads(path, tokenizer, batch_size, cutoff, n_batches):
 # Training steps
 
 
-def our_step_fn(model, method, echo_pass, device, route_p):
+def our_step_fn(model, method, echo_pass, device, route_p, precision):
     """One optimiser step of train.py (forward, backward, AdamW) on one batch of examples."""
     add_adapters(model, TARGETS, r=32, alpha=64, dropout=0.05, dora="dora" in method)
     echo = EchoPath(model, EchoConfig(route_p=route_p, echo_pass=echo_pass)).to(device) \
@@ -144,7 +177,7 @@ def our_step_fn(model, method, echo_pass, device, route_p):
     def step(examples):
         batch = collate(examples, False, 0).to(device)
         routed = (torch.rand(len(examples), generator=g) < route_p).to(device)
-        with autocast(device):
+        with autocast(device, precision):
             ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
         n = (batch.answer_targets != IGNORE_INDEX).sum()
         ((ce_sum + echo_sum) / n).backward()
@@ -169,11 +202,11 @@ def hf_random_model(args: llama.ModelArgs, device, dtype):
         return LlamaForCausalLM(config)
 
 
-def peft_step_fn(args, method, device, dtype):
+def peft_step_fn(args, method, device, precision):
     """The same step through LlamaForCausalLM + get_peft_model, batches padded with a mask."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(hf_random_model(args, device, dtype), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=HF_TARGETS,
+    model = get_peft_model(hf_random_model(args, device, llama.PRECISIONS[precision]), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=HF_TARGETS,
                                           use_dora=method == "dora", task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
@@ -184,7 +217,7 @@ def peft_step_fn(args, method, device, dtype):
         ids = torch.tensor([e[0] + [0] * (T - len(e[0])) for e in examples], device=device)
         mask = torch.tensor([[1] * len(e[0]) + [0] * (T - len(e[0])) for e in examples], device=device)
         labels = torch.tensor([e[1] + [IGNORE_INDEX] * (T - len(e[1])) for e in examples], device=device)
-        with autocast(device):
+        with autocast(device, precision):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -283,21 +316,25 @@ def lora_ceiling_tokens_per_s(args, tflops):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="tiny", choices=SHAPES)
+    p.add_argument("--suite", choices=["speed", "device"], default="speed",
+                   help="speed: the measurements below; device: parity, a torchrun smoke run, then speed (one GPU call)")
+    p.add_argument("--shape", choices=SHAPES, help="default: tiny (speed), llama-7b (device)")
     p.add_argument("--method", nargs="+", default=["lora", "dora", "echo-lora", "echo-dora"],
                    choices=["lora", "dora", "echo-lora", "echo-dora"])
+    p.add_argument("--precision", choices=list(llama.PRECISIONS), help="default: bf16 on cuda, fp32 elsewhere")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--route-p", type=float, default=0.5)
-    p.add_argument("--data", help="commonsense JSON: also time the real-record workload")
+    p.add_argument("--data", help="commonsense JSON (comma-separated files): also time the real-record workload")
     p.add_argument("--tokenizer", help="tokenizer.model for --data and --test-sets (its vocabulary must fit the shape)")
     p.add_argument("--test-sets", type=Path, help="folder of <benchmark>/test.json: time eval.py's decoding on them")
     p.add_argument("--questions-per-set", type=int, default=64)
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + peft peer")
-    p.add_argument("--out", default="bench.json")
+    p.add_argument("--out", help="bench.json (speed; the default) or a folder (device; default results/<device>-<date>)")
     a = p.parse_args(argv)
+    a.shape = a.shape or ("llama-7b" if a.suite == "device" else "tiny")
     for flag, ok, allowed in (("batch_size", a.batch_size >= 1, ">= 1"), ("steps", a.steps >= 1, ">= 1"),
                               ("seq_len", ANSWER_TOKENS < a.seq_len <= 2 * SHAPES[a.shape].max_seq_len,
                                f"in ({ANSWER_TOKENS}, {2 * SHAPES[a.shape].max_seq_len}]"),
@@ -306,11 +343,25 @@ def main(argv=None):
         if not ok:  # a bad value is one line here, not a traceback (or a division by zero) later
             p.error(f"--{flag.replace('_', '-')} must be {allowed}, found {getattr(a, flag)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = a.precision or llama.default_precision(device)
+    if a.suite == "device":
+        return device_suite(a, p, device, precision)
+    return measure_speed(a, p, device, precision, Path(a.out or "bench.json"))
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def write_json(path: Path, result: dict):
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+
+
+def measure_speed(a, p, device, precision, out: Path) -> dict:
+    """Training steps, decoding, evaluation and the ceiling; `out` is rewritten after each."""
+    dtype = llama.PRECISIONS[precision]
     args = SHAPES[a.shape]
     with_peft = not a.no_peft and peft_available()
-
-    workloads = {"fixed 16x256": (fixed_workload(args, a.batch_size, a.seq_len, a.warmup + a.steps),) * 2}
     mean_tokens = tokenizer = None
     if a.data or a.test_sets:
         if not a.tokenizer:
@@ -320,6 +371,7 @@ def main(argv=None):
         tokenizer = llama.Tokenizer(a.tokenizer)
         if tokenizer.n_words > args.vocab_size:
             p.error(f"{a.tokenizer}: {tokenizer.n_words} tokens do not fit the {a.shape} shape's {args.vocab_size}")
+    workloads = {"fixed 16x256": (fixed_workload(args, a.batch_size, a.seq_len, a.warmup + a.steps),) * 2}
     if a.data:
         try:
             ours, theirs, mean_tokens = data_workloads(a.data, tokenizer, a.batch_size, 256, a.warmup + a.steps)
@@ -327,41 +379,197 @@ def main(argv=None):
             p.error(f"--data {e}")
         workloads["real records"] = (ours, theirs)
 
-    rows = []
+    # The ceiling first, so every row can state its fraction of it as soon as it is measured.
+    tflops = matmul_tflops(device, dtype)
+    ceiling = lora_ceiling_tokens_per_s(args, tflops)
+    result = {"device": device_name(device), "torch": torch.__version__, "shape": a.shape, "dtype": str(dtype),
+              "train": [], "decode": {}, "evaluation": None, "matmul_tflops": tflops,
+              "lora_ceiling_tokens_per_s": ceiling, "mean_record_tokens": mean_tokens}
+    rows = result["train"]
+
+    def record(row):
+        rows.append(row)
+        if "tokens_per_s" in row:
+            row["of_ceiling"] = row["tokens_per_s"] / ceiling
+        add_ratios([r for r in rows if "tokens_per_s" in r])
+        write_json(out, result)
+
     for workload, (ours, theirs) in workloads.items():
         for method in a.method:
             passes = ("suffix", "full") if method.startswith("echo") else ("-",)
             for echo_pass in passes:
-                model = random_model(args, device, dtype)
-                step = our_step_fn(model, method, echo_pass if echo_pass != "-" else "suffix", device, a.route_p)
-                rows.append({"workload": workload, "impl": "ours", "method": method, "echo_pass": echo_pass,
-                             **time_steps(step, ours, a.warmup, device)})
-                del model, step
+                row = {"workload": workload, "impl": "ours", "method": method, "echo_pass": echo_pass}
+                record(row | out_of_memory_guard(device, lambda: time_steps(
+                    our_step_fn(random_model(args, device, dtype), method,
+                                echo_pass if echo_pass != "-" else "suffix", device, a.route_p, precision),
+                    ours, a.warmup, device)))
             if with_peft and method in ("lora", "dora"):
-                step = peft_step_fn(args, method, device, dtype)
-                rows.append({"workload": workload, "impl": "peft", "method": method, "echo_pass": "-",
-                             **time_steps(step, theirs, a.warmup, device)})
-                del step
-    add_ratios(rows)
+                row = {"workload": workload, "impl": "peft", "method": method, "echo_pass": "-"}
+                record(row | out_of_memory_guard(device, lambda: time_steps(
+                    peft_step_fn(args, method, device, precision), theirs, a.warmup, device)))
 
     prompts = decode_prompts(args, 32, 120)
     model = random_model(args, device, dtype)
-    decode = {"ours": time_our_decode(model, prompts, 32, device)}
-    evaluation = time_evaluation(model, tokenizer, a.test_sets, a.questions_per_set, device) if a.test_sets else None
+    result["decode"]["ours"] = time_our_decode(model, prompts, 32, device)
+    write_json(out, result)
+    if a.test_sets:
+        result["evaluation"] = time_evaluation(model, tokenizer, a.test_sets, a.questions_per_set, device)
+        write_json(out, result)
     del model
     if with_peft:
-        decode["transformers"] = time_hf_decode(args, prompts, 32, device, dtype)
-    tflops = matmul_tflops(device, dtype)
-    ceiling = lora_ceiling_tokens_per_s(args, tflops)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "shape": a.shape, "dtype": str(dtype), "train": rows, "decode": decode, "evaluation": evaluation,
-              "matmul_tflops": tflops, "lora_ceiling_tokens_per_s": ceiling, "mean_record_tokens": mean_tokens}
-    print(format_table(result, mean_tokens))
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, a.out)
+        result["decode"]["transformers"] = time_hf_decode(args, prompts, 32, device, dtype)
+        write_json(out, result)
+    table = format_table(result, mean_tokens)
+    print(table)
+    if out.suffix == ".json":
+        write_atomically(out.with_suffix(".md"), lambda tmp: tmp.write_text(table + "\n"))
     return result
+
+
+def out_of_memory_guard(device, measure) -> dict:
+    """`measure()`, or {"error": "out of memory"}: one configuration that does not fit is a row of
+    the table, not the end of a GPU call."""
+    gc.collect()  # the last configuration's model must be gone before this one's is built
+    reset_peak(device)
+    try:
+        return measure()
+    except torch.cuda.OutOfMemoryError:
+        reset_peak(device)
+        return {"error": "out of memory"}
+
+
+# --------------------------------------------------------------------------------------------
+# The device suite
+
+
+def device_suite(a, p, device, precision) -> dict:
+    """Parity (a mismatch stops here), the torchrun smoke run, then the speed suite at the shape
+    (default llama-7b) on the repo's real files; each part's file is written as soon as it is done."""
+    for key, path in DEVICE_SUITE_FILES.items():
+        setattr(a, key, getattr(a, key) or path)
+    out = Path(a.out or f"results/{device_slug(device)}-{time.strftime('%Y-%m-%d')}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"device suite on {device_name(device)}, shape {a.shape}, {precision}: results in {out}/", flush=True)
+
+    started = time.perf_counter()
+    checks = parity(SHAPES[a.shape], device)
+    write_json(out / "parity.json", {"device": device_name(device), "torch": torch.__version__,
+                                     "shape": f"{a.shape}, 2 blocks", "checks": checks,
+                                     "seconds": time.perf_counter() - started})
+    failed = [c for c in checks if not c["ok"]]
+    for c in checks:
+        print(f"parity {c['precision']} {c['what']}: relative error {c['relative_error']:.1e} "
+              f"(tolerance {c['tolerance']:.0e}) {'ok' if c['ok'] else 'MISMATCH'}", flush=True)
+    if failed:
+        raise SystemExit(f"bench.py: parity failed: {failed[0]['precision']} {failed[0]['what']} differs by "
+                         f"{failed[0]['relative_error']:.1e} (tolerance {failed[0]['tolerance']:.0e}); "
+                         f"see {out / 'parity.json'}")
+
+    smoke = torchrun_smoke(device)
+    write_json(out / "torchrun.json", smoke)
+    print(f"torchrun smoke ({smoke['backend']}): exit code {smoke['returncode']} in {smoke['seconds']:.0f} s", flush=True)
+    if smoke["returncode"] != 0:
+        raise SystemExit(f"bench.py: torchrun train.py failed (exit code {smoke['returncode']}); "
+                         f"see {out / 'torchrun.json'}")
+    return measure_speed(a, p, device, precision, out / "bench.json")
+
+
+def device_slug(device) -> str:
+    return "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+
+
+def parity(args: llama.ModelArgs, device) -> list[dict]:
+    """Our model against transformers' LlamaForCausalLM, and our LoRA / DoRA against peft, on a
+    2-block model of `args`'s shape with random weights, in fp32 and bf16. Our side loads the HF
+    model's saved folder with llama.load (the q/k row conversion included); the adapters cross
+    over with export_peft. Returns one check per comparison, with its relative error."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    small = dataclasses.replace(args, n_layers=2)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, args.vocab_size, (2, 64), generator=g).to(device)
+    targets = torch.randint(3, args.vocab_size, (2, 64), generator=g).to(device)
+    checks = []
+
+    def check(precision, what, ours, theirs):
+        error = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+        checks.append({"precision": precision, "what": what, "relative_error": error,
+                       "tolerance": PARITY_TOLERANCE[precision], "ok": error < PARITY_TOLERANCE[precision]})
+
+    for precision, dtype in llama.PRECISIONS.items():
+        with tempfile.TemporaryDirectory() as folder:
+            hf = hf_random_model(small, device, dtype).eval()
+            hf.save_pretrained(folder)
+            ours = llama.load(folder, device, dtype)[0]
+            with torch.no_grad(), autocast(device, precision):
+                check(precision, "logits", ours(tokens), hf(input_ids=tokens).logits)
+            for method in ("lora", "dora"):
+                ours = llama.load(folder, device, dtype)[0]
+                add_adapters(ours, TARGETS, r=32, alpha=64, dropout=0.0, dora=method == "dora")
+                randomize_adapters(ours)
+                export_peft(Path(folder) / method, ours)
+                theirs = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device),
+                                                   Path(folder) / method, is_trainable=True)
+                logits = {}
+                for name, run in (("ours", lambda: ours(tokens)), ("theirs", lambda: theirs(input_ids=tokens).logits)):
+                    with autocast(device, precision):
+                        logits[name] = run()
+                        torch.nn.functional.cross_entropy(logits[name].float().flatten(0, 1), targets.flatten()).backward()
+                check(precision, f"{method} logits", logits["ours"], logits["theirs"])
+                ours_grads, theirs_grads = adapter_gradients(ours, theirs)
+                check(precision, f"{method} adapter gradients", ours_grads, theirs_grads)
+    return checks
+
+
+@torch.no_grad()
+def randomize_adapters(model):
+    """Non-zero B and a magnitude away from ||W||: every term of the adapters' formulas counts."""
+    g = torch.Generator().manual_seed(1)
+    for module in adapted_linears(model).values():
+        module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g) * 0.01)
+        if module.dora:
+            module.magnitude.mul_(1 + 0.2 * torch.rand(module.magnitude.shape, generator=g).to(module.magnitude.device))
+
+
+def adapter_gradients(ours, peft_model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every adapter gradient, ours and peft's, flattened in one order (peft's under our names,
+    the q/k rows back in Meta order)."""
+    theirs = {}
+    for key, p in peft_model.named_parameters():
+        if p.requires_grad:  # peft's parameter names: the saved keys with ".default" (and a magnitude ".weight")
+            key = key.replace(".default", "")
+            name = name_from_peft_key(key.removesuffix(".weight") if "magnitude" in key else key)
+            theirs[name] = permute_qk_rows(ours, name, p.grad, llama.hf_to_meta_rows)
+    names = sorted(adapter_parameters(ours))
+    if sorted(theirs) != names:
+        raise SystemExit("bench.py: parity: peft's adapter parameters are not ours")
+    params = adapter_parameters(ours)
+    return (torch.cat([params[n].grad.flatten() for n in names]), torch.cat([theirs[n].flatten() for n in names]))
+
+
+def torchrun_smoke(device, steps: int = 3) -> dict:
+    """`torchrun --nproc_per_node 1 train.py` for a few steps of the embedded tiny model, in a
+    scratch folder: train.py joins torchrun's process group (NCCL on CUDA, gloo on a CPU) and
+    all-reduces every step's gradients."""
+    with tempfile.TemporaryDirectory() as work:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                   "--master_port", str(free_port()), str(ROOT / "train.py"), "--max-steps", str(steps),
+                   "--val-size", "0", "--out", "out"]
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        metrics_file = Path(work) / "out" / "metrics.jsonl"
+        metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
+    return {"command": "torchrun " + " ".join(command[3:]), "backend": "nccl" if device.type == "cuda" else "gloo",
+            "returncode": done.returncode, "seconds": time.perf_counter() - started, "metrics": metrics,
+            "output_tail": (done.stdout + done.stderr)[-3000:]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def peft_available() -> bool:
@@ -386,14 +594,18 @@ def add_ratios(rows):
 
 def format_table(result, mean_tokens):
     lines = [f"device: {result['device']}, shape {result['shape']}, {result['dtype']}",
-             "| workload | impl | method | echo pass | tokens/s | step ms | peak GiB | vs peft | step / own base | recipe hours |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| workload | impl | method | echo pass | tokens/s | step ms | peak GiB | vs peft | step / own base | recipe hours | of ceiling |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["train"]:
+        if "error" in r:
+            lines.append("| " + " | ".join([r["workload"], r["impl"], r["method"], r["echo_pass"], r["error"]]
+                                           + ["-"] * 6) + " |")
+            continue
         hours = (RECIPE_EPOCHS * RECIPE_RECORDS * mean_tokens / r["tokens_per_s"] / 3600
                  if mean_tokens and r["workload"] == "real records" else None)
         cells = [r["workload"], r["impl"], r["method"], r["echo_pass"], f"{r['tokens_per_s']:,.0f}",
                  f"{1000 * r['step_s']:.1f}", fmt(r["peak_gib"], ".1f"), fmt(r.get("vs_peft"), ".2f", "x"),
-                 fmt(r.get("step_vs_own_base"), ".2f", "x"), fmt(hours, ".2f")]
+                 fmt(r.get("step_vs_own_base"), ".2f", "x"), fmt(hours, ".2f"), fmt(r.get("of_ceiling"), ".1%")]
         lines.append("| " + " | ".join(cells) + " |")
     for impl, d in result["decode"].items():
         lines.append(f"greedy decode, 32 prompts x ~120 tokens, 32 new: {impl} {d['new_tokens_per_s']:,.0f} new tokens/s")

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from data.commonsense import eval_prompt, load_records
 from echo_lora import load_adapter, merge, write_atomically
-from llama import Tokenizer, Transformer, generate, load, prefill, resolve_checkpoint, resolve_device
+from llama import (PRECISIONS, Tokenizer, Transformer, default_precision, generate, load, prefill,
+                   resolve_checkpoint, resolve_device)
 
 
 class Benchmark(NamedTuple):
@@ -86,7 +87,6 @@ TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "
 
 RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
 ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the text training taught
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,7 +500,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="published rows to print beside the results (default: the ckpt name, if it is one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in --out")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--precision", choices=list(PRECISIONS),
+                        help="the weights' dtype (the adapter is merged into them); default: bf16 on cuda, fp32 elsewhere")
     args = parser.parse_args(argv)
     if not args.ckpt and not args.compare:
         parser.error("--ckpt is required (or --compare RUN ...)")
@@ -511,14 +512,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         parser.error(str(e))
     args.published = args.published or default_published(args.ckpt)
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.precision = args.precision or default_precision(args.device)
     args.out = args.out or args.adapter or Path("out") / f"eval-{Path(args.ckpt).name}"
     return args
 
 
 def load_model(args) -> tuple[Transformer, Tokenizer]:
     """The checkpoint in eval mode, with the adapter merged into its weights if one is given."""
-    model, tokenizer = load(resolve_checkpoint(args.ckpt), args.device, DTYPES[args.dtype])
+    model, tokenizer = load(resolve_checkpoint(args.ckpt), args.device, PRECISIONS[args.precision])
     if tokenizer is None:
         raise FileNotFoundError(f"{args.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
     if args.adapter is not None:

@@ -31,6 +31,16 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------------------------
 # Configuration
 
+# The --precision of train.py, eval.py and bench.py: the dtype of the frozen weights. bf16 is the
+# CUDA recipe (with fp32 adapters and bf16 autocast in training, train.autocast); it runs the same
+# on a CPU, only slower. fp32 is the CPU default.
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def default_precision(device) -> str:
+    """bf16 on CUDA, fp32 elsewhere."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
 
 @dataclass
 class ModelArgs:

@@ -83,6 +83,7 @@ class Config:
     resume: bool = False
     overwrite: bool = False  # replace the run already in --out (default: refuse to)
     device: str = ""  # default: cuda when available
+    precision: str = ""  # bf16 | fp32 (llama.PRECISIONS); default: bf16 on cuda, fp32 elsewhere
     log_every: int = 1
 
 
@@ -162,6 +163,8 @@ def parse_config(argv=None) -> Config:
         llama.resolve_device(cfg.device)
     except ValueError as e:
         parser.error(str(e))
+    if cfg.precision and cfg.precision not in llama.PRECISIONS:
+        parser.error(f"--precision must be {' or '.join(llama.PRECISIONS)}, found {cfg.precision!r}")
     if cfg.batch_size % cfg.micro_batch_size:
         parser.error(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
     cfg.lr = cfg.lr or default_lr(cfg.method, cfg.ckpt)
@@ -328,7 +331,7 @@ def validation_loss(model, examples, cfg: Config, pad_id: int, device) -> float:
     total, count = 0.0, 0
     for start in range(0, len(examples), cfg.micro_batch_size):
         batch = collate(examples[start:start + cfg.micro_batch_size], not cfg.answer_only_loss, pad_id).to(device)
-        with autocast(device):
+        with autocast(device, cfg.precision):
             ce_sum, _ = loss_terms(model, batch)
         total += ce_sum.item()
         count += int((batch.ce_targets != IGNORE_INDEX).sum())
@@ -336,8 +339,11 @@ def validation_loss(model, examples, cfg: Config, pad_id: int, device) -> float:
     return total / max(count, 1)
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, precision: str = ""):
+    """The bf16 recipe's autocast, on any device: matmuls in bf16 while the adapters, the DoRA
+    norm and the losses stay fp32 (echo_lora.LoRALinear); off for fp32. Default: the device's."""
+    precision = precision or llama.default_precision(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def all_reduce_gradients(params):
@@ -420,7 +426,11 @@ def main(argv=None):
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = llama.resolve_device(cfg.device)
-    if world > 1:
+    cfg.precision = cfg.precision or llama.default_precision(device)
+    # Launched by torchrun: join its process group even as its only process, so one GPU runs the
+    # multi-GPU code path (NCCL included).
+    distributed = "LOCAL_RANK" in os.environ
+    if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -447,7 +457,7 @@ def main(argv=None):
             dist.barrier()
     try:
         model, tokenizer = llama.load(llama.resolve_checkpoint(cfg.ckpt), device=device,
-                                      dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+                                      dtype=llama.PRECISIONS[cfg.precision])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
     if tokenizer is None:
@@ -544,13 +554,13 @@ def main(argv=None):
             batch = collate(batch_examples[lo:hi], not cfg.answer_only_loss, tokenizer.pad_id)
             tokens_since += int(batch.valid.sum())
             batch = batch.to(device)
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 ce_sum, echo_sum = loss_terms(model, batch, echo, routed_all[lo:hi].to(device))
             ce = ce_sum / max(n_ce, 1) if cfg.token_mean_loss else micro_batch_mean(ce_sum, batch, micros_per_step)
             loss = ce + echo_sum / max(n_answer, 1)
             loss.backward()
             losses += torch.stack([ce.detach(), echo_sum.detach() / max(n_answer, 1)])
-        if world > 1:
+        if distributed:
             all_reduce_gradients(params)
             dist.all_reduce(losses)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -591,7 +601,7 @@ def main(argv=None):
         print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")
         data_dir = f" --data-dir {SAMPLE} --datasets boolq ARC-Easy" if cfg.ckpt == EMBEDDED else ""
         print(f"evaluate it: python eval.py --ckpt {cfg.ckpt} --adapter {out}{data_dir}")
-    if world > 1:
+    if distributed:
         dist.destroy_process_group()
 
 
