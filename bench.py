@@ -30,7 +30,7 @@ import torch
 
 import llama
 from data.commonsense import IGNORE_INDEX, load_records
-from echo_lora import EchoConfig, EchoPath, add_adapters, loss_terms, trainable_parameters
+from echo_lora import EchoConfig, EchoPath, add_adapters, loss_terms, route, trainable_parameters
 from train import autocast, collate, encode_examples, length_grouped_batches
 
 SHAPES = {
@@ -143,7 +143,7 @@ def our_step_fn(model, method, echo_pass, device, route_p):
 
     def step(examples):
         batch = collate(examples, False, 0).to(device)
-        routed = (torch.rand(len(examples), generator=g) < route_p).to(device)
+        routed = route(len(examples), route_p, g).to(device)
         with autocast(device):
             ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
         n = (batch.answer_targets != IGNORE_INDEX).sum()
