@@ -49,7 +49,8 @@ import torch
 import llama
 from data.commonsense import IGNORE_INDEX, load_records
 from echo_lora import (EchoConfig, EchoPath, adapter_parameters, adapted_linears, add_adapters, export_peft,
-                       loss_terms, name_from_peft_key, permute_qk_rows, trainable_parameters, write_atomically)
+                       loss_terms, name_from_peft_key, permute_qk_rows, route, trainable_parameters,
+                       write_atomically)
 from train import autocast, collate, encode_examples, length_grouped_batches
 
 SHAPES = {
@@ -176,7 +177,7 @@ def our_step_fn(model, method, echo_pass, device, route_p, precision):
 
     def step(examples):
         batch = collate(examples, False, 0).to(device)
-        routed = (torch.rand(len(examples), generator=g) < route_p).to(device)
+        routed = route(len(examples), route_p, g).to(device)
         with autocast(device, precision):
             ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
         n = (batch.answer_targets != IGNORE_INDEX).sum()

@@ -1,7 +1,38 @@
-"""Echo-LoRA, the method: low-rank adapters (LoRA, DoRA) on a LLaMA, and the Echo path.
+"""Echo-LoRA, the method: low-rank adapters (LoRA, DoRA) on a LLaMA, and the training-only Echo path.
 
-This first half is the adapter: a frozen linear layer plus a trainable low-rank update, how it
-is attached to the model, merged into the weights, saved, and exchanged with HF peft.
+    "Echo-LoRA: Parameter-Efficient Fine-Tuning via Cross-Layer Representation Injection",
+    arXiv 2605.08177 (2026). Only its abstract is public: METHOD.md defines what this file
+    computes, item by item, and the code cites it as "METHOD.md item N".
+
+One training step (LLaMA-7B, a batch of 16 samples of 256 tokens, rank r 32, route p 0.5 so
+about 8 samples routed):
+
+  tokens (16, 256)
+    |
+    v
+  plain pass: the model and its LoRA/DoRA adapters (deployed) ----------> z_plain --> CE(z_plain)
+    |  h_l leaving the source layers S (item 1), the deepest quarter:     |
+    |  blocks 25..32, each (16, 256, 4096), detached                      |
+    v                                                                     |
+  echo representation e (item 2): mean over S, then over the prompt       |
+    |  positions 0..b-1, rms_norm: (8, 4096), routed samples only         |
+    v                                                                     |
+  projection P e (8, 32) and gate g(e) (8,), one pair per target          |  masked distillation
+    |  (item 4)                                                           |  (item 7): KL between
+    v                                                                     |  the two, on answer
+  targets (item 3): the shallow adapters, blocks 1..8, q k v up down:     |  tokens only
+    |  u = A x + m_t g(e) P e, m_t = 1 at the answer positions only       |
+    v                                                                     |
+  echo pass (item 6) of the samples routed (item 5): the answer           |
+     suffix, attending to the plain pass's prefix keys and values ------> z_echo ---> CE(z_echo)
+
+  loss = CE(z_plain) + [routed] ( CE(z_echo) + lambda tau^2 KL(z_echo.detach() || z_plain) )   (item 7)
+
+After training the Echo path is discarded (item 8): the saved adapter is a plain LoRA/DoRA adapter.
+
+The file in reading order: the adapter (a frozen linear layer plus a trainable low-rank update,
+attached to the model and merged into its weights); the Echo path, item by item, ending in
+`loss_terms`; then saving and loading, in this project's format and HF peft's.
 
     Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1:
         h = W0 x + (alpha / r) B A x, B zero at the start so training begins at the base model.
@@ -12,9 +43,6 @@ is attached to the model, merged into the weights, saved, and exchanged with HF 
 The DoRA column norm ||.||_c is, in PyTorch's (out, in) weight layout, the norm of each output
 row. It is computed here from r-sized products only, never from the (out, in) matrix W + s B A
 (`LoRALinear.weight_norm`), which is what keeps DoRA's memory close to LoRA's.
-
-The second half of the file (the Echo path, METHOD.md) feeds a signal into the low-rank
-activation through `LoRALinear.echo`.
 """
 
 import hashlib
@@ -64,9 +92,9 @@ class LoRALinear(nn.Module):
     the recipe, train.py --adapter-only-dropout) computes (m / ||V||)(W x + s B A drop(x)) instead,
     reusing W x. With dropout off, and so at inference, the two are the same function.
 
-    `echo` is the Echo path's hook (METHOD.md item 4): None, or a callable that maps the low-rank
-    activation u (..., r) to a term added to it. It never enters the weight norm, merge or the
-    saved adapter.
+    `injection` is the Echo path's hook (METHOD.md item 4): None, or a callable that maps the
+    low-rank activation u (..., r) to a term added to it. It never enters the weight norm, merge or
+    the saved adapter.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False,
@@ -87,7 +115,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout)
         self.adapter_only_dropout = adapter_only_dropout
-        self.echo = None
+        self.injection = None
         if dora:
             # ||W_o||^2 per row: W is frozen, so this part of the weight norm is computed once.
             # Not persistent: it is derived from W, and refreshed whenever W is loaded.
@@ -103,13 +131,13 @@ class LoRALinear(nn.Module):
         self.base_norm_sq = self.base.weight.float().pow(2).sum(1)  # (out,)
 
     def low_rank(self, dropped: torch.Tensor) -> torch.Tensor:
-        """u = A dropout(x) (+ the echo term): the r-dimensional activation, (..., in) -> (..., r),
-        of the already dropped-out input."""
+        """u = A dropout(x) (+ the Echo path's injection): the r-dimensional activation of the
+        already dropped-out input, (..., in) -> (..., r), e.g. (16, 256, 4096) -> (16, 256, 32)."""
         if not torch.is_autocast_enabled(dropped.device.type):
             dropped = dropped.to(self.lora_A.dtype)  # the adapter computes in fp32 even on bf16 activations
         u = F.linear(dropped, self.lora_A)  # (..., r)
-        if self.echo is not None:
-            u = u + self.echo(u)
+        if self.injection is not None:
+            u = u + self.injection(u)
         return u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +177,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The plain weight that computes what this layer computes (without the echo term):
+        """The plain weight that computes what this layer computes (without the injection):
         W + s B A (LoRA), m / ||W + s B A|| * (W + s B A) (DoRA eq. 5). Formed in fp32, returned
         in the base weight's dtype."""
         weight = self.base.weight.float() + self.scale * (self.lora_B @ self.lora_A)  # (out, in)
@@ -206,7 +234,7 @@ def adapted_linears(model: nn.Module) -> dict[str, LoRALinear]:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What the optimizer updates: every parameter that requires grad, i.e. the adapters' (plus
-    those of any module set as an `echo` hook, which the model then holds as a child)."""
+    those of any module set as an `injection` hook, which the model then holds as a child)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -263,6 +291,328 @@ def merge(model: nn.Module) -> nn.Module:
         parent_name, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_name), name, module.base)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The Echo path (METHOD.md items 1-8, in the method's order)
+#
+# Training-only. The model never holds an Echo parameter: the projections and gates live in an
+# `EchoPath` beside it, and are plugged into the target LoRALinear modules' `injection` hook only
+# for the duration of the Echo pass (`EchoPath.injecting`). Dropping the EchoPath object is
+# therefore the whole of the discard (METHOD.md item 8).
+#
+# Shape comments follow one real case: LLaMA-7B (d 4096, 32 blocks, 32 heads of 128, vocab
+# 32000), rank r 32, a batch of 16 samples of 256 tokens of which 8 are routed (R = 8, about
+# what route p 0.5 draws), and, for example, a 24-position answer suffix after a prefix of up to
+# 232 positions.
+
+
+@dataclass
+class EchoConfig:
+    """METHOD.md's flags. Block numbers are 1-based, as in METHOD.md (h_l leaves block l)."""
+
+    source_layers: tuple[int, ...] | None = None  # item 1; default: the deepest quarter of blocks
+    target_layers: tuple[int, ...] | None = None  # item 3; default: the shallowest quarter of blocks
+    pool: str = "mean"  # mean | last (item 2)
+    route_p: float = 0.5  # item 5
+    distill: float = 1.0  # lambda, item 7
+    tau: float = 1.0  # distillation temperature, item 7
+    mask: str = "answer"  # answer | none (items 2, 4; none leaks the answer: an ablation)
+    echo_pass: str = "suffix"  # suffix | full (item 6)
+
+    def __post_init__(self):
+        for name, value, allowed in (("pool", self.pool, ("mean", "last")), ("mask", self.mask, ("answer", "none")),
+                                     ("echo_pass", self.echo_pass, ("suffix", "full"))):
+            if value not in allowed:
+                raise ValueError(f"echo {name} must be one of {allowed}, found {value!r}")
+        if self.mask == "none" and self.echo_pass == "suffix":
+            # Injecting at prompt positions changes them, so there is no shared prefix to reuse.
+            raise ValueError("--echo-mask none injects at every position: it needs --echo-pass full")
+        if not 0.0 <= self.route_p <= 1.0:
+            raise ValueError(f"--echo-route-p must be in [0, 1], found {self.route_p}")
+        if self.tau <= 0 or self.distill < 0:
+            raise ValueError(f"--echo-tau must be > 0 and --echo-distill >= 0, found {self.tau} and {self.distill}")
+
+
+def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
+    """The deepest or the shallowest quarter of the blocks, 1-based (32 blocks: 25..32, 1..8): the
+    default source layers (METHOD.md item 1) and target layers (item 3)."""
+    quarter = max(1, n_layers // 4)
+    return tuple(range(n_layers - quarter + 1, n_layers + 1)) if which == "deep" else tuple(range(1, quarter + 1))
+
+
+# ---- 1. Source layers
+
+
+def source_states(states: dict[int, torch.Tensor], source_layers, rows: torch.Tensor) -> list[torch.Tensor]:
+    """METHOD.md item 1: the routed samples' residual streams h_l leaving the source layers, as
+    the plain pass collected them (`model.trunk(collect=source_layers)`), each (8, 256, 4096), fp32
+    and detached: the Echo path reads the plain pass and never trains through it."""
+    return [states[layer][rows].detach().float() for layer in source_layers]
+
+
+# ---- 2. and 4. Answer-only masking
+
+
+@dataclass
+class AnswerOnlyMasks:
+    """Where the Echo path reads and where it writes, for the R routed samples (METHOD.md items 2
+    and 4). b-1 is both the last prompt position and the first answer position."""
+
+    answer: torch.Tensor  # (8, 256) bool: the answer positions A = b-1..T-2
+    answer_start: torch.Tensor  # (8,): b-1
+    pool_at: torch.Tensor  # (8, 256) bool: what e is pooled over (item 2): the prompt 0..b-1
+    pool_last: torch.Tensor  # (8,): the one position --echo-pool last reads: b-1
+    inject_at: torch.Tensor  # (8, 256) bool: m_t, where the injection is on (item 4): A
+
+
+def answer_only_masks(answer_targets: torch.Tensor, valid: torch.Tensor, mask: str = "answer") -> AnswerOnlyMasks:
+    """METHOD.md items 2 and 4: e is pooled over the prompt only and injected at the answer
+    positions only, so the signal never carries the tokens it helps predict. `answer_targets`,
+    `valid`: (8, 256), the routed samples' rows of the Batch. mask "none" (--echo-mask none) is the
+    leaking ablation: it pools over and injects at every real position."""
+    answer = answer_targets != IGNORE_INDEX  # (8, 256)
+    answer_start = answer.float().argmax(1)  # (8,): the first answer position, b-1
+    if mask == "answer":
+        positions = torch.arange(answer.shape[1], device=answer.device)
+        prompt = positions <= answer_start[:, None]  # (8, 256): positions 0..b-1
+        return AnswerOnlyMasks(answer, answer_start, pool_at=prompt, pool_last=answer_start, inject_at=answer)
+    return AnswerOnlyMasks(answer, answer_start, pool_at=valid, pool_last=valid.sum(1) - 1, inject_at=valid)
+
+
+# ---- 2. Echo representation
+
+
+def echo_representation(source: list[torch.Tensor], masks: AnswerOnlyMasks, pool: str = "mean") -> torch.Tensor:
+    """METHOD.md item 2: e (8, 4096), one vector per routed sample,
+
+        e = rms_norm( (1/b) sum_{t<b} (1/|S|) sum_{l in S} h_l[t] ),
+
+    the mean of the source states over the layers, then over the pooled positions (pool "mean")
+    or taken at one position (pool "last"), RMS-normalised without a learned scale."""
+    h = sum(source) / len(source)  # (8, 256, 4096): the mean over l in S
+    if pool == "mean":
+        weight = masks.pool_at[..., None].float()  # (8, 256, 1)
+        e = (h * weight).sum(1) / weight.sum(1)  # (8, 4096)
+    else:
+        e = h[torch.arange(h.shape[0], device=h.device), masks.pool_last]  # (8, 4096)
+    return e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+# ---- 3. Targets
+
+
+def echo_targets(model: nn.Module, target_layers: tuple[int, ...]) -> dict[str, LoRALinear]:
+    """METHOD.md item 3: every adapted linear (LoRA or DoRA) of the target blocks (1-based), by
+    model path; by default the shallowest quarter (LLaMA-7B: 8 blocks x q, k, v, up, down = 40)."""
+    targets = {path: m for path, m in adapted_linears(model).items() if block_and_target(path)[0] + 1 in target_layers}
+    if not targets:
+        raise ValueError(f"no LoRA/DoRA modules in echo target blocks {target_layers}")
+    return targets
+
+
+# ---- 4. Injection, with projection and gate
+
+
+class Injector(nn.Module):
+    """METHOD.md item 4, one target module's projection and gate: the projection P (d -> r, no
+    bias, initialised like lora_A) and the scalar gate g(e) = sigmoid(w . e + c). It computes the
+    term m_t g(e) P e that the target adds to its low-rank activation A x (LoRALinear.injection)."""
+
+    def __init__(self, dim: int, r: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, r, bias=False)  # P, (32, 4096)
+        nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))  # initialised like lora_A
+        self.gate_weight = nn.Parameter(torch.zeros(dim))  # w, (4096,)
+        self.gate_bias = nn.Parameter(torch.tensor(-2.0))  # c: sigmoid(-2) = 0.12, a quiet start
+
+    def forward(self, u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor) -> torch.Tensor:
+        """u: the low-rank activation A x, (8, 24, 32) on the suffix pass (only its dtype is
+        used); e: (8, 4096); inject_at: m_t, (8, 24) bool."""
+        gate = torch.sigmoid(e @ self.gate_weight + self.gate_bias)  # g(e), (8,)
+        projected = gate[:, None] * self.proj(e)  # g(e) P e, (8, 32)
+        return (inject_at[..., None] * projected[:, None, :]).to(u.dtype)  # m_t g(e) P e, (8, 24, 32)
+
+
+class EchoPath(nn.Module):
+    """The Echo path's trainable part, held beside the model: the source and target layers (items
+    1, 3) and an Injector per target (item 4). Training-only: dropping it discards it (item 8)."""
+
+    def __init__(self, model, config: EchoConfig):
+        super().__init__()
+        n = model.args.n_layers
+        self.config = config
+        self.source_layers = tuple(config.source_layers or default_layers(n, "deep"))
+        self.target_layers = tuple(config.target_layers or default_layers(n, "shallow"))
+        for layer in self.source_layers + self.target_layers:
+            if not 1 <= layer <= n:
+                raise ValueError(f"echo layer {layer} is outside the model's blocks 1..{n}")
+        self.targets = echo_targets(model, self.target_layers)
+        self.injectors = nn.ModuleDict({path.replace(".", "_"): Injector(model.args.dim, m.r)
+                                        for path, m in self.targets.items()})
+
+    @contextmanager
+    def injecting(self, e: torch.Tensor, inject_at: torch.Tensor):
+        """Within this block every target module adds its injection m_t g(e) P e (item 4)."""
+        for path, module in self.targets.items():
+            module.injection = partial(self.injectors[path.replace(".", "_")], e=e, inject_at=inject_at)
+        try:
+            yield
+        finally:
+            for module in self.targets.values():  # the discard (item 8): the plain model again
+                module.injection = None
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---- 5. Stochastic routing
+
+
+def route(n_samples: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """METHOD.md item 5, stochastic routing: which samples of a step take the Echo pass, (16,)
+    bool, each with probability p, drawn afresh every step (by the caller's CPU `generator`, so
+    every device and every data-parallel rank draws the same)."""
+    return torch.rand(n_samples, generator=generator) < p
+
+
+# ---- 6. The Echo pass, and its suffix form
+
+
+def echo_pass(echo_path: EchoPath, model, batch: "Batch", rows: torch.Tensor, states: dict, caches) -> torch.Tensor:
+    """METHOD.md item 6: z_echo (N_echo, 32000), the logits of the Echo pass at the routed samples'
+    answer positions, in the order of `h[rows][answer[rows]]` of the plain pass. `rows` (8,): the
+    routed samples; `states`, `caches`: what the plain pass collected and kept."""
+    config = echo_path.config
+    masks = answer_only_masks(batch.answer_targets[rows], batch.valid[rows], config.mask)
+    e = echo_representation(source_states(states, echo_path.source_layers, rows), masks, config.pool)
+    tokens = batch.tokens[rows]  # (8, 256)
+    if config.echo_pass == "full":
+        return full_echo_pass(echo_path, model, tokens, e, masks)
+    return suffix_echo_pass(echo_path, model, tokens, e, masks, [cache.select(rows) for cache in caches])
+
+
+def full_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMasks) -> torch.Tensor:
+    """The reference: recompute every position of the routed samples with the injection.
+
+    Never under activation checkpointing: its recomputation would run in backward, after
+    the injection is switched off, and compute a different function.
+    """
+    checkpointing, model.gradient_checkpointing = model.gradient_checkpointing, False
+    try:
+        with echo_path.injecting(e, masks.inject_at):
+            h, _ = model.trunk(tokens)  # (8, 256, 4096)
+    finally:
+        model.gradient_checkpointing = checkpointing
+    return model.output(h[masks.answer]).float()
+
+
+def suffix_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMasks, prefix_caches) -> torch.Tensor:
+    """METHOD.md item 6: only the answer positions b-1..T-2 are computed, attending to the plain
+    pass's keys and values of positions 0..b-2 (kept in the autograd graph, not detached).
+
+    Those prefix states are the same in a full Echo pass, because the injection is zero
+    before b-1 and attention is causal; so logits and gradients equal the full pass's. One
+    difference in training mode: the prefix carries the plain pass's adapter-dropout draws,
+    where a full pass would draw new ones (with dropout 0 the two are the same function).
+    """
+    answer_start = masks.answer_start  # (8,): b-1
+    n_answer = masks.answer.sum(1)  # (8,)
+    suffix_len, prefix_len = int(n_answer.max()), int(answer_start.max())  # e.g. 24, 232
+    offsets = torch.arange(suffix_len, device=tokens.device)
+    in_suffix = offsets < n_answer[:, None]  # (8, 24): the answer positions (m_t), False at padding
+    positions = answer_start[:, None] + offsets  # (8, 24): absolute positions b-1, b, ...
+    suffix_tokens = tokens.gather(1, positions.clamp(max=tokens.shape[1] - 1))  # (8, 24)
+    # the plain pass's keys and values of the prefix, (8, 32, 232, 128) per block
+    prefix = [KVCache(c.k[:, :, :prefix_len], c.v[:, :, :prefix_len]) for c in prefix_caches]
+    mask = suffix_attention_mask(answer_start, prefix_len, suffix_len)  # (8, 1, 24, 232 + 24)
+    with echo_path.injecting(e, in_suffix):
+        h, _ = model.trunk(suffix_tokens, positions, mask, prefix)  # (8, 24, 4096)
+    return model.output(h[in_suffix]).float()
+
+
+def suffix_attention_mask(answer_start: torch.Tensor, prefix_len: int, suffix_len: int) -> torch.Tensor:
+    """What each suffix query attends to, (R, 1, suffix_len, prefix_len + suffix_len) bool: the
+    prefix keys before its own b-1 (past it a sample's prefix cache holds positions the suffix
+    recomputes, or padding), then the suffix keys causally."""
+    n_rows = answer_start.shape[0]
+    sees_prefix = torch.arange(prefix_len, device=answer_start.device) < answer_start[:, None]  # (8, 232)
+    causal = torch.ones(suffix_len, suffix_len, dtype=torch.bool, device=answer_start.device).tril()  # (24, 24)
+    return torch.cat([sees_prefix[:, None, None, :].expand(n_rows, 1, suffix_len, prefix_len),
+                      causal.expand(n_rows, 1, suffix_len, suffix_len)], dim=-1)
+
+
+# ---- 7. Loss, with masked distillation
+
+
+def masked_distillation(z_plain: torch.Tensor, z_echo: torch.Tensor, tau: float) -> torch.Tensor:
+    """METHOD.md item 7: KL( softmax(z_echo / tau).detach() || softmax(z_plain / tau) ), summed
+    over the rows given, the routed answer positions only (the mask). The teacher, the Echo pass,
+    is detached: the term pulls the deployed plain path towards it and trains nothing else."""
+    return F.kl_div(F.log_softmax(z_plain / tau, -1), F.log_softmax(z_echo.detach() / tau, -1),
+                    log_target=True, reduction="sum")
+
+
+@dataclass
+class Batch:
+    """A right-padded training batch.
+
+    tokens: (B, T) ids; valid: (B, T) bool, False at padding. At position t the targets are
+    token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens only (the Echo terms'
+    positions A), `ce_targets` on what the plain cross-entropy trains on (every next token, the
+    recipe's default; the answer tokens alone with train.py --answer-only-loss).
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    answer_targets: torch.Tensor
+    ce_targets: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def loss_terms(model, batch: Batch, echo_path: EchoPath | None = None, routed: torch.Tensor | None = None):
+    """METHOD.md item 7's loss of one batch, as sums over tokens (not averages):
+
+        ce_sum     = CE(z_plain)                                    over the ce_targets
+        routed_sum = CE(z_echo) + lambda tau^2 masked_distillation  over the routed samples' answer tokens
+
+    `routed` (16,) bool: `route`'s draw. Dividing by the step's token counts (see train.py) gives
+    the averages; sums let gradient accumulation and data-parallel ranks add up to exactly one big
+    batch. Logits are made only where a loss is taken: never a (16, 256, 32000) fp32 tensor.
+    """
+    answer = batch.answer_targets != IGNORE_INDEX  # (16, 256): the answer positions A
+    ce_at = batch.ce_targets != IGNORE_INDEX  # (16, 256): where the plain CE is taken
+    if echo_path is not None:
+        routed = routed & answer.any(1)  # a sample cut off before its answer has no Echo terms
+    rows = routed.nonzero()[:, 0] if echo_path is not None else None  # (8,): the routed samples
+    run_echo = rows is not None and len(rows) > 0
+    # The plain pass, the one deployed; for the Echo pass it also collects the source states
+    # (item 1) and, for the suffix form, keeps its keys and values (item 6).
+    caches = model.new_caches() if run_echo and echo_path.config.echo_pass == "suffix" else None
+    h, states = model.trunk(batch.tokens, caches=caches, collect=echo_path.source_layers if run_echo else ())
+    plain_logits = model.output(h[ce_at]).float()  # (N_ce, 32000): one row per ce position, in reading order
+    ce_sum = F.cross_entropy(plain_logits, batch.ce_targets[ce_at], reduction="sum")
+    if not run_echo:
+        return ce_sum, plain_logits.new_zeros(())
+    z_echo = echo_pass(echo_path, model, batch, rows, states, caches)  # (N_echo, 32000)
+    # z_plain: the plain logits at the routed answer positions. Every answer position is a ce
+    # position, so they are rows of plain_logits already: flag each row, keep the flagged ones.
+    routed_answer = answer & routed[:, None]  # (16, 256): the routed samples' answer positions
+    row_is_routed_answer = routed_answer[ce_at]  # (N_ce,): one flag per row of plain_logits
+    z_plain = plain_logits[row_is_routed_answer]  # (N_echo, 32000), in the order of z_echo
+    tau, distill = echo_path.config.tau, echo_path.config.distill
+    routed_sum = (F.cross_entropy(z_echo, batch.answer_targets[routed_answer], reduction="sum")
+                  + distill * tau ** 2 * masked_distillation(z_plain, z_echo, tau))
+    return ce_sum, routed_sum
+
+
+# ---- 8. Discard
+#
+# Nothing to run: the model never holds the Echo path (EchoPath.injecting plugs it in only for
+# the Echo pass), so save_adapter, merge and eval.py see exactly a LoRA/DoRA model, and
+# adapter_parameters (the saved tensors) has no projection or gate.
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,221 +855,3 @@ def write_atomically(file: Path, write):
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)  # only left over when the write failed
-
-
-# ---- The Echo path (METHOD.md) ----
-#
-# Training-only. The model never holds an echo parameter: the projections and gates live in an
-# `EchoPath` beside it, and are plugged into the target LoRALinear modules' `echo` hook only for
-# the duration of the echo pass (`EchoPath.injecting`). Dropping the EchoPath object is
-# therefore the whole of "discarding" it (METHOD.md item 8).
-
-
-@dataclass
-class EchoConfig:
-    """METHOD.md's flags. Block numbers are 1-based, as in METHOD.md (h_l leaves block l)."""
-
-    source_layers: tuple[int, ...] | None = None  # default: the deepest quarter of blocks
-    target_layers: tuple[int, ...] | None = None  # default: the shallowest quarter of blocks
-    pool: str = "mean"  # mean | last (item 2)
-    route_p: float = 0.5  # item 5
-    distill: float = 1.0  # lambda, item 6
-    tau: float = 1.0  # distillation temperature, item 6
-    mask: str = "answer"  # answer | none (none leaks the answer: an ablation, item "Ablations")
-    echo_pass: str = "suffix"  # suffix | full (item 5b)
-
-    def __post_init__(self):
-        for name, value, allowed in (("pool", self.pool, ("mean", "last")), ("mask", self.mask, ("answer", "none")),
-                                     ("echo_pass", self.echo_pass, ("suffix", "full"))):
-            if value not in allowed:
-                raise ValueError(f"echo {name} must be one of {allowed}, found {value!r}")
-        if self.mask == "none" and self.echo_pass == "suffix":
-            # Injecting at prompt positions changes them, so there is no shared prefix to reuse.
-            raise ValueError("--echo-mask none injects at every position: it needs --echo-pass full")
-        if not 0.0 <= self.route_p <= 1.0:
-            raise ValueError(f"--echo-route-p must be in [0, 1], found {self.route_p}")
-        if self.tau <= 0 or self.distill < 0:
-            raise ValueError(f"--echo-tau must be > 0 and --echo-distill >= 0, found {self.tau} and {self.distill}")
-
-
-def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
-    """The deepest or the shallowest quarter of the blocks, 1-based (32 blocks: 25..32, 1..8)."""
-    quarter = max(1, n_layers // 4)
-    return tuple(range(n_layers - quarter + 1, n_layers + 1)) if which == "deep" else tuple(range(1, quarter + 1))
-
-
-class EchoInjector(nn.Module):
-    """One target module's projection P (d -> r) and scalar gate g(e) = sigmoid(w . e + c).
-
-    METHOD.md item 4: the low-rank activation becomes `A x + m_t * g(e) * P e`.
-    """
-
-    def __init__(self, dim: int, r: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, r, bias=False)
-        nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))  # initialised like lora_A
-        self.gate_weight = nn.Parameter(torch.zeros(dim))
-        self.gate_bias = nn.Parameter(torch.tensor(-2.0))  # sigmoid(-2) = 0.12: a quiet start
-
-    def forward(self, u: torch.Tensor, echo: torch.Tensor, inject_at: torch.Tensor) -> torch.Tensor:
-        """u: (B, T, r) low-rank activation; echo: (B, d); inject_at: (B, T) bool, m_t."""
-        gate = torch.sigmoid(echo @ self.gate_weight + self.gate_bias)  # (B,)
-        signal = gate[:, None] * self.proj(echo)  # (B, r)
-        return (inject_at[..., None] * signal[:, None, :]).to(u.dtype)  # (B, T, r)
-
-
-class EchoPath(nn.Module):
-    """Reads deep states off the plain pass, pools them into e, and runs the echo pass."""
-
-    def __init__(self, model, config: EchoConfig):
-        super().__init__()
-        n = model.args.n_layers
-        self.config = config
-        self.source_layers = tuple(config.source_layers or default_layers(n, "deep"))
-        self.target_layers = tuple(config.target_layers or default_layers(n, "shallow"))
-        for layer in self.source_layers + self.target_layers:
-            if not 1 <= layer <= n:
-                raise ValueError(f"echo layer {layer} is outside the model's blocks 1..{n}")
-        self.targets = {name: m for name, m in model.named_modules()
-                        if isinstance(m, LoRALinear) and int(name.split(".")[1]) + 1 in self.target_layers}
-        if not self.targets:
-            raise ValueError(f"no LoRA/DoRA modules in echo target blocks {self.target_layers}")
-        self.injectors = nn.ModuleDict({name.replace(".", "_"): EchoInjector(model.args.dim, m.r)
-                                        for name, m in self.targets.items()})
-
-    @contextmanager
-    def injecting(self, echo: torch.Tensor, inject_at: torch.Tensor):
-        """Within this block, every target module adds its echo term (METHOD.md item 4)."""
-        for name, module in self.targets.items():
-            module.echo = partial(self.injectors[name.replace(".", "_")], echo=echo, inject_at=inject_at)
-        try:
-            yield
-        finally:
-            for module in self.targets.values():
-                module.echo = None
-
-    def echo_vector(self, states: dict, pool_at: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """e (R, d): the mean of the source states, pooled over `pool_at` (mean) or taken at
-        `last` (last), RMS-normalised without a learned scale (METHOD.md item 2). Detached: the
-        teacher signal is read off the plain pass, never trained through."""
-        h = sum(states[layer].detach().float() for layer in self.source_layers) / len(self.source_layers)
-        if self.config.pool == "mean":
-            w = pool_at[..., None].float()  # (R, T, 1)
-            e = (h * w).sum(1) / w.sum(1)
-        else:
-            e = h[torch.arange(h.shape[0], device=h.device), last]
-        return e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-    def echo_logits(self, model, batch, rows, states, caches) -> torch.Tensor:
-        """Logits (N, vocab) of the echo pass at the routed samples' answer positions, in the
-        same order as `h[rows][answer[rows]]` of the plain pass."""
-        answer = batch.answer_targets[rows] != IGNORE_INDEX  # (R, T), the positions A
-        first = answer.float().argmax(1)  # (R,) b - 1, the last prompt position
-        if self.config.mask == "answer":
-            positions = torch.arange(answer.shape[1], device=answer.device)
-            pool_at, last, inject_at = positions <= first[:, None], first, answer
-        else:  # the leaking ablation: pool over and inject at every real position
-            valid = batch.valid[rows]
-            pool_at, last, inject_at = valid, valid.sum(1) - 1, valid
-        states = {layer: states[layer][rows] for layer in self.source_layers}
-        echo = self.echo_vector(states, pool_at, last)
-        if self.config.echo_pass == "full":
-            return self.full_pass(model, batch.tokens[rows], echo, inject_at, answer)
-        return self.suffix_pass(model, batch.tokens[rows], echo, answer, first,
-                                [cache.select(rows) for cache in caches])
-
-    def full_pass(self, model, tokens, echo, inject_at, answer):
-        """The reference: recompute every position of the routed samples with the injection.
-
-        Never under activation checkpointing: its recomputation would run in backward, after
-        the injection is switched off, and compute a different function.
-        """
-        checkpointing, model.gradient_checkpointing = model.gradient_checkpointing, False
-        try:
-            with self.injecting(echo, inject_at):
-                h, _ = model.trunk(tokens)
-        finally:
-            model.gradient_checkpointing = checkpointing
-        return model.output(h[answer]).float()
-
-    def suffix_pass(self, model, tokens, echo, answer, first, prefix_caches):
-        """METHOD.md item 6: only the answer positions b-1..T-2 are computed, attending to the plain
-        pass's keys and values of positions 0..b-2 (kept in the autograd graph, not detached).
-
-        Those prefix states are the same in a full echo pass, because the injection is zero
-        before b-1 and attention is causal; so logits and gradients equal the full pass's. One
-        difference in training mode: the prefix carries the plain pass's adapter-dropout draws,
-        where a full pass would draw new ones (with dropout 0 the two are the same function).
-        """
-        R = tokens.shape[0]
-        n_answer = answer.sum(1)  # (R,)
-        S, P = int(n_answer.max()), int(first.max())
-        offsets = torch.arange(S, device=tokens.device)
-        in_suffix = offsets < n_answer[:, None]  # (R, S): False at padding
-        positions = first[:, None] + offsets  # (R, S) absolute positions
-        suffix_tokens = tokens.gather(1, positions.clamp(max=tokens.shape[1] - 1))
-        prefix = [KVCache(c.k[:, :, :P], c.v[:, :, :P]) for c in prefix_caches]
-        sees_prefix = torch.arange(P, device=tokens.device) < first[:, None]  # (R, P): key < b-1
-        causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
-        mask = torch.cat([sees_prefix[:, None, None, :].expand(R, 1, S, P), causal.expand(R, 1, S, S)], dim=-1)
-        with self.injecting(echo, in_suffix):
-            h, _ = model.trunk(suffix_tokens, positions, mask, prefix)
-        return model.output(h[in_suffix]).float()
-
-    def n_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-
-@dataclass
-class Batch:
-    """A right-padded training batch.
-
-    tokens: (B, T) ids; valid: (B, T) bool, False at padding. At position t the targets are
-    token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens only (the echo terms'
-    positions A), `ce_targets` on what the plain cross-entropy trains on (every next token, the
-    recipe's default; the answer tokens alone with train.py --answer-only-loss).
-    """
-
-    tokens: torch.Tensor
-    valid: torch.Tensor
-    answer_targets: torch.Tensor
-    ce_targets: torch.Tensor
-
-    def to(self, device) -> "Batch":
-        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-
-def loss_terms(model, batch: Batch, echo: EchoPath | None = None, routed: torch.Tensor | None = None):
-    """Summed (not averaged) loss terms of one batch, and the counts to average them by.
-
-    Returns (ce_sum, echo_sum): ce_sum is the plain cross-entropy summed over the ce_targets;
-    echo_sum is METHOD.md item 7's routed term `CE(echo) + lambda tau^2 KL(teacher || plain)`
-    summed over the routed samples' answer tokens. Dividing by the step's token counts (see
-    train.py) gives the averages; sums let gradient accumulation and data-parallel ranks add up
-    to exactly one big batch. Logits are made only where a loss is taken: never a
-    (B, T, vocab) fp32 tensor.
-    """
-    answer = batch.answer_targets != IGNORE_INDEX
-    ce_at = batch.ce_targets != IGNORE_INDEX
-    if echo is not None:
-        routed = routed & answer.any(1)  # a sample cut off before its answer has no echo terms
-    rows = routed.nonzero()[:, 0] if echo is not None else None
-    run_echo = rows is not None and len(rows) > 0
-    keep_kv = run_echo and echo.config.echo_pass == "suffix"
-    caches = model.new_caches() if keep_kv else None
-    h, states = model.trunk(batch.tokens, caches=caches, collect=echo.source_layers if run_echo else ())
-    logits = model.output(h[ce_at]).float()  # (N_ce, vocab)
-    ce_sum = F.cross_entropy(logits, batch.ce_targets[ce_at], reduction="sum")
-    if not run_echo:
-        return ce_sum, logits.new_zeros(())
-    z_echo = echo.echo_logits(model, batch, rows, states, caches)
-    # The plain logits at the routed answer positions, picked out of those already computed
-    # (answer positions are always among the ce positions).
-    routed_answer = answer & torch.zeros_like(answer).index_fill_(0, rows, True)
-    z_plain = logits[routed_answer[ce_at]]
-    targets = batch.answer_targets[routed_answer]
-    tau = echo.config.tau
-    kl = F.kl_div(F.log_softmax(z_plain / tau, -1), F.log_softmax(z_echo.detach() / tau, -1),
-                  log_target=True, reduction="sum")
-    echo_sum = F.cross_entropy(z_echo, targets, reduction="sum") + echo.config.distill * tau ** 2 * kl
-    return ce_sum, echo_sum

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import llama
 from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
 from echo_lora import (Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters, copy_adapter_tensors, loss_terms,
-                       save_adapter, trainable_parameters, write_atomically)
+                       route, save_adapter, trainable_parameters, write_atomically)
 
 EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample"  # our own small records (data/README.md)
@@ -538,8 +538,8 @@ def main(argv=None):
         step_batch = collate(batch_examples, not cfg.answer_only_loss, tokenizer.pad_id)
         n_ce = int((step_batch.ce_targets != IGNORE_INDEX).sum())
         n_answer = int((step_batch.answer_targets != IGNORE_INDEX).sum())
-        routing = torch.rand(len(batch_examples), generator=torch.Generator().manual_seed(cfg.seed * 100003 + step))
-        routed_all = routing < (echo_cfg.route_p if echo_cfg else 0.0)
+        routed_all = route(len(batch_examples), echo_cfg.route_p if echo_cfg else 0.0,
+                           torch.Generator().manual_seed(cfg.seed * 100003 + step))
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -212,41 +212,41 @@ def test_base_norm_follows_a_loaded_base_weight():
 
 
 # --------------------------------------------------------------------------------------------
-# The echo hook
+# The Echo path's injection hook
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_echo_hook_returning_zeros_changes_nothing(dora):
+def test_injection_hook_returning_zeros_changes_nothing(dora):
     layer = bare_layer(dora)
     x = torch.randn(5, 32)
     plain = layer(x)
-    layer.echo = torch.zeros_like
+    layer.injection = torch.zeros_like
     assert torch.equal(layer(x), plain)
 
 
-def test_echo_hook_constant_adds_scale_B_c_to_lora():
+def test_injection_hook_constant_adds_scale_B_c_to_lora():
     layer = bare_layer(False)
     x = torch.randn(5, 32)
     plain = layer(x)
     c = torch.randn(R)
-    layer.echo = lambda u: c
+    layer.injection = lambda u: c
     diff = max_diff(layer(x) - plain, layer.scale * layer.lora_B @ c)
     assert diff < 1e-6, f"max diff {diff:.2e}"
 
 
-def test_echo_hook_enters_dora_direction_but_not_the_norm():
+def test_injection_hook_enters_dora_direction_but_not_the_norm():
     layer = bare_layer(True)
     x = torch.randn(5, 32)
     c = torch.randn(R)
     norm = layer.weight_norm()
-    layer.echo = lambda u: c
+    layer.injection = lambda u: c
     assert torch.equal(layer.weight_norm(), norm)
     expected = layer.magnitude / norm * (layer.base(x) + layer.scale * (x @ layer.lora_A.T + c) @ layer.lora_B.T)
     diff = max_diff(layer(x), expected)
     assert diff < 1e-6, f"max diff {diff:.2e}"
 
 
-class ConstantEcho(nn.Module):
+class ConstantInjection(nn.Module):
     """A stand-in for the Echo path's modules: it has trainable parameters of its own."""
 
     def __init__(self):
@@ -258,7 +258,7 @@ class ConstantEcho(nn.Module):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_echo_modules_stay_out_of_state_save_and_merge(dora, tmp_path):
+def test_injection_modules_stay_out_of_state_save_and_merge(dora, tmp_path):
     model = add_adapters(tiny_model(), r=R, alpha=ALPHA, dropout=0.0, dora=dora)
     randomize_adapters(model)
     x = tokens()
@@ -266,17 +266,17 @@ def test_echo_modules_stay_out_of_state_save_and_merge(dora, tmp_path):
         plain = model(x)
     keys = set(adapter_state(model))
     for module in adapted_linears(model).values():
-        module.echo = ConstantEcho()
+        module.injection = ConstantInjection()
     assert set(adapter_state(model)) == keys
-    assert any(p is m.echo.projection for m in adapted_linears(model).values() for p in trainable_parameters(model))
+    assert any(p is m.injection.projection for m in adapted_linears(model).values() for p in trainable_parameters(model))
     with torch.no_grad():
-        assert max_diff(model(x), plain) > 1e-3  # the echo is live
+        assert max_diff(model(x), plain) > 1e-3  # the injection is live
     save_adapter(tmp_path, model)
     assert set(load_file(str(tmp_path / "adapter.safetensors"))) == keys
     merge(model)
     with torch.no_grad():
         diff = max_diff(model(x), plain)
-    assert diff < 1e-5, f"merged model must compute the echo-free adapter: max diff {diff:.2e}"
+    assert diff < 1e-5, f"merged model must compute the injection-free adapter: max diff {diff:.2e}"
 
 
 # --------------------------------------------------------------------------------------------

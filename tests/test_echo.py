@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import llama
 from data.commonsense import IGNORE_INDEX
-from echo_lora import (EchoConfig, EchoPath, LoRALinear, add_adapters, load_adapter, loss_terms,
-                       save_adapter, trainable_parameters)
+from echo_lora import (EchoConfig, EchoPath, LoRALinear, add_adapters, answer_only_masks, echo_representation,
+                       load_adapter, loss_terms, save_adapter, source_states, trainable_parameters)
 from train import collate
 
 ARGS = llama.ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=32)
@@ -52,13 +52,11 @@ def test_plain_loss_is_cross_entropy_on_answer_tokens():
     model, batch = adapted_model(), ragged_batch()
     ce_sum, echo_sum = loss_terms(model, batch)
     logits = model(batch.tokens)
-    targets = batch.tokens[:, 1:].clone()
     labels = torch.full_like(batch.tokens, IGNORE_INDEX)
     for i, (p, a) in enumerate(zip((9, 4, 13, 6), (4, 6, 3, 0))):
         labels[i, p:p + a] = batch.tokens[i, p:p + a]
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1), reduction="sum")
     assert torch.allclose(ce_sum, expected, atol=1e-5) and echo_sum == 0
-    assert targets.shape[1] == batch.tokens.shape[1] - 1
 
 
 def test_echo_pass_leaves_prompt_positions_bit_identical():
@@ -70,9 +68,9 @@ def test_echo_pass_leaves_prompt_positions_bit_identical():
         plain = model(batch.tokens)
         with echo.injecting(e, answer):
             echoed = model(batch.tokens)
-    first = answer.float().argmax(1)
+    answer_start = answer.float().argmax(1)  # b-1
     for i in range(3):  # samples with an answer
-        b_minus_1 = int(first[i])
+        b_minus_1 = int(answer_start[i])
         assert torch.equal(plain[i, :b_minus_1], echoed[i, :b_minus_1])
         assert (plain[i, b_minus_1:] - echoed[i, b_minus_1:]).abs().max() > 1e-3  # the injection is real
 
@@ -87,15 +85,15 @@ def answer_swapped(batch, row):
 
 
 @pytest.mark.parametrize("pool", ["mean", "last"])
-def test_echo_vector_does_not_see_the_answer(pool):
+def test_echo_representation_does_not_see_the_answer(pool):
     model, batch = adapted_model(), ragged_batch()
     echo = echo_path(model, pool=pool)
+    rows = torch.arange(4)
+    masks = answer_only_masks(batch.answer_targets, batch.valid)
     vectors = []
     for tokens in (batch.tokens, answer_swapped(batch, 0)):
         _, states = model.trunk(tokens, collect=echo.source_layers)
-        first = (batch.answer_targets != IGNORE_INDEX).float().argmax(1)
-        pool_at = torch.arange(tokens.shape[1]) <= first[:, None]
-        vectors.append(echo.echo_vector(states, pool_at, first))
+        vectors.append(echo_representation(source_states(states, echo.source_layers, rows), masks, pool))
     assert torch.equal(vectors[0], vectors[1])
 
 
@@ -103,10 +101,12 @@ def test_echo_mask_none_leaks_the_answer():
     """The ablation the masks exist to prevent: pooled over all positions, e sees the answer."""
     model, batch = adapted_model(), ragged_batch()
     echo = echo_path(model, mask="none", echo_pass="full")
+    rows = torch.arange(4)
+    masks = answer_only_masks(batch.answer_targets, batch.valid, mask="none")
     vectors = []
     for tokens in (batch.tokens, answer_swapped(batch, 0)):
         _, states = model.trunk(tokens, collect=echo.source_layers)
-        vectors.append(echo.echo_vector(states, batch.valid, batch.valid.sum(1) - 1))
+        vectors.append(echo_representation(source_states(states, echo.source_layers, rows), masks))
     assert (vectors[0][0] - vectors[1][0]).abs().max() > 1e-4
 
 
