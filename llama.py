@@ -533,6 +533,23 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
             raise ValueError(f"{path}: {flag}=true is not a LLaMA feature this model implements")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r}, expected 'silu'")
+    rope_theta, use_scaled_rope = read_hf_rope(cfg, path)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        raise ValueError(f"{path}: head_dim {head_dim} x heads != hidden_size; not implemented")
+    args = ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+        use_scaled_rope=use_scaled_rope, max_seq_len=cfg.get("max_position_embeddings", 2048),
+        ffn_hidden_dim=cfg["intermediate_size"],
+    )
+    return args, bool(cfg.get("tie_word_embeddings", False))
+
+
+def read_hf_rope(cfg: dict, path: Path) -> tuple[float, bool]:
+    """An HF config's rope theta, and whether Llama 3.1's scaling applies; other rope types and
+    other llama3 scaling constants are errors (they would compute another function)."""
     rope = dict(cfg.get("rope_parameters") or {})  # transformers 5 nests theta and scaling here
     scaling = cfg.get("rope_scaling") or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -544,17 +561,7 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
         found = {k: scaling.get(k) for k in expected}
         if found != expected:
             raise ValueError(f"{path}: llama3 rope scaling {found}, only Llama 3.1's {expected} is implemented")
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
-        raise ValueError(f"{path}: head_dim {head_dim} x heads != hidden_size; not implemented")
-    args = ModelArgs(
-        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-        use_scaled_rope=rope_type == "llama3", max_seq_len=cfg.get("max_position_embeddings", 2048),
-        ffn_hidden_dim=cfg["intermediate_size"],
-    )
-    return args, bool(cfg.get("tie_word_embeddings", False))
+    return rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), rope_type == "llama3"
 
 
 def hf_weight_files(ckpt_dir: Path) -> list[Path]:

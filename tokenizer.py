@@ -128,7 +128,14 @@ class Tokenizer:
         ranks.update({byte: self.n_words + i for i, byte in enumerate(missing)})
         self.tt = tiktoken.Encoding(name=str(self.path), pat_str=pattern, mergeable_ranks=ranks,
                                     special_tokens=specials)
+        self._read_hf_special_ids(spec, specials)
+        # Special-token text in user data is encoded as ordinary text, never as control tokens.
+        self._encode = lambda text: [t for t in self.tt.encode(text, disallowed_special=()) if t < self.n_words]
+        self._decode = self.tt.decode
 
+    def _read_hf_special_ids(self, spec: dict, specials: dict[str, int]):
+        """BOS (and whether encode puts it in front), EOS, pad and the ids decoding stops at, as
+        tokenizer_config.json and config.json beside a tokenizer.json name them."""
         folder = self.path.parent
         tokenizer_config, config = (read_json(folder / name) if (folder / name).is_file() else {}
                                     for name in ("tokenizer_config.json", "config.json"))
@@ -146,9 +153,6 @@ class Tokenizer:
         config_eos = config.get("eos_token_id")
         self.stop_ids = ({self.eos_id} | set(config_eos if isinstance(config_eos, list) else [])
                          | {specials[name] for name in END_OF_TURN_TOKENS if name in specials})
-        # Special-token text in user data is encoded as ordinary text, never as control tokens.
-        self._encode = lambda text: [t for t in self.tt.encode(text, disallowed_special=()) if t < self.n_words]
-        self._decode = self.tt.decode
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return [self.bos_id] * (bos and self.add_bos) + self._encode(text) + [self.eos_id] * eos
