@@ -48,9 +48,11 @@ import torch
 
 import llama
 from data.commonsense import IGNORE_INDEX, load_records
-from echo_lora import (EchoConfig, EchoPath, adapter_parameters, adapted_linears, add_adapters, export_peft,
-                       loss_terms, name_from_peft_key, permute_qk_rows, route, trainable_parameters,
-                       write_atomically)
+from data.files import write_atomically
+from echo_lora import (DEFAULT_TARGETS, TARGET_HF_NAMES, EchoConfig, EchoPath, adapter_parameters, adapted_linears,
+                       add_adapters, export_peft, loss_terms, name_from_peft_key, permute_qk_rows, route,
+                       trainable_parameters)
+from tokenizer import Tokenizer
 from train import autocast, collate, encode_examples, length_grouped_batches
 
 SHAPES = {
@@ -60,8 +62,6 @@ SHAPES = {
                                  multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0),
     "tiny": llama.ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32),
 }
-TARGETS = ("wq", "wk", "wv", "w3", "w2")
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RECIPE_RECORDS, RECIPE_EPOCHS = 170_420, 3
 BENCHMARK_QUESTIONS = 22_420  # the eight commonsense test sets together
 ANSWER_TOKENS = 8  # the fixed workload's "answer": about what a recipe record's answer is
@@ -167,7 +167,7 @@ def data_workloads(paths, tokenizer, batch_size, cutoff, n_batches):
 
 def our_step_fn(model, method, echo_pass, device, route_p, precision):
     """One optimiser step of train.py (forward, backward, AdamW) on one batch of examples."""
-    add_adapters(model, TARGETS, r=32, alpha=64, dropout=0.05, dora="dora" in method)
+    add_adapters(model, DEFAULT_TARGETS, r=32, alpha=64, dropout=0.05, dora="dora" in method)
     echo = EchoPath(model, EchoConfig(route_p=route_p, echo_pass=echo_pass)).to(device) \
         if method.startswith("echo") else None
     params = trainable_parameters(model) + (list(echo.parameters()) if echo else [])
@@ -207,7 +207,8 @@ def peft_step_fn(args, method, device, precision):
     """The same step through LlamaForCausalLM + get_peft_model, batches padded with a mask."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(hf_random_model(args, device, llama.PRECISIONS[precision]), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=HF_TARGETS,
+    hf_targets = [TARGET_HF_NAMES[t] for t in DEFAULT_TARGETS]  # q_proj, k_proj, ...: peft's names of ours
+    model = get_peft_model(hf_random_model(args, device, llama.PRECISIONS[precision]), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=hf_targets,
                                           use_dora=method == "dora", task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
@@ -369,7 +370,7 @@ def measure_speed(a, p, device, precision, out: Path) -> dict:
             p.error("--data and --test-sets need --tokenizer")
         if not Path(a.tokenizer).is_file():
             p.error(f"--tokenizer {a.tokenizer}: no such file")
-        tokenizer = llama.Tokenizer(a.tokenizer)
+        tokenizer = Tokenizer(a.tokenizer)
         if tokenizer.n_words > args.vocab_size:
             p.error(f"{a.tokenizer}: {tokenizer.n_words} tokens do not fit the {a.shape} shape's {args.vocab_size}")
     workloads = {"fixed 16x256": (fixed_workload(args, a.batch_size, a.seq_len, a.warmup + a.steps),) * 2}
@@ -507,7 +508,7 @@ def parity(args: llama.ModelArgs, device) -> list[dict]:
                 check(precision, "logits", ours(tokens), hf(input_ids=tokens).logits)
             for method in ("lora", "dora"):
                 ours = llama.load(folder, device, dtype)[0]
-                add_adapters(ours, TARGETS, r=32, alpha=64, dropout=0.0, dora=method == "dora")
+                add_adapters(ours, DEFAULT_TARGETS, r=32, alpha=64, dropout=0.0, dora=method == "dora")
                 randomize_adapters(ours)
                 export_peft(Path(folder) / method, ours)
                 theirs = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device),

@@ -48,7 +48,6 @@ row. It is computed here from r-sized products only, never from the (out, in) ma
 import hashlib
 import json
 import math
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -61,7 +60,8 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors_bytes, load_file, save as safetensors_bytes, save_file
 
 from data.commonsense import IGNORE_INDEX
-from llama import HF_TO_META_LAYER_NAMES, KVCache, check_json_types, hf_to_meta_rows, meta_to_hf_rows, read_json
+from data.files import check_json_types, read_json, write_atomically
+from llama import HF_TO_META_LAYER_NAMES, KVCache, hf_to_meta_rows, meta_to_hf_rows
 
 # The block linears an adapter can wrap: Meta's short name -> its path inside a block.
 BLOCK_LINEARS = {path.split(".")[1]: path for path in HF_TO_META_LAYER_NAMES.values() if "." in path}
@@ -842,16 +842,3 @@ def read_safetensors(file: Path, data: bytes | None = None) -> dict[str, torch.T
         return load_file(str(file)) if data is None else load_safetensors_bytes(data)
     except Exception as e:  # safetensors raises several types; the user needs the file name
         raise ValueError(f"{file}: cannot read adapter tensors: {e}") from None
-
-
-def write_atomically(file: Path, write):
-    """Write through a temporary file and rename it over `file`, so an interrupted save never
-    leaves a half-written file where a good one was."""
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left over when the write failed

@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.commonsense import eval_prompt, load_records
-from echo_lora import load_adapter, merge, write_atomically
-from llama import (PRECISIONS, Tokenizer, Transformer, default_precision, generate, load, prefill,
-                   resolve_checkpoint, resolve_device)
+from data.files import write_atomically
+from echo_lora import load_adapter, merge
+from llama import (PRECISIONS, Transformer, default_precision, generate, load, prefill, resolve_checkpoint,
+                   resolve_device)
+from tokenizer import Tokenizer
 
 
 class Benchmark(NamedTuple):

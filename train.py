@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 import llama
 from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
+from data.files import read_json, write_atomically
 from echo_lora import (Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters, copy_adapter_tensors, loss_terms,
-                       route, save_adapter, trainable_parameters, write_atomically)
+                       route, save_adapter, trainable_parameters)
 
 EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample"  # our own small records (data/README.md)
@@ -196,7 +197,7 @@ def check_out_folder(cfg: Config):
     if not cfg.resume:
         raise SystemExit(f"{out}: holds a run already; --resume continues it, --overwrite replaces it, "
                          "or give another --out")
-    saved = llama.read_json(out / "config.json").get("config", {}) if (out / "config.json").is_file() else {}
+    saved = read_json(out / "config.json").get("config", {}) if (out / "config.json").is_file() else {}
     now = dataclasses.asdict(cfg)
     changed = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
     if "max_steps" in saved and (now["max_steps"] or math.inf) < (saved["max_steps"] or math.inf):  # 0: all epochs

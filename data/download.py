@@ -21,7 +21,7 @@ from typing import NamedTuple
 if not __package__:  # run as a script (python data/download.py): make the `data` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.commonsense import parse_records
-from echo_lora import write_atomically
+from data.files import write_atomically
 
 COMMIT = "816657208af4db747803f87ba40a4c71383fed7a"  # LLM-Adapters HEAD, 2024-03-10
 BASE_URL = f"https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/{COMMIT}/"

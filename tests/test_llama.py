@@ -1,6 +1,6 @@
-"""llama.py against independent references: HF transformers' LlamaForCausalLM on the same
-weights, real trained weights (stories260K) with golden greedy ids, and the real Meta tokenizer
-files with llama.cpp's test vectors."""
+"""llama.py and tokenizer.py against independent references: HF transformers' LlamaForCausalLM
+on the same weights, real trained weights (stories260K) with golden greedy ids, and the real Meta
+tokenizer files with llama.cpp's test vectors."""
 
 import json
 import shutil
@@ -11,6 +11,7 @@ import torch
 import llama
 from conftest import ASSETS
 from reference import hf_llama, write_hf_folder, write_meta_folder
+from tokenizer import Tokenizer
 
 STORIES = ASSETS / "models" / "stories260K-meta"
 LLAMA2_TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -207,7 +208,7 @@ def vector_texts():
     (LLAMA3_TOKENIZER, "ggml-vocab-llama-bpe.gguf.out", 128256),
 ])
 def test_tokenizer_matches_llamacpp_vectors(path, expected_file, n_words):
-    tok = llama.Tokenizer(path)
+    tok = Tokenizer(path)
     assert tok.n_words == n_words
     lines = (VECTORS / expected_file).read_text().split("\n")
     texts = vector_texts()[: len(lines) - 1]  # the spm file covers the first 43 of 44 tests
@@ -217,7 +218,7 @@ def test_tokenizer_matches_llamacpp_vectors(path, expected_file, n_words):
 
 
 def test_tokenizer_special_ids_and_round_trip():
-    sp, tt = llama.Tokenizer(LLAMA2_TOKENIZER), llama.Tokenizer(LLAMA3_TOKENIZER)
+    sp, tt = Tokenizer(LLAMA2_TOKENIZER), Tokenizer(LLAMA3_TOKENIZER)
     assert (sp.bos_id, sp.eos_id, sp.pad_id, sp.stop_ids) == (1, 2, 0, {2})
     assert (tt.bos_id, tt.eos_id, tt.stop_ids) == (128000, 128001, {128001, 128009})
     assert tt.encode("This is a test sentence.", bos=True, eos=True) == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
@@ -232,7 +233,7 @@ def test_tokenizer_rejects_garbage(tmp_path):
     bad = tmp_path / "tokenizer.model"
     bad.write_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match="tokenizer.model"):
-        llama.Tokenizer(bad)
+        Tokenizer(bad)
 
 
 def test_vocab_size_minus_one_takes_the_tokenizers(tmp_path):

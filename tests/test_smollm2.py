@@ -21,6 +21,7 @@ import train
 from conftest import ASSETS
 from data.commonsense import eval_prompt, load_records, train_prompt
 from echo_lora import add_adapters, adapted_linears, export_peft
+from tokenizer import LLAMA3_SPLIT_PATTERN, Tokenizer
 
 GOLDEN = ASSETS / "models" / "smollm2-135m" / "golden.json"
 COMMONSENSE = ASSETS / "data" / "commonsense"
@@ -71,7 +72,7 @@ def max_diff(a, b) -> float:
 
 
 def test_tokenizer_ids_equal_transformers_on_every_benchmark_prompt_and_round_trip(smollm2_ckpt):
-    ours = llama.Tokenizer(smollm2_ckpt / "tokenizer.json")
+    ours = Tokenizer(smollm2_ckpt / "tokenizer.json")
     theirs = AutoTokenizer.from_pretrained(smollm2_ckpt)
     texts = benchmark_texts() + vector_texts()
     assert len(texts) == 3_684
@@ -94,7 +95,7 @@ def test_tokenizer_special_ids_follow_the_hf_files(smollm2_ckpt, smollm2):
 def test_hub_digits_pre_tokenizer_equals_tokenizers(smollm2_ckpt, tmp_path):
     """The hub's SmolLM2 tokenizer.json splits digits one by one before ByteLevel (our one regex
     for the two steps must cut exactly where the two do)."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer as HubTokenizer
 
     spec = json.loads((smollm2_ckpt / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
@@ -102,7 +103,7 @@ def test_hub_digits_pre_tokenizer_equals_tokenizers(smollm2_ckpt, tmp_path):
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     (tmp_path / "tokenizer_config.json").write_bytes((smollm2_ckpt / "tokenizer_config.json").read_bytes())
-    ours, theirs = llama.Tokenizer(tmp_path / "tokenizer.json"), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ours, theirs = Tokenizer(tmp_path / "tokenizer.json"), HubTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     digits = ["a  2", "x 2018", "  12 34  5\n\n 6", "3.14159 and 1,000,000", "１２３ ٣٤ Ⅻ ½", "x\n 9 \n", "2's"]
     texts = digits + vector_texts() + benchmark_texts()[::20]
     differ = [text for text in texts if ours.encode(text) != theirs.encode(text, add_special_tokens=False).ids]
@@ -115,9 +116,9 @@ def test_llama3_hub_tokenizer_json_equals_the_tiktoken_file(tmp_path):
     from tokenizers import processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    meta = llama.Tokenizer(LLAMA3_TOKENIZER)
+    meta = Tokenizer(LLAMA3_TOKENIZER)
     names = sorted(meta.tt._special_tokens, key=meta.tt._special_tokens.get)
-    converted = TikTokenConverter(vocab_file=str(LLAMA3_TOKENIZER), pattern=llama.LLAMA3_SPLIT_PATTERN,
+    converted = TikTokenConverter(vocab_file=str(LLAMA3_TOKENIZER), pattern=LLAMA3_SPLIT_PATTERN,
                                   extra_special_tokens=names).converted()
     converted.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -125,7 +126,7 @@ def test_llama3_hub_tokenizer_json_equals_the_tiktoken_file(tmp_path):
     converted.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
                                                                 "eos_token": "<|end_of_text|>"}))
-    ours, theirs = llama.Tokenizer(tmp_path / "tokenizer.json"), AutoTokenizer.from_pretrained(tmp_path)
+    ours, theirs = Tokenizer(tmp_path / "tokenizer.json"), AutoTokenizer.from_pretrained(tmp_path)
     assert (ours.n_words, ours.bos_id, ours.eos_id, ours.stop_ids) == (128256, 128000, 128001, {128001, 128009})
     for text in vector_texts() + benchmark_texts()[::200]:
         assert ours.encode(text, bos=True) == meta.encode(text, bos=True) == theirs(text)["input_ids"], repr(text)
@@ -162,7 +163,7 @@ def test_unimplemented_tokenizer_json_is_an_error_naming_the_file(smollm2_ckpt, 
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     (tmp_path / "tokenizer_config.json").write_bytes((smollm2_ckpt / "tokenizer_config.json").read_bytes())
     with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'tokenizer.json'))}: .*{message}"):
-        llama.Tokenizer(tmp_path / "tokenizer.json")
+        Tokenizer(tmp_path / "tokenizer.json")
 
 
 # --------------------------------------------------------------------------------------------
