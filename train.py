@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
@@ -32,59 +32,106 @@ from tqdm import tqdm
 
 import llama
 from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
-from echo_lora import (Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters, copy_adapter_tensors, loss_terms,
+from echo_lora import (DEFAULT_TARGETS, Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters, copy_adapter_tensors, loss_terms,
                        save_adapter, trainable_parameters, write_atomically)
 
 EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample"  # our own small records (data/README.md)
+METHODS = ("lora", "dora", "echo-lora", "echo-dora")
+ECHO_DEFAULTS = EchoConfig()  # the Echo path's defaults live in echo_lora.EchoConfig alone
+# The values a numeric flag may take: outside them is a parse error, not a traceback minutes later
+# or a silently wrong run (a negative --grad-clip ascends the gradient). NaN fails every test.
+POSITIVE, NOT_NEGATIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
+SEED = (lambda v: 0 <= v < 2**32, "in [0, 2^32)")  # numpy's and torch's seeds
+
+
+def flag(default, help: str, *, choices=None, allowed=None, default_text: str = ""):
+    """A Config field that is also a command-line flag: its default, its one-line meaning, the values
+    it may take (`choices`, or `allowed`: a test and its wording), and how `--help` states a default
+    that means more than its value (`default_text`)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, allowed=allowed, default_text=default_text))
+
+
+def echo_flag(name: str, help: str, **kw):
+    """A flag of the Echo path (METHOD.md): its default is EchoConfig's field `name`."""
+    default = getattr(ECHO_DEFAULTS, name)
+    if isinstance(default, tuple) or default is None:  # block numbers, as a comma-separated flag
+        return flag(",".join(map(str, default or ())), help, **kw)
+    return flag(default, help, **kw)
 
 
 @dataclass
 class Config:
-    ckpt: str = EMBEDDED  # checkpoints/<ckpt>, else a path; "tiny" is built on first use
-    method: str = "echo-lora"  # lora | dora | echo-lora | echo-dora
-    data: str = "data/commonsense_170k.json"  # one or more commonsense JSON files, comma-separated
-    out: str = ""  # default: out/<method>-<ckpt name>
+    ckpt: str = flag(EMBEDDED, "checkpoints/NAME or a path to a Meta or HF LLaMA folder; tiny is built on first use")
+    method: str = flag("echo-lora", "lora and dora: the baselines; echo-: the same adapter trained with the Echo path",
+                       choices=METHODS)
+    data: str = flag("data/commonsense_170k.json", "one or more commonsense JSON files, comma-separated")
+    out: str = flag("", "the run's folder: adapter, config.json, metrics.jsonl, checkpoint.pt",
+                    default_text="out/<method>-<ckpt name>, or the first free -2, -3, ... beside it")
     # adapters (the recipe)
-    r: int = 32
-    alpha: float = 64
-    dropout: float = 0.05
-    targets: str = "wq,wk,wv,w3,w2"  # Meta names of q, k, v, up, down
+    r: int = flag(32, "adapter rank", allowed=POSITIVE)
+    alpha: float = flag(64, "adapter scale: the update is alpha / r x B A",
+                        allowed=(lambda v: 0 < v < math.inf, "> 0 and finite"))
+    dropout: float = flag(0.05, "dropout on the adapters' input", allowed=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    targets: str = flag(",".join(DEFAULT_TARGETS), "adapted linears of every block, comma-separated Meta names "
+                        "(wq, wk, wv, wo: attention; w1, w3, w2: gate, up, down)")
     # optimisation (the recipe)
-    lr: float = 0.0  # 0: by method and model, see default_lr
-    batch_size: int = 16
-    micro_batch_size: int = 16  # per process; gradient accumulation makes up batch_size
-    epochs: int = 3
-    cutoff: int = 256
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
+    lr: float = flag(0.0, "peak learning rate",
+                     allowed=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0: the recipe's rate)"),
+                     default_text="by method and model: 3e-4 for LoRA; DoRA 1e-4 on LLaMA-7B and Llama-3-8B, else 2e-4")
+    batch_size: int = flag(16, "records per optimizer step, over all processes", allowed=POSITIVE)
+    micro_batch_size: int = flag(16, "records per forward pass and process; gradient accumulation makes up --batch-size",
+                                 allowed=POSITIVE)
+    epochs: int = flag(3, "passes over the training records", allowed=POSITIVE)
+    cutoff: int = flag(256, "tokens kept of each record",
+                       allowed=(lambda v: v >= 2, ">= 2 (BOS and at least one more token)"))
+    warmup_steps: int = flag(100, "steps of linear warm-up, then linear decay to 0", allowed=NOT_NEGATIVE)
+    grad_clip: float = flag(1.0, "largest gradient norm",
+                            allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"))
     # departures from the recipe, all off by default (README, "Departures from the recipe")
-    answer_only_loss: bool = False  # the plain cross-entropy on answer tokens only
-    token_mean_loss: bool = False  # one mean over the step's tokens, not a mean of micro-batch means
-    group_by_length: bool = False  # batches of similar lengths: less padding, less random batches
-    adapter_only_dropout: bool = False  # DoRA: dropout on the adapter path only (saves a W drop(x))
-    val_size: int = 120
-    val_seed: int = 42  # fixed apart from --seed, so every run validates on the same records
-    eval_every: int = 80  # steps between validation losses (the recipe's eval_steps)
-    save_every: int = 200  # steps between resumable checkpoints
-    max_steps: int = 0  # 0: all epochs; else stop after this many steps (the schedule spans them)
-    seed: int = 42
-    # the Echo path (METHOD.md); block numbers 1-based, comma-separated, empty = the default quarter
-    echo_source_layers: str = ""
-    echo_target_layers: str = ""
-    echo_pool: str = "mean"
-    echo_route_p: float = 0.5
-    echo_distill: float = 1.0
-    echo_tau: float = 1.0
-    echo_mask: str = "answer"
-    echo_pass: str = "suffix"
+    answer_only_loss: bool = flag(False, "departure: the plain cross-entropy on answer tokens only")
+    token_mean_loss: bool = flag(False, "departure: one mean over the step's tokens, not a mean of micro-batch means")
+    group_by_length: bool = flag(False, "departure (speed): batches of similar lengths, less padding, less random")
+    adapter_only_dropout: bool = flag(False, "departure (speed, DoRA): dropout on the adapter path only, saving W drop(x)")
+    val_size: int = flag(120, "validation records held out (0: none, the last adapter is kept)",
+                         allowed=NOT_NEGATIVE)
+    val_seed: int = flag(42, "seed of the validation split, apart from --seed so every run validates on the same records",
+                         allowed=SEED)
+    eval_every: int = flag(80, "steps between validation losses; the best adapter is kept (the recipe's eval_steps)",
+                           allowed=POSITIVE)
+    save_every: int = flag(200, "steps between resumable checkpoints", allowed=POSITIVE)
+    max_steps: int = flag(0, "stop after this many steps (the schedule spans them)",
+                          allowed=(lambda v: v >= 0, ">= 0 (0: all epochs)"))
+    seed: int = flag(42, "seed of the adapters' initialisation, the batch order, dropout and routing",
+                     allowed=SEED)
+    # the Echo path (METHOD.md items 1-7; checked by EchoConfig); block numbers 1-based, comma-separated
+    echo_source_layers: str = echo_flag("source_layers", "blocks whose states make the echo representation (item 1)",
+                                        default_text="the deepest quarter of blocks")
+    echo_target_layers: str = echo_flag("target_layers", "blocks whose adapters take the injection (item 3)",
+                                        default_text="the shallowest quarter of blocks")
+    echo_pool: str = echo_flag("pool", "the echo representation: mean over the prompt, or its last position (item 2)",
+                               choices=("mean", "last"))
+    echo_route_p: float = echo_flag("route_p", "stochastic routing: each sample's chance of the echo pass, in [0, 1] (item 5)")
+    echo_distill: float = echo_flag("distill", "lambda, the masked distillation weight, >= 0 (item 7)")
+    echo_tau: float = echo_flag("tau", "tau, the masked distillation temperature, > 0 (item 7)")
+    echo_mask: str = echo_flag("mask", "answer-only masks; none leaks the answer (an ablation, needs --echo-pass full) "
+                               "(item 4)", choices=("answer", "none"))
+    echo_pass: str = echo_flag("echo_pass", "suffix: recompute only the answer suffix; full: every position, the "
+                               "reference (item 6)", choices=("suffix", "full"))
     # machinery
-    gradient_checkpointing: bool = False
-    resume: bool = False
-    overwrite: bool = False  # replace the run already in --out (default: refuse to)
-    device: str = ""  # default: cuda when available
-    precision: str = ""  # bf16 | fp32 (llama.PRECISIONS); default: bf16 on cuda, fp32 elsewhere
-    log_every: int = 1
+    gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass: less memory")
+    resume: bool = flag(False, "continue the run in --out from its checkpoint.pt")
+    overwrite: bool = flag(False, "replace the run already in --out (without it: refuse to)")
+    device: str = flag("", "cpu, cuda or cuda:N", default_text="cuda when available")
+    precision: str = flag("", "bf16: the recipe's autocast; fp32: everything in fp32", choices=tuple(llama.PRECISIONS),
+                          default_text="bf16 on cuda, fp32 elsewhere")
+    log_every: int = flag(1, "steps between tokens/s readings (progress line and metrics.jsonl)",
+                          allowed=POSITIVE)
+
+
+def echo_flag_name(name: str) -> str:
+    """Config's flag for EchoConfig's field `name`: pool -> echo_pool, echo_pass -> echo_pass."""
+    return name if name.startswith("echo_") else "echo_" + name
 
 
 # Per-checkpoint defaults for fields left unset on the command line. The embedded tiny model
@@ -96,28 +143,6 @@ PRESETS = {
 }
 
 
-# The values each numeric flag may take: outside them is a parse error, not a traceback minutes
-# later or a silently wrong run (a negative --grad-clip ascends the gradient). NaN fails every
-# test. The echo flags are checked by EchoConfig.
-FLAG_RANGES = {
-    "r": (lambda v: v >= 1, ">= 1"),
-    "alpha": (lambda v: 0 < v < math.inf, "> 0 and finite"),
-    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "lr": (lambda v: 0 <= v < math.inf, ">= 0 and finite (0: the recipe's rate)"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "micro_batch_size": (lambda v: v >= 1, ">= 1"),
-    "epochs": (lambda v: v >= 1, ">= 1"),
-    "cutoff": (lambda v: v >= 2, ">= 2 (BOS and at least one more token)"),
-    "warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v > 0, "> 0 (inf: no clipping)"),
-    "val_size": (lambda v: v >= 0, ">= 0"),
-    "val_seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
-    "eval_every": (lambda v: v >= 1, ">= 1"),
-    "save_every": (lambda v: v >= 1, ">= 1"),
-    "max_steps": (lambda v: v >= 0, ">= 0 (0: all epochs)"),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
-    "log_every": (lambda v: v >= 1, ">= 1"),
-}
 # The files that make a folder a run: train.py refuses to write over them unless asked.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors", "adapter_config.json")
 # Flags a resumed run may change, because they cannot change what it computes (--out: the run
@@ -137,23 +162,41 @@ def default_lr(method: str, ckpt: str) -> float:
     return next((lr for key, lr in DORA_LR.items() if key in name), 1e-4 if "llama3" in name else 2e-4)
 
 
-def parse_config(argv=None) -> Config:
+def flag_help(f: dataclasses.Field) -> str:
+    """`--help`'s line for a Config field: its meaning, its default (and the embedded model's, where
+    PRESETS sets another) and, for numbers, the values it may take."""
+    meta = f.metadata
+    default = meta["default_text"] or ("off" if f.type is bool else f.default)
+    text = f"{meta['help']} (default: {default}"
+    if f.name in PRESETS[EMBEDDED]:
+        text += f"; with --ckpt {EMBEDDED}: {PRESETS[EMBEDDED][f.name]}"
+    if meta["allowed"]:
+        text += f"; {meta['allowed'][1]}"
+    return (text + ")").replace("%", "%%")  # argparse formats help with %
+
+
+def config_parser() -> argparse.ArgumentParser:
+    """One flag per Config field: --name-with-dashes. Unset flags parse to None (False for a
+    switch), so that what was given can be told apart from the defaults and PRESETS."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag_name, help = "--" + f.name.replace("_", "-"), flag_help(f)
         if f.type is bool:
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag_name, action="store_true", help=help)
         else:
-            parser.add_argument(flag, type=f.type, default=None)
+            parser.add_argument(flag_name, type=f.type, default=None, choices=f.metadata["choices"], help=help)
+    return parser
+
+
+def parse_config(argv=None) -> Config:
+    parser = config_parser()
     # Only what was given on the command line (`0` is a value; unset is None, or False for a switch).
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
     preset = PRESETS.get(Path(given.get("ckpt", EMBEDDED)).name, {})
     cfg = Config(**{**preset, **given})
-    if cfg.method not in ("lora", "dora", "echo-lora", "echo-dora"):
-        parser.error(f"--method must be lora, dora, echo-lora or echo-dora, found {cfg.method!r}")
-    for name, (ok, allowed) in FLAG_RANGES.items():
-        if not ok(getattr(cfg, name)):
-            parser.error(f"--{name.replace('_', '-')} must be {allowed}, found {getattr(cfg, name)}")
+    for f in dataclasses.fields(Config):
+        if f.metadata["allowed"] and not f.metadata["allowed"][0](getattr(cfg, f.name)):
+            parser.error(f"--{f.name.replace('_', '-')} must be {f.metadata['allowed'][1]}, found {getattr(cfg, f.name)}")
     echo_flags = ["--" + k.replace("_", "-") for k in given if k.startswith("echo_")]
     if echo_flags and not cfg.method.startswith("echo-"):
         parser.error(f"{', '.join(echo_flags)} given with --method {cfg.method}, which has no Echo path")
@@ -163,8 +206,6 @@ def parse_config(argv=None) -> Config:
         llama.resolve_device(cfg.device)
     except ValueError as e:
         parser.error(str(e))
-    if cfg.precision and cfg.precision not in llama.PRECISIONS:
-        parser.error(f"--precision must be {' or '.join(llama.PRECISIONS)}, found {cfg.precision!r}")
     if cfg.batch_size % cfg.micro_batch_size:
         parser.error(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
     cfg.lr = cfg.lr or default_lr(cfg.method, cfg.ckpt)
@@ -208,13 +249,13 @@ def check_out_folder(cfg: Config):
 
 
 def echo_config(cfg: Config) -> EchoConfig | None:
+    """The Echo path's EchoConfig from its --echo-* flags (None for lora and dora)."""
     if not cfg.method.startswith("echo-"):
         return None
     layers = lambda s: tuple(int(x) for x in s.split(",")) if s else None  # noqa: E731
+    values = {f.name: getattr(cfg, echo_flag_name(f.name)) for f in dataclasses.fields(EchoConfig)}
     try:
-        return EchoConfig(source_layers=layers(cfg.echo_source_layers), target_layers=layers(cfg.echo_target_layers),
-                          pool=cfg.echo_pool, route_p=cfg.echo_route_p, distill=cfg.echo_distill, tau=cfg.echo_tau,
-                          mask=cfg.echo_mask, echo_pass=cfg.echo_pass)
+        return EchoConfig(**{k: layers(v) if k.endswith("_layers") else v for k, v in values.items()})
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
