@@ -4,7 +4,7 @@
     python train.py --ckpt llama-7b --method echo-lora
     torchrun --nproc_per_node 8 train.py --ckpt llama-7b --method echo-dora
 
-Reads top to bottom: configuration, data, model, optimizer, loop. Defaults are the published
+Reads top to bottom: configuration, model, data, training machinery, logging, then `main`: the loop. Defaults are the published
 commonsense recipe (LLM-Adapters / DoRA): r 32, alpha 64, dropout 0.05 on q, k, v, up, down;
 batch 16, 3 epochs, cutoff 256, 120 validation records, 100 warmup steps then linear decay,
 AdamW without weight decay, random batches, the loss on the whole text (prompt and answer), each
@@ -59,6 +59,11 @@ def echo_flag(name: str, help: str, **kw):
     if isinstance(default, tuple) or default is None:  # block numbers, as a comma-separated flag
         return flag(",".join(map(str, default or ())), help, **kw)
     return flag(default, help, **kw)
+
+
+def echo_flag_name(name: str) -> str:
+    """Config's flag for EchoConfig's field `name`: pool -> echo_pool, echo_pass -> echo_pass."""
+    return name if name.startswith("echo_") else "echo_" + name
 
 
 @dataclass
@@ -128,11 +133,6 @@ class Config:
                           default_text="bf16 on cuda, fp32 elsewhere")
     log_every: int = flag(1, "steps between tokens/s readings (progress line and metrics.jsonl)",
                           allowed=POSITIVE)
-
-
-def echo_flag_name(name: str) -> str:
-    """Config's flag for EchoConfig's field `name`: pool -> echo_pool, echo_pass -> echo_pass."""
-    return name if name.startswith("echo_") else "echo_" + name
 
 
 # Per-checkpoint defaults for fields left unset on the command line. The embedded tiny model
