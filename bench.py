@@ -53,7 +53,8 @@ from echo_lora import (DEFAULT_TARGETS, TARGET_HF_NAMES, EchoConfig, EchoPath, a
                        add_adapters, export_peft, loss_terms, name_from_peft_key, permute_qk_rows, route,
                        trainable_parameters)
 from tokenizer import Tokenizer
-from train import autocast, collate, encode_examples, length_grouped_batches
+from train import (Timer, autocast, collate, encode_examples, length_grouped_batches, lora_ceiling_tokens_per_s,
+                   matmul_tflops)
 
 SHAPES = {
     "llama-7b": llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
@@ -78,28 +79,6 @@ DEVICE_SUITE_FILES = {  # --data, --tokenizer, --test-sets of the device suite
 # (measured on a CPU, tiny shape: below 1e-6). bf16: each side rounds its activations to 8
 # significant bits at different points (measured on a CPU, tiny shape: up to 6e-3).
 PARITY_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
-
-
-class Timer:
-    """Wall time of a region: CUDA events on the GPU (they time the device, not the launch
-    queue), perf_counter on the CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    @contextmanager
-    def region(self):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            torch.cuda.synchronize()
-            self.seconds = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.seconds = time.perf_counter() - t0
 
 
 def peak_gib(device):
@@ -293,47 +272,35 @@ def time_evaluation(model, tokenizer, test_dir, per_set, device):
     return result
 
 
-def matmul_tflops(device, dtype, n=8192 if torch.cuda.is_available() else 1024, reps=10):
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    timer = Timer(device)
-    with timer.region():
-        for _ in range(reps):
-            a @ b
-    return 2 * n ** 3 * reps / timer.seconds / 1e12
-
-
-def lora_ceiling_tokens_per_s(args, tflops):
-    """4 FLOPs per block matmul parameter per token: forward (2) and input gradients (2); the
-    frozen weights need no weight gradients. Attention scores and the adapters are left out, and
-    so is the output head, which our step applies only at the labelled positions."""
-    with torch.device("meta"):
-        model = llama.Transformer(args)
-    n = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
-    return tflops * 1e12 / (4 * n)
-
-
 # --------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=["speed", "device"], default="speed",
-                   help="speed: the measurements below; device: parity, a torchrun smoke run, then speed (one GPU call)")
-    p.add_argument("--shape", choices=SHAPES, help="default: tiny (speed), llama-7b (device)")
+                   help="speed: the measurements below; device: parity, a torchrun smoke run, then speed (one GPU call) "
+                        "(default: speed)")
+    p.add_argument("--shape", choices=SHAPES, help="the model's shape, random weights "
+                                                 "(default: tiny (speed), llama-7b (device))")
     p.add_argument("--method", nargs="+", default=["lora", "dora", "echo-lora", "echo-dora"],
-                   choices=["lora", "dora", "echo-lora", "echo-dora"])
-    p.add_argument("--precision", choices=list(llama.PRECISIONS), help="default: bf16 on cuda, fp32 elsewhere")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (after warm-up)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--route-p", type=float, default=0.5)
-    p.add_argument("--data", help="commonsense JSON (comma-separated files): also time the real-record workload")
-    p.add_argument("--tokenizer", help="tokenizer.model for --data and --test-sets (its vocabulary must fit the shape)")
-    p.add_argument("--test-sets", type=Path, help="folder of <benchmark>/test.json: time eval.py's decoding on them")
-    p.add_argument("--questions-per-set", type=int, default=64)
-    p.add_argument("--no-peft", action="store_true", help="skip the transformers + peft peer")
+                   choices=["lora", "dora", "echo-lora", "echo-dora"], help="the methods timed (default: all four)")
+    p.add_argument("--precision", choices=list(llama.PRECISIONS),
+                   help="bf16: the recipe's autocast; fp32: everything in fp32 (default: bf16 on cuda, fp32 elsewhere)")
+    p.add_argument("--batch-size", type=int, default=16, help="records per training step (default: 16)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per record of the fixed workload (default: 256)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration, after warm-up (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per configuration (default: 3)")
+    p.add_argument("--route-p", type=float, default=0.5,
+                   help="the echo methods' stochastic routing, METHOD.md item 5 (default: 0.5)")
+    p.add_argument("--data", help="commonsense JSON (comma-separated files): also time the real-record workload "
+                                    "(default: none; device: tests/assets' records)")
+    p.add_argument("--tokenizer", help="tokenizer.model for --data and --test-sets (its vocabulary must fit the shape) "
+                                         "(default: none; device: the LLaMA-2 one in tests/assets)")
+    p.add_argument("--test-sets", type=Path, help="folder of <benchmark>/test.json: time eval.py's decoding on them "
+                                                    "(default: none; device: tests/assets' test sets)")
+    p.add_argument("--questions-per-set", type=int, default=64, help="test prompts timed per benchmark (default: 64)")
+    p.add_argument("--no-peft", action="store_true",
+                   help="skip the transformers + peft peer (default: time it, when installed)")
     p.add_argument("--out", help="bench.json (speed; the default) or a folder (device; default results/<device>-<date>)")
     a = p.parse_args(argv)
     a.shape = a.shape or ("llama-7b" if a.suite == "device" else "tiny")

@@ -475,10 +475,10 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder")
+    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder (required, unless --compare)")
     parser.add_argument("--compare", nargs="+", type=Path, metavar="RUN",
                         help="instead of evaluating: compare evaluated runs (folders with results.json), "
-                             "grouped by method, Echo against its base method")
+                             "grouped by method, Echo against its base method (default: evaluate, not compare)")
     parser.add_argument("--adapter", type=Path, help="adapter folder from train.py, merged into the weights "
                                                      "(default: evaluate the base model)")
     parser.add_argument("--datasets", nargs="+", default=["all"], metavar="NAME",
@@ -489,19 +489,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "or out/eval-<ckpt> for the base model)")
     parser.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
                         help="generate a reply and extract its label (the protocol), or rank the labels "
-                             "by log-likelihood")
+                             "by log-likelihood (default: generate)")
     parser.add_argument("--num-beams", type=positive_int, default=4,
                         help="4: the protocol's beam search (default); 1: greedy, faster, not the protocol")
     parser.add_argument("--beam-rule", choices=BEAM_RULES, default=BEAM_RULES[0],
                         help="whose beam-search stopping rule: transformers 4.36.0's (the protocol's, "
                              "default) or transformers 5's")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per batch")
-    parser.add_argument("--limit", type=positive_int, help="only the first N items of each test set")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32,
+                        help="the longest reply generated, in tokens (default: 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per batch (default: 32)")
+    parser.add_argument("--limit", type=positive_int, help="only the first N items of each test set (default: all)")
     parser.add_argument("--published", choices=[*PUBLISHED, "none"],
                         help="published rows to print beside the results (default: the ckpt name, if it is one)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in --out")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier evaluation in --out (default: refuse to)")
     parser.add_argument("--precision", choices=list(PRECISIONS),
                         help="the weights' dtype (the adapter is merged into them); default: bf16 on cuda, fp32 elsewhere")
     args = parser.parse_args(argv)

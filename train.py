@@ -4,7 +4,7 @@
     python train.py --ckpt llama-7b --method echo-lora
     torchrun --nproc_per_node 8 train.py --ckpt llama-7b --method echo-dora
 
-Reads top to bottom: configuration, data, model, optimizer, loop. Defaults are the published
+Reads top to bottom: configuration, model, data, training machinery, logging, then `main`: the loop. Defaults are the published
 commonsense recipe (LLM-Adapters / DoRA): r 32, alpha 64, dropout 0.05 on q, k, v, up, down;
 batch 16, 3 epochs, cutoff 256, 120 validation records, 100 warmup steps then linear decay,
 AdamW without weight decay, random batches, the loss on the whole text (prompt and answer), each
@@ -22,7 +22,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
@@ -33,59 +34,106 @@ from tqdm import tqdm
 import llama
 from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
 from data.files import read_json, write_atomically
-from echo_lora import (Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters, copy_adapter_tensors, loss_terms,
-                       route, save_adapter, trainable_parameters)
+from echo_lora import (DEFAULT_TARGETS, Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters,
+                       copy_adapter_tensors, loss_terms, route, save_adapter, trainable_parameters)
 
 EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample"  # our own small records (data/README.md)
+METHODS = ("lora", "dora", "echo-lora", "echo-dora")
+ECHO_DEFAULTS = EchoConfig()  # the Echo path's defaults live in echo_lora.EchoConfig alone
+# The values a numeric flag may take: outside them is a parse error, not a traceback minutes later
+# or a silently wrong run (a negative --grad-clip ascends the gradient). NaN fails every test.
+POSITIVE, NOT_NEGATIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
+SEED = (lambda v: 0 <= v < 2**32, "in [0, 2^32)")  # numpy's and torch's seeds
+
+
+def flag(default, help: str, *, choices=None, allowed=None, default_text: str = ""):
+    """A Config field that is also a command-line flag: its default, its one-line meaning, the values
+    it may take (`choices`, or `allowed`: a test and its wording), and how `--help` states a default
+    that means more than its value (`default_text`)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, allowed=allowed, default_text=default_text))
+
+
+def echo_flag(name: str, help: str, **kw):
+    """A flag of the Echo path (METHOD.md): its default is EchoConfig's field `name`."""
+    default = getattr(ECHO_DEFAULTS, name)
+    if isinstance(default, tuple) or default is None:  # block numbers, as a comma-separated flag
+        return flag(",".join(map(str, default or ())), help, **kw)
+    return flag(default, help, **kw)
+
+
+def echo_flag_name(name: str) -> str:
+    """Config's flag for EchoConfig's field `name`: pool -> echo_pool, echo_pass -> echo_pass."""
+    return name if name.startswith("echo_") else "echo_" + name
 
 
 @dataclass
 class Config:
-    ckpt: str = EMBEDDED  # checkpoints/<ckpt>, else a path; "tiny" is built on first use
-    method: str = "echo-lora"  # lora | dora | echo-lora | echo-dora
-    data: str = "data/commonsense_170k.json"  # one or more commonsense JSON files, comma-separated
-    out: str = ""  # default: out/<method>-<ckpt name>
+    ckpt: str = flag(EMBEDDED, "checkpoints/NAME or a path to a Meta or HF LLaMA folder; tiny is built on first use")
+    method: str = flag("echo-lora", "lora and dora: the baselines; echo-: the same adapter trained with the Echo path",
+                       choices=METHODS)
+    data: str = flag("data/commonsense_170k.json", "one or more commonsense JSON files, comma-separated")
+    out: str = flag("", "the run's folder: adapter, config.json, metrics.jsonl, checkpoint.pt",
+                    default_text="out/<method>-<ckpt name>, or the first free -2, -3, ... beside it")
     # adapters (the recipe)
-    r: int = 32
-    alpha: float = 64
-    dropout: float = 0.05
-    targets: str = "wq,wk,wv,w3,w2"  # Meta names of q, k, v, up, down
+    r: int = flag(32, "adapter rank", allowed=POSITIVE)
+    alpha: float = flag(64, "adapter scale: the update is alpha / r x B A",
+                        allowed=(lambda v: 0 < v < math.inf, "> 0 and finite"))
+    dropout: float = flag(0.05, "dropout on the adapters' input", allowed=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    targets: str = flag(",".join(DEFAULT_TARGETS), "adapted linears of every block, comma-separated Meta names "
+                        "(wq, wk, wv, wo: attention; w1, w3, w2: gate, up, down)")
     # optimisation (the recipe)
-    lr: float = 0.0  # 0: by method and model, see default_lr
-    batch_size: int = 16
-    micro_batch_size: int = 16  # per process; gradient accumulation makes up batch_size
-    epochs: int = 3
-    cutoff: int = 256
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
+    lr: float = flag(0.0, "peak learning rate",
+                     allowed=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0: the recipe's rate)"),
+                     default_text="by method and model: 3e-4 for LoRA; DoRA 1e-4 on LLaMA-7B and Llama-3-8B, else 2e-4")
+    batch_size: int = flag(16, "records per optimizer step, over all processes", allowed=POSITIVE)
+    micro_batch_size: int = flag(16, "records per forward pass and process; accumulation makes up --batch-size",
+                                 allowed=POSITIVE)
+    epochs: int = flag(3, "passes over the training records", allowed=POSITIVE)
+    cutoff: int = flag(256, "tokens kept of each record",
+                       allowed=(lambda v: v >= 2, ">= 2 (BOS and at least one more token)"))
+    warmup_steps: int = flag(100, "steps of linear warm-up, then linear decay to 0", allowed=NOT_NEGATIVE)
+    grad_clip: float = flag(1.0, "largest gradient norm",
+                            allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"))
     # departures from the recipe, all off by default (README, "Departures from the recipe")
-    answer_only_loss: bool = False  # the plain cross-entropy on answer tokens only
-    token_mean_loss: bool = False  # one mean over the step's tokens, not a mean of micro-batch means
-    group_by_length: bool = False  # batches of similar lengths: less padding, less random batches
-    adapter_only_dropout: bool = False  # DoRA: dropout on the adapter path only (saves a W drop(x))
-    val_size: int = 120
-    val_seed: int = 42  # fixed apart from --seed, so every run validates on the same records
-    eval_every: int = 80  # steps between validation losses (the recipe's eval_steps)
-    save_every: int = 200  # steps between resumable checkpoints
-    max_steps: int = 0  # 0: all epochs; else stop after this many steps (the schedule spans them)
-    seed: int = 42
-    # the Echo path (METHOD.md); block numbers 1-based, comma-separated, empty = the default quarter
-    echo_source_layers: str = ""
-    echo_target_layers: str = ""
-    echo_pool: str = "mean"
-    echo_route_p: float = 0.5
-    echo_distill: float = 1.0
-    echo_tau: float = 1.0
-    echo_mask: str = "answer"
-    echo_pass: str = "suffix"
+    answer_only_loss: bool = flag(False, "departure: the plain cross-entropy on answer tokens only")
+    token_mean_loss: bool = flag(False, "departure: one mean over the step's tokens, not a mean of micro-batch means")
+    group_by_length: bool = flag(False, "departure (speed): batches of similar lengths, less padding, less random")
+    adapter_only_dropout: bool = flag(False, "departure (speed, DoRA): dropout on the adapter path only")
+    val_size: int = flag(120, "validation records held out (0: none, the last adapter is kept)",
+                         allowed=NOT_NEGATIVE)
+    val_seed: int = flag(42, "seed of the validation split, apart from --seed: every run validates on the same records",
+                         allowed=SEED)
+    eval_every: int = flag(80, "steps between validation losses; the best adapter is kept (the recipe's eval_steps)",
+                           allowed=POSITIVE)
+    save_every: int = flag(200, "steps between resumable checkpoints", allowed=POSITIVE)
+    max_steps: int = flag(0, "stop after this many steps (the schedule spans them)",
+                          allowed=(lambda v: v >= 0, ">= 0 (0: all epochs)"))
+    seed: int = flag(42, "seed of the adapters' initialisation, the batch order, dropout and routing",
+                     allowed=SEED)
+    # the Echo path (METHOD.md items 1-7; checked by EchoConfig); block numbers 1-based, comma-separated
+    echo_source_layers: str = echo_flag("source_layers", "blocks whose states make the echo representation (item 1)",
+                                        default_text="the deepest quarter of blocks")
+    echo_target_layers: str = echo_flag("target_layers", "blocks whose adapters take the injection (item 3)",
+                                        default_text="the shallowest quarter of blocks")
+    echo_pool: str = echo_flag("pool", "the echo representation: mean over the prompt, or its last position (item 2)",
+                               choices=("mean", "last"))
+    echo_route_p: float = echo_flag("route_p", "stochastic routing: each sample's chance of the echo pass (item 5)")
+    echo_distill: float = echo_flag("distill", "lambda, the masked distillation weight, >= 0 (item 7)")
+    echo_tau: float = echo_flag("tau", "tau, the masked distillation temperature, > 0 (item 7)")
+    echo_mask: str = echo_flag("mask", "answer-only masks; none leaks the answer (an ablation, needs --echo-pass full) "
+                               "(item 4)", choices=("answer", "none"))
+    echo_pass: str = echo_flag("echo_pass", "suffix: recompute only the answer suffix; full: every position, the "
+                               "reference (item 6)", choices=("suffix", "full"))
     # machinery
-    gradient_checkpointing: bool = False
-    resume: bool = False
-    overwrite: bool = False  # replace the run already in --out (default: refuse to)
-    device: str = ""  # default: cuda when available
-    precision: str = ""  # bf16 | fp32 (llama.PRECISIONS); default: bf16 on cuda, fp32 elsewhere
-    log_every: int = 1
+    gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass: less memory")
+    resume: bool = flag(False, "continue the run in --out from its checkpoint.pt")
+    overwrite: bool = flag(False, "replace the run already in --out; without it a run there is refused")
+    device: str = flag("", "cpu, cuda or cuda:N", default_text="cuda when available")
+    precision: str = flag("", "bf16: the recipe's autocast; fp32: everything in fp32", choices=tuple(llama.PRECISIONS),
+                          default_text="bf16 on cuda, fp32 elsewhere")
+    log_every: int = flag(1, "steps between tokens/s readings (progress line and metrics.jsonl)",
+                          allowed=POSITIVE)
 
 
 # Per-checkpoint defaults for fields left unset on the command line. The embedded tiny model
@@ -97,28 +145,6 @@ PRESETS = {
 }
 
 
-# The values each numeric flag may take: outside them is a parse error, not a traceback minutes
-# later or a silently wrong run (a negative --grad-clip ascends the gradient). NaN fails every
-# test. The echo flags are checked by EchoConfig.
-FLAG_RANGES = {
-    "r": (lambda v: v >= 1, ">= 1"),
-    "alpha": (lambda v: 0 < v < math.inf, "> 0 and finite"),
-    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "lr": (lambda v: 0 <= v < math.inf, ">= 0 and finite (0: the recipe's rate)"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "micro_batch_size": (lambda v: v >= 1, ">= 1"),
-    "epochs": (lambda v: v >= 1, ">= 1"),
-    "cutoff": (lambda v: v >= 2, ">= 2 (BOS and at least one more token)"),
-    "warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v > 0, "> 0 (inf: no clipping)"),
-    "val_size": (lambda v: v >= 0, ">= 0"),
-    "val_seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
-    "eval_every": (lambda v: v >= 1, ">= 1"),
-    "save_every": (lambda v: v >= 1, ">= 1"),
-    "max_steps": (lambda v: v >= 0, ">= 0 (0: all epochs)"),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
-    "log_every": (lambda v: v >= 1, ">= 1"),
-}
 # The files that make a folder a run: train.py refuses to write over them unless asked.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors", "adapter_config.json")
 # Flags a resumed run may change, because they cannot change what it computes (--out: the run
@@ -138,23 +164,42 @@ def default_lr(method: str, ckpt: str) -> float:
     return next((lr for key, lr in DORA_LR.items() if key in name), 1e-4 if "llama3" in name else 2e-4)
 
 
-def parse_config(argv=None) -> Config:
+def flag_help(f: dataclasses.Field) -> str:
+    """`--help`'s line for a Config field: its meaning, its default (and the embedded model's, where
+    PRESETS sets another) and, for numbers, the values it may take."""
+    meta = f.metadata
+    default = meta["default_text"] or ("off" if f.type is bool else f.default)
+    text = f"{meta['help']} (default: {default}"
+    if f.name in PRESETS[EMBEDDED]:
+        text += f"; with --ckpt {EMBEDDED}: {PRESETS[EMBEDDED][f.name]}"
+    if meta["allowed"]:
+        text += f"; {meta['allowed'][1]}"
+    return (text + ")").replace("%", "%%")  # argparse formats help with %
+
+
+def config_parser() -> argparse.ArgumentParser:
+    """One flag per Config field: --name-with-dashes. Unset flags parse to None (False for a
+    switch), so that what was given can be told apart from the defaults and PRESETS."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag_name, help = "--" + f.name.replace("_", "-"), flag_help(f)
         if f.type is bool:
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag_name, action="store_true", help=help)
         else:
-            parser.add_argument(flag, type=f.type, default=None)
+            parser.add_argument(flag_name, type=f.type, default=None, choices=f.metadata["choices"], help=help)
+    return parser
+
+
+def parse_config(argv=None) -> Config:
+    parser = config_parser()
     # Only what was given on the command line (`0` is a value; unset is None, or False for a switch).
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
     preset = PRESETS.get(Path(given.get("ckpt", EMBEDDED)).name, {})
     cfg = Config(**{**preset, **given})
-    if cfg.method not in ("lora", "dora", "echo-lora", "echo-dora"):
-        parser.error(f"--method must be lora, dora, echo-lora or echo-dora, found {cfg.method!r}")
-    for name, (ok, allowed) in FLAG_RANGES.items():
-        if not ok(getattr(cfg, name)):
-            parser.error(f"--{name.replace('_', '-')} must be {allowed}, found {getattr(cfg, name)}")
+    for f in dataclasses.fields(Config):
+        ok, allowed = f.metadata["allowed"] or (None, "")
+        if ok and not ok(getattr(cfg, f.name)):
+            parser.error(f"--{f.name.replace('_', '-')} must be {allowed}, found {getattr(cfg, f.name)}")
     echo_flags = ["--" + k.replace("_", "-") for k in given if k.startswith("echo_")]
     if echo_flags and not cfg.method.startswith("echo-"):
         parser.error(f"{', '.join(echo_flags)} given with --method {cfg.method}, which has no Echo path")
@@ -164,8 +209,6 @@ def parse_config(argv=None) -> Config:
         llama.resolve_device(cfg.device)
     except ValueError as e:
         parser.error(str(e))
-    if cfg.precision and cfg.precision not in llama.PRECISIONS:
-        parser.error(f"--precision must be {' or '.join(llama.PRECISIONS)}, found {cfg.precision!r}")
     if cfg.batch_size % cfg.micro_batch_size:
         parser.error(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
     cfg.lr = cfg.lr or default_lr(cfg.method, cfg.ckpt)
@@ -209,13 +252,13 @@ def check_out_folder(cfg: Config):
 
 
 def echo_config(cfg: Config) -> EchoConfig | None:
+    """The Echo path's EchoConfig from its --echo-* flags (None for lora and dora)."""
     if not cfg.method.startswith("echo-"):
         return None
     layers = lambda s: tuple(int(x) for x in s.split(",")) if s else None  # noqa: E731
+    values = {f.name: getattr(cfg, echo_flag_name(f.name)) for f in dataclasses.fields(EchoConfig)}
     try:
-        return EchoConfig(source_layers=layers(cfg.echo_source_layers), target_layers=layers(cfg.echo_target_layers),
-                          pool=cfg.echo_pool, route_p=cfg.echo_route_p, distill=cfg.echo_distill, tau=cfg.echo_tau,
-                          mask=cfg.echo_mask, echo_pass=cfg.echo_pass)
+        return EchoConfig(**{k: layers(v) if k.endswith("_layers") else v for k, v in values.items()})
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -251,7 +294,116 @@ def build_embedded_checkpoint(folder: Path, sample: Path):
 
 
 # --------------------------------------------------------------------------------------------
+# Device and model
+
+
+def start_device(cfg: Config, world: int) -> tuple[torch.device, bool]:
+    """The run's device (and its default --precision); under torchrun, its process group, joined
+    even as its only process, so one GPU runs the multi-GPU code path (NCCL included). Returns
+    (device, whether distributed)."""
+    device = llama.resolve_device(cfg.device)
+    cfg.precision = cfg.precision or llama.default_precision(device)
+    distributed = "LOCAL_RANK" in os.environ
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        raise SystemExit(f"--batch-size {cfg.batch_size} must split into {world} processes x "
+                         f"--micro-batch-size {cfg.micro_batch_size}")
+    return device, distributed
+
+
+def load_model(cfg: Config, device, rank: int, world: int):
+    """The base model and its tokenizer (the embedded tiny model is built first if missing)."""
+    if cfg.ckpt == EMBEDDED and not (Path("checkpoints") / EMBEDDED / "params.json").is_file():
+        if rank == 0:
+            print(f"no checkpoint given: building the embedded tiny model in checkpoints/{EMBEDDED}/")
+            build_embedded_checkpoint(Path("checkpoints") / EMBEDDED, Path(PRESETS[EMBEDDED]["data"]))
+        if world > 1:
+            dist.barrier()
+    try:
+        model, tokenizer = llama.load(llama.resolve_checkpoint(cfg.ckpt), device=device,
+                                      dtype=llama.PRECISIONS[cfg.precision])
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    if tokenizer is None:
+        raise SystemExit(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, tokenizer
+
+
+def add_adapters_and_echo_path(model, cfg: Config, echo_cfg: EchoConfig | None, device) -> EchoPath | None:
+    """Freeze the model, add the LoRA or DoRA adapters and, for echo- methods, the Echo path."""
+    torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
+    try:  # a target name or an echo layer the model does not have
+        add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                     dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
+        return EchoPath(model, echo_cfg).to(device) if echo_cfg else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------
 # Data
+
+
+def read_records(data: str) -> list[dict]:
+    """The records of --data's comma-separated files; a malformed file is one error line."""
+    try:
+        return [r for path in data.split(",") for r in load_records(path)]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+# Seeds drawn from --seed and the epoch (batch order) or the step (routing) alone, never from a
+# running generator, so a resumed run draws exactly what the uninterrupted one drew. The strides
+# keep the seeds of nearby --seed values apart (seed 1's epoch 0 is not seed 0's epoch 1).
+EPOCH_SEED_STRIDE = 1000  # more epochs than any run has
+ROUTING_SEED_STRIDE = 100003  # a prime above 10^5 steps (the recipe is 32k at batch 16)
+
+
+class TrainingData:
+    """The records tokenised and split as the recipe does (training, validation) and each step's
+    batch of training examples."""
+
+    def __init__(self, records, tokenizer, cfg: Config, max_positions: int):
+        examples = encode_examples(records, tokenizer, cfg.cutoff)
+        train_idx, val_idx = split_validation(len(examples), cfg.val_size, cfg.val_seed)
+        check_examples(examples, train_idx, val_idx, cfg, max_positions)
+        self.train, self.val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+        self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.cfg, self.epoch, self.batches = cfg, None, []
+
+    def batch(self, step: int) -> list[tuple[list[int], list[int]]]:
+        """The examples of step `step`: its epoch's order depends on (--seed, epoch) alone."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            cfg, seed = self.cfg, self.cfg.seed * EPOCH_SEED_STRIDE + epoch
+            lengths = [len(ids) for ids, _ in self.train]
+            self.batches = (length_grouped_batches(lengths, cfg.batch_size, seed) if cfg.group_by_length
+                            else random_batches(len(lengths), cfg.batch_size, seed))
+            self.epoch = epoch
+        return [self.train[i] for i in self.batches[index]]
+
+
+def check_examples(examples, train_idx: list[int], val_idx: list[int], cfg: Config, max_positions: int):
+    """Records that leave nothing to train on, no answer to learn, or do not fit the model: one
+    error line naming the flag to change."""
+    if not train_idx:
+        raise SystemExit(f"{cfg.data}: {len(examples)} records and --val-size {cfg.val_size} leave none to train on")
+    for name, part in (("training", train_idx), ("validation", val_idx)):
+        if part and not any(label != IGNORE_INDEX for i in part for label in examples[i][1]):
+            raise SystemExit(f"--cutoff {cfg.cutoff} cuts off the answer of every {name} record of {cfg.data}: "
+                             "no answer token to learn from or to validate on; raise --cutoff")
+    longest = max(len(ids) for ids, _ in examples)
+    if longest > max_positions:
+        raise SystemExit(f"--cutoff {cfg.cutoff}: records of {longest} tokens do not fit the {max_positions} "
+                         f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
 
 
 def encode_examples(records, tokenizer, cutoff: int) -> list[tuple[list[int], list[int]]]:
@@ -308,6 +460,54 @@ def collate(examples, train_on_inputs: bool, pad_id: int) -> Batch:
 
 # --------------------------------------------------------------------------------------------
 # Training machinery
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def routed_samples(n: int, route_p: float, seed: int, step: int) -> torch.Tensor:
+    """Stochastic routing (METHOD.md item 5) for this step: seeded by (seed, step), so every
+    process, and a resumed run, draws the same samples."""
+    return route(n, route_p, torch.Generator().manual_seed(seed * ROUTING_SEED_STRIDE + step))
+
+
+def micro_batch_slices(n: int, world: int, rank: int, micro_batch_size: int, micros: int) -> list[tuple[int, int]]:
+    """This process's part of a step's n examples, as (start, end) of up to `micros` micro-batches:
+    process `rank` takes the rank-th of `world` equal shares, the last one also the remainder."""
+    share = n // world
+    end = (rank + 1) * share if rank < world - 1 else n
+    slices = []
+    for m in range(micros):
+        start = rank * share + m * micro_batch_size
+        if start < min(start + micro_batch_size, end):
+            slices.append((start, min(start + micro_batch_size, end)))
+    return slices
+
+
+def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int, device, world: int, rank: int):
+    """Forward, loss and backward of this process's slice of the step's examples, micro-batch by
+    micro-batch. Every process sees the whole step's batch and divides its sums by the step's token
+    counts, so the gradients summed over processes are those of one big batch. Returns this
+    process's (ce, echo) losses of the step, summed on the device (reading them per micro-batch
+    would stall the GPU on every one), and the number of real tokens it computed."""
+    step_batch = collate(examples, not cfg.answer_only_loss, pad_id)
+    n_ce = max(int((step_batch.ce_targets != IGNORE_INDEX).sum()), 1)
+    n_answer = max(int((step_batch.answer_targets != IGNORE_INDEX).sum()), 1)
+    micros_per_step = cfg.batch_size // cfg.micro_batch_size  # over all processes
+    losses, tokens = torch.zeros(2, device=device), 0
+    for start, end in micro_batch_slices(len(examples), world, rank, cfg.micro_batch_size, micros_per_step // world):
+        batch = collate(examples[start:end], not cfg.answer_only_loss, pad_id)
+        tokens += int(batch.valid.sum())
+        batch = batch.to(device)
+        with autocast(device, cfg.precision):
+            ce_sum, echo_sum = loss_terms(model, batch, echo, routed[start:end].to(device))
+        ce = ce_sum / n_ce if cfg.token_mean_loss else micro_batch_mean(ce_sum, batch, micros_per_step)
+        loss = ce + echo_sum / n_answer
+        loss.backward()
+        losses += torch.stack([ce.detach(), echo_sum.detach() / n_answer])
+    return losses, tokens
 
 
 def lr_at(step: int, cfg: Config, total_steps: int) -> float:
@@ -393,6 +593,26 @@ def stop_if_not_finite(step: int, out: Path, cfg: Config, **values: float):
                      + f": not finite, training stopped (--lr {cfg.lr:g} too high?); {out} keeps the last finite adapter")
 
 
+def training_parameters(model, echo: EchoPath | None) -> list[torch.nn.Parameter]:
+    """What the optimizer updates: the adapters and, while training, the Echo path."""
+    return trainable_parameters(model) + (list(echo.parameters()) if echo else [])
+
+
+def save_run(cfg: Config, out: Path, step: int, total_steps: int, keep_last: bool, model, echo, optimizer,
+             best_val: float):
+    """After a step: the adapter, when the last one is the one kept (no validation records) and
+    this is the last step; a resumable checkpoint every --save-every steps and at the end. Nothing
+    non-finite is saved."""
+    last = step == total_steps
+    if keep_last and last or step % cfg.save_every == 0:
+        flat = torch.cat([p.detach().flatten() for p in training_parameters(model, echo)])
+        stop_if_not_finite(step, out, cfg, largest_parameter=flat.abs().max().item())  # NaN propagates through max
+    if keep_last and last:
+        save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step})
+    if step % cfg.save_every == 0 or last:
+        save_checkpoint(out / "checkpoint.pt", step, model, echo, optimizer, best_val)
+
+
 def metrics_lines(path: Path, up_to_step: int) -> list[str]:
     """The lines of metrics.jsonl up to `up_to_step`. A partial last line (the run was killed
     during its append) is dropped; a malformed line before it is an error."""
@@ -410,6 +630,101 @@ def metrics_lines(path: Path, up_to_step: int) -> list[str]:
     return kept
 
 
+# --------------------------------------------------------------------------------------------
+# Speed and logging
+
+
+class Timer:
+    """Wall time of a region: CUDA events on the GPU (they time the device, not the launch
+    queue), perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def region(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            torch.cuda.synchronize()
+            self.seconds = start.elapsed_time(end) / 1000
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds = time.perf_counter() - t0
+
+
+def matmul_tflops(device, dtype, n=None, reps=10):
+    """The measured rate of an n x n matmul (8192 on CUDA, 1024 on a CPU), in TFLOP/s."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    timer = Timer(device)
+    with timer.region():
+        for _ in range(reps):
+            a @ b
+    return 2 * n ** 3 * reps / timer.seconds / 1e12
+
+
+def lora_ceiling_tokens_per_s(args, tflops):
+    """4 FLOPs per block matmul parameter per token: forward (2) and input gradients (2); the
+    frozen weights need no weight gradients. Attention scores and the adapters are left out, and
+    so is the output head, which our step applies only at the labelled positions."""
+    with torch.device("meta"):
+        model = llama.Transformer(args)
+    n = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
+    return tflops * 1e12 / (4 * n)
+
+
+class Progress:
+    """The progress bar (rank 0's): loss, lr, tokens/s over the last --log-every steps and, in a bf16
+    run, their fraction of the bf16 ceiling (lora_ceiling_tokens_per_s at the device's measured
+    bf16 matmul rate; an fp32 run has another ceiling, so none is shown)."""
+
+    def __init__(self, cfg: Config, model_args, device, step: int, total_steps: int, rank: int, world: int):
+        self.bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+        self.ceiling = (world * lora_ceiling_tokens_per_s(model_args, matmul_tflops(device, torch.bfloat16))
+                        if rank == 0 and cfg.precision == "bf16" else None)  # every process on its own device
+        self.log_every, self.world = cfg.log_every, world
+        self.tokens, self.t_last = 0, time.perf_counter()
+
+    def step(self, step: int, tokens: int, losses: torch.Tensor, lr: float, grad_norm: float, routed) -> dict:
+        """Advance by one step of this process's `tokens`; the step's metrics.jsonl entry."""
+        self.bar.update(1)
+        self.tokens += tokens
+        ce, echo_loss = losses.tolist()
+        entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss,
+                 "lr": lr, "grad_norm": grad_norm, "routed": int(routed.sum())}
+        if step % self.log_every == 0:
+            entry["tokens_per_s"] = self.tokens * self.world / (time.perf_counter() - self.t_last)
+            self.tokens, self.t_last = 0, time.perf_counter()
+            shown = dict(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            if self.ceiling:
+                shown["of_bf16_ceiling"] = f"{entry['tokens_per_s'] / self.ceiling:.1%}"
+            self.bar.set_postfix(ordered_dict=shown)  # in this order: the fraction beside tokens/s
+        return entry
+
+
+def prepare_run_folder(cfg: Config, out: Path, step: int, record: dict):
+    """--overwrite's old run removed (and eval.py's results of its adapter), config.json written,
+    metrics.jsonl started or, on --resume, cut back to the checkpoint's step."""
+    if cfg.overwrite:
+        for file in [out / name for name in RUN_FILES] + [*out.glob("results*.*"), *out.glob("predictions*.jsonl")]:
+            file.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+    metrics_file = out / "metrics.jsonl"
+    kept = metrics_lines(metrics_file, step) if cfg.resume and metrics_file.exists() else []
+    write_atomically(metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def append_metrics(out: Path, entry: dict):
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def run_record(cfg: Config, args: llama.ModelArgs, n_train: int, n_echo_params: int) -> dict:
     import safetensors
     import sentencepiece
@@ -422,182 +737,83 @@ def run_record(cfg: Config, args: llama.ModelArgs, n_train: int, n_echo_params: 
                          "safetensors": safetensors.__version__}}
 
 
+def run_summary(cfg: Config, model, echo, n_train: int, total_steps: int, device) -> str:
+    n_adapter = sum(p.numel() for p in trainable_parameters(model))
+    return (f"{cfg.method}: {n_adapter:,} adapter parameters"
+            + (f" + {echo.n_parameters():,} echo parameters (training only)" if echo else "")
+            + f"; {n_train} training records, {total_steps} steps, lr {cfg.lr:g}, on {device}")
+
+
 def main(argv=None):
+    # ---- config: flags, device, process group, the run folder
     cfg = parse_config(argv)
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = llama.resolve_device(cfg.device)
-    cfg.precision = cfg.precision or llama.default_precision(device)
-    # Launched by torchrun: join its process group even as its only process, so one GPU runs the
-    # multi-GPU code path (NCCL included).
-    distributed = "LOCAL_RANK" in os.environ
-    if distributed:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.batch_size % (world * cfg.micro_batch_size):
-        raise SystemExit(f"--batch-size {cfg.batch_size} must split into {world} processes x "
-                         f"--micro-batch-size {cfg.micro_batch_size}")
+    device, distributed = start_device(cfg, world)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     check_out_folder(cfg)
 
-    # ---- records first: a malformed file is reported before minutes of loading a 7B model
-    try:
-        records = [r for path in cfg.data.split(",") for r in load_records(path)]
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    # ---- data, read first: a malformed file is reported before minutes of loading a 7B model
+    records = read_records(cfg.data)
 
-    # ---- model
-    if cfg.ckpt == EMBEDDED and not (Path("checkpoints") / EMBEDDED / "params.json").is_file():
-        if rank == 0:
-            print(f"no checkpoint given: building the embedded tiny model in checkpoints/{EMBEDDED}/")
-            build_embedded_checkpoint(Path("checkpoints") / EMBEDDED, Path(PRESETS[EMBEDDED]["data"]))
-        if world > 1:
-            dist.barrier()
-    try:
-        model, tokenizer = llama.load(llama.resolve_checkpoint(cfg.ckpt), device=device,
-                                      dtype=llama.PRECISIONS[cfg.precision])
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    if tokenizer is None:
-        raise SystemExit(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
-    try:  # a target name or an echo layer the model does not have
-        add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                     dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
-        echo = EchoPath(model, echo_cfg).to(device) if echo_cfg else None
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    # ---- model, adapters and the Echo path
+    model, tokenizer = load_model(cfg, device, rank, world)
+    echo = add_adapters_and_echo_path(model, cfg, echo_cfg, device)
     model.train()
-    params = trainable_parameters(model) + (list(echo.parameters()) if echo else [])
+    params = training_parameters(model, echo)
+    data = TrainingData(records, tokenizer, cfg, model.max_positions)  # tokenised by the model's tokenizer
 
-    # ---- data (tokenised once the model's tokenizer is loaded)
-    examples = encode_examples(records, tokenizer, cfg.cutoff)
-    train_idx, val_idx = split_validation(len(examples), cfg.val_size, cfg.val_seed)
-    if not train_idx:
-        raise SystemExit(f"{cfg.data}: {len(examples)} records and --val-size {cfg.val_size} leave none to train on")
-    val_examples = [examples[i] for i in val_idx]
-    for name, part in (("training", train_idx), ("validation", val_idx)):
-        if part and not any(label != IGNORE_INDEX for i in part for label in examples[i][1]):
-            raise SystemExit(f"--cutoff {cfg.cutoff} cuts off the answer of every {name} record of {cfg.data}: "
-                             "no answer token to learn from or to validate on; raise --cutoff")
-    longest = max(len(ids) for ids, _ in examples)
-    if longest > model.max_positions:
-        raise SystemExit(f"--cutoff {cfg.cutoff}: records of {longest} tokens do not fit the {model.max_positions} "
-                         f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
-    lengths = [len(examples[i][0]) for i in train_idx]
-    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    # ---- optimizer
+    # ---- optimizer and schedule (lr_at: linear warm-up, then linear decay)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+    # ---- resume, and the run folder
     step, best_val = 0, math.inf
     if cfg.resume:
         step, best_val = restore_checkpoint(out / "checkpoint.pt", model, echo, optimizer)
     if rank == 0:
-        if cfg.overwrite:  # asked for: the old run, and eval.py's results of its adapter, go first
-            for file in [out / name for name in RUN_FILES] + [*out.glob("results*.*"), *out.glob("predictions*.jsonl")]:
-                file.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        record = run_record(cfg, model.args, len(train_idx), echo.n_parameters() if echo else 0)
-        write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
-        n_adapter = sum(p.numel() for p in trainable_parameters(model))
-        print(f"{cfg.method}: {n_adapter:,} adapter parameters"
-              + (f" + {echo.n_parameters():,} echo parameters (training only)" if echo else "")
-              + f"; {len(train_idx)} training records, {total_steps} steps, lr {cfg.lr:g}, on {device}")
-        metrics_file = out / "metrics.jsonl"
-        kept = metrics_lines(metrics_file, step) if cfg.resume and metrics_file.exists() else []
-        # a resumed run continues the same log
-        write_atomically(metrics_file, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
+        record = run_record(cfg, model.args, len(data.train), echo.n_parameters() if echo else 0)
+        prepare_run_folder(cfg, out, step, record)
+        print(run_summary(cfg, model, echo, len(data.train), data.total_steps, device))
+        if data.val and step == 0:  # the untouched model's loss, for reference
+            val_loss = validation_loss(model, data.val, cfg, tokenizer.pad_id, device)
+            append_metrics(out, {"step": 0, "val_loss": val_loss})
 
-    if rank == 0 and val_examples and step == 0:  # the untouched model's loss, for reference
-        val_loss = validation_loss(model, val_examples, cfg, tokenizer.pad_id, device)
-        with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": 0, "val_loss": val_loss}) + "\n")
-
-    # ---- loop
-    micro_per_rank = cfg.batch_size // (world * cfg.micro_batch_size)
-    micros_per_step = cfg.batch_size // cfg.micro_batch_size  # over all processes
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    t_last, tokens_since = time.perf_counter(), 0
-    epoch_batches = {}
-    while step < total_steps:
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in epoch_batches:  # an epoch's order depends on (seed, epoch) alone: resumable
-            seed = cfg.seed * 1000 + epoch
-            epoch_batches = {epoch: length_grouped_batches(lengths, cfg.batch_size, seed) if cfg.group_by_length
-                             else random_batches(len(lengths), cfg.batch_size, seed)}
-        batch_ids = epoch_batches[epoch][index]
-        batch_examples = [examples[train_idx[i]] for i in batch_ids]
-        # Every process sees the whole step's batch: it takes its slice, and divides its sums by
-        # the step's token counts, so the summed gradients are those of one big batch.
-        step_batch = collate(batch_examples, not cfg.answer_only_loss, tokenizer.pad_id)
-        n_ce = int((step_batch.ce_targets != IGNORE_INDEX).sum())
-        n_answer = int((step_batch.answer_targets != IGNORE_INDEX).sum())
-        routed_all = route(len(batch_examples), echo_cfg.route_p if echo_cfg else 0.0,
-                           torch.Generator().manual_seed(cfg.seed * 100003 + step))
-        lr = lr_at(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        share = len(batch_examples) // world
-        losses = torch.zeros(2, device=device)  # (ce, echo) of this step, summed on the device:
-        # reading them per micro-batch would stall the GPU on every one
-        for m in range(micro_per_rank):
-            lo = rank * share + m * cfg.micro_batch_size
-            hi = min(lo + cfg.micro_batch_size, (rank + 1) * share if rank < world - 1 else len(batch_examples))
-            if lo >= hi:
-                continue
-            batch = collate(batch_examples[lo:hi], not cfg.answer_only_loss, tokenizer.pad_id)
-            tokens_since += int(batch.valid.sum())
-            batch = batch.to(device)
-            with autocast(device, cfg.precision):
-                ce_sum, echo_sum = loss_terms(model, batch, echo, routed_all[lo:hi].to(device))
-            ce = ce_sum / max(n_ce, 1) if cfg.token_mean_loss else micro_batch_mean(ce_sum, batch, micros_per_step)
-            loss = ce + echo_sum / max(n_answer, 1)
-            loss.backward()
-            losses += torch.stack([ce.detach(), echo_sum.detach() / max(n_answer, 1)])
+    # ---- the loop
+    progress = Progress(cfg, model.args, device, step, data.total_steps, rank, world)
+    while step < data.total_steps:
+        # batch: the step's examples (every process sees them all) and those routed to the Echo pass
+        examples = data.batch(step)
+        routed = routed_samples(len(examples), echo_cfg.route_p if echo_cfg else 0.0, cfg.seed, step)
+        lr = lr_at(step, cfg, data.total_steps)
+        set_lr(optimizer, lr)
+        # forward, loss and backward over this process's micro-batches; sum over processes
+        losses, tokens = accumulate_gradients(model, echo, examples, routed, cfg, tokenizer.pad_id, device, world, rank)
         if distributed:
             all_reduce_gradients(params)
             dist.all_reduce(losses)
+        # clip and step; NaN stops the run before the update
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         stop_if_not_finite(step + 1, out, cfg, loss=losses.sum().item(), gradient_norm=grad_norm.item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        bar.update(1)
-
-        if rank == 0:
-            ce, echo_loss = losses.tolist()
-            entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss,
-                     "lr": lr, "grad_norm": grad_norm.item(), "routed": int(routed_all.sum())}
-            if step % cfg.log_every == 0:
-                elapsed = time.perf_counter() - t_last
-                entry["tokens_per_s"] = tokens_since * world / elapsed
-                t_last, tokens_since = time.perf_counter(), 0
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
-            if val_examples and (step % cfg.eval_every == 0 or step == total_steps):
-                entry["val_loss"] = validation_loss(model, val_examples, cfg, tokenizer.pad_id, device)
-                stop_if_not_finite(step, out, cfg, val_loss=entry["val_loss"])
-                if entry["val_loss"] < best_val:  # the best adapter is the one kept (the recipe's choice)
-                    best_val = entry["val_loss"]
-                    save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step,
-                                              "val_loss": best_val})
-                bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if not val_examples and step == total_steps or step % cfg.save_every == 0:
-                stop_if_not_finite(step, out, cfg, largest_parameter=torch.cat([p.detach().flatten() for p in params])
-                                   .abs().max().item())  # NaN propagates through max
-            if not val_examples and step == total_steps:
-                save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step})
-            if step % cfg.save_every == 0 or step == total_steps:
-                save_checkpoint(out / "checkpoint.pt", step, model, echo, optimizer, best_val)
-    bar.close()
+        if rank != 0:
+            continue
+        # log
+        entry = progress.step(step, tokens, losses, lr, grad_norm.item(), routed)
+        # validate: the adapter with the best validation loss is the one kept (the recipe's choice)
+        if data.val and (step % cfg.eval_every == 0 or step == data.total_steps):
+            entry["val_loss"] = validation_loss(model, data.val, cfg, tokenizer.pad_id, device)
+            stop_if_not_finite(step, out, cfg, val_loss=entry["val_loss"])
+            if entry["val_loss"] < best_val:
+                best_val = entry["val_loss"]
+                save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step, "val_loss": best_val})
+            progress.bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
+        append_metrics(out, entry)
+        # save: without validation the last adapter is kept; a resumable checkpoint every --save-every steps
+        save_run(cfg, out, step, data.total_steps, not data.val, model, echo, optimizer, best_val)
+    progress.bar.close()
     if rank == 0:
         print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")
         data_dir = f" --data-dir {SAMPLE} --datasets boolq ARC-Easy" if cfg.ckpt == EMBEDDED else ""
