@@ -389,10 +389,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, var ** 0.5
 
 
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar test: the chance, if Echo and its base were equally good, of a split
+    of the gained + lost flips at least as uneven as this one (each flip a fair coin). Pooling
+    seeds counts a question once per seed, as if the seeds' flips were independent."""
+    n, k = gained + lost, min(gained, lost)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def compare_runs(folders: list[Path]) -> str:
     """Markdown: accuracy mean +- std over seeds per method and benchmark; then, for each Echo
     method whose base method was run with the same seeds, the paired difference of the averages
-    and how many questions flip each way (right with Echo only vs right with the base only)."""
+    and how many questions flip each way (right with Echo only vs right with the base only), with
+    an exact McNemar test of the flips."""
     runs = [read_run(Path(f)) for f in folders]
     check_same_settings(runs)
     methods = {}
@@ -425,7 +434,8 @@ def compare_runs(folders: list[Path]) -> str:
         lines.append(f"\n{method} - {method.removeprefix('echo-')}: {mean:+.2f} ± {std:.2f} points on the average "
                      f"over {len(pairs)} paired seeds (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}); "
                      f"questions right only with Echo: {gained}, right only without: {lost}."
-                     + (f" {unpaired} questions not in every run are left out of these counts." if unpaired else ""))
+                     + (f" {unpaired} questions not in every run are left out of these counts." if unpaired else "")
+                     + f" Exact McNemar test of these flips (seeds pooled): p = {mcnemar_exact_p(gained, lost):.3g}.")
     return "\n".join(lines) + "\n"
 
 

@@ -323,6 +323,21 @@ def write_run(folder, method, seed, correct_by_dataset):
         (folder / "config.json").write_text(json.dumps({"config": {"method": method, "seed": seed}}))
 
 
+def test_mcnemar_p_is_the_exact_binomial_test_by_its_definition():
+    """The two-sided exact test as defined (the summed chances of every split of the flips no more
+    likely than the one seen, each flip a fair coin), written out with exact fractions."""
+    from fractions import Fraction
+    from math import comb
+
+    def by_definition(gained, lost):
+        n = gained + lost
+        chance = [Fraction(comb(n, k), 2**n) for k in range(n + 1)]
+        return float(sum(c for c in chance if c <= chance[gained]))
+
+    for gained, lost in [(0, 0), (3, 1), (1, 3), (5, 5), (10, 0), (7, 2), (40, 25), (600, 540)]:
+        assert evaluator.mcnemar_exact_p(gained, lost) == pytest.approx(by_definition(gained, lost), rel=1e-12)
+
+
 def test_compare_runs_means_over_seeds_and_pairs_echo_with_its_base(tmp_path):
     T, F = True, False
     write_run(tmp_path / "lora1", "lora", 1, {"boolq": [T, F, F, F], "piqa": [T, T, F, F]})  # 25, 50
@@ -337,5 +352,6 @@ def test_compare_runs_means_over_seeds_and_pairs_echo_with_its_base(tmp_path):
     # echo averages 50, 62.5 vs lora 37.5, 50: +12.5 both seeds; flips: seed 1 gains boolq 1, 2 and
     # loses piqa 0; seed 2 gains piqa 2
     assert "echo-lora - lora: +12.50 ± 0.00 points" in text
-    assert "right only with Echo: 3, right only without: 1." in text
+    assert ("right only with Echo: 3, right only without: 1. "
+            "Exact McNemar test of these flips (seeds pooled): p = 0.625.") in text
     assert evaluator.main(["--compare", str(tmp_path / "lora1"), str(tmp_path / "echo1")]) == 0
