@@ -632,17 +632,18 @@ def add_experiment_flags(p):
     g = p.add_argument_group("--suite experiment", "Echo-LoRA vs LoRA and Echo-DoRA vs DoRA (--method) on a real "
                              "model, each seed a run, sized to a time budget; --out is the experiment's folder "
                              "(default results/<ckpt>-<device>-<date>), which a rerun continues")
-    g.add_argument("--ckpt", default="smollm2-135m", help="the base model: checkpoints/NAME or a path")
+    g.add_argument("--ckpt", default="smollm2-135m", help="the base model: checkpoints/NAME or a path (default: %(default)s)")
     g.add_argument("--data-dir", type=Path, default=Path("data"),
-                   help=f"folder of <name>/train.json and test.json for {', '.join(EXPERIMENT_SETS)}")
+                   help=f"folder of <name>/train.json and test.json for {', '.join(EXPERIMENT_SETS)} (default: %(default)s)")
     g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
-                   help="one run per method and seed: the seed sets the initialisation, batch order and routing")
+                   help="one run per method and seed: the seed sets the initialisation, batch order and routing "
+                        "(default: 1 2 3)")
     g.add_argument("--budget-minutes", type=float, default=8.0,
-                   help="start only the runs whose estimated time fits in it (0: only write the table)")
+                   help="start only the runs whose estimated time fits in it (0: only write the table; default: %(default)s)")
     g.add_argument("--train-flags", default="", help='more train.py flags for every run, as one string: '
-                   '--train-flags="--lr 1e-3" (a rerun into the same --out must give the same)')
+                   '--train-flags="--lr 1e-3" (a rerun into the same --out must give the same; default: none)')
     g.add_argument("--eval-flags", default="",
-                   help='more eval.py flags for every evaluation: --eval-flags="--limit 100"')
+                   help='more eval.py flags for every evaluation: --eval-flags="--limit 100" (default: none)')
 
 
 def experiment_suite(a, p, device, precision, argv) -> dict:
