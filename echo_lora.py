@@ -307,6 +307,10 @@ def merge(model: nn.Module) -> nn.Module:
 # 232 positions.
 
 
+# The values each of EchoConfig's choice fields may take (train.py's flags offer the same).
+ECHO_CHOICES = {"pool": ("mean", "last"), "mask": ("answer", "none"), "echo_pass": ("suffix", "full")}
+
+
 @dataclass
 class EchoConfig:
     """METHOD.md's flags. Block numbers are 1-based, as in METHOD.md (h_l leaves block l)."""
@@ -321,10 +325,9 @@ class EchoConfig:
     echo_pass: str = "suffix"  # suffix | full (item 6)
 
     def __post_init__(self):
-        for name, value, allowed in (("pool", self.pool, ("mean", "last")), ("mask", self.mask, ("answer", "none")),
-                                     ("echo_pass", self.echo_pass, ("suffix", "full"))):
-            if value not in allowed:
-                raise ValueError(f"echo {name} must be one of {allowed}, found {value!r}")
+        for name, allowed in ECHO_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"echo {name} must be one of {allowed}, found {getattr(self, name)!r}")
         if self.mask == "none" and self.echo_pass == "suffix":
             # Injecting at prompt positions changes them, so there is no shared prefix to reuse.
             raise ValueError("--echo-mask none injects at every position: it needs --echo-pass full")

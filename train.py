@@ -34,7 +34,7 @@ from tqdm import tqdm
 import llama
 from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
 from data.files import read_json, write_atomically
-from echo_lora import (DEFAULT_TARGETS, Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters,
+from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters,
                        copy_adapter_tensors, loss_terms, route, save_adapter, trainable_parameters)
 
 EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
@@ -55,11 +55,11 @@ def flag(default, help: str, *, choices=None, allowed=None, default_text: str = 
 
 
 def echo_flag(name: str, help: str, **kw):
-    """A flag of the Echo path (METHOD.md): its default is EchoConfig's field `name`."""
+    """A flag of the Echo path (METHOD.md): its default and choices are EchoConfig's for `name`."""
     default = getattr(ECHO_DEFAULTS, name)
     if isinstance(default, tuple) or default is None:  # block numbers, as a comma-separated flag
         return flag(",".join(map(str, default or ())), help, **kw)
-    return flag(default, help, **kw)
+    return flag(default, help, choices=ECHO_CHOICES.get(name), **kw)
 
 
 def echo_flag_name(name: str) -> str:
@@ -111,20 +111,19 @@ class Config:
                           allowed=(lambda v: v >= 0, ">= 0 (0: all epochs)"))
     seed: int = flag(42, "seed of the adapters' initialisation, the batch order, dropout and routing",
                      allowed=SEED)
-    # the Echo path (METHOD.md items 1-7; checked by EchoConfig); block numbers 1-based, comma-separated
+    # the Echo path (METHOD.md items 1-7; defaults and choices from EchoConfig); block numbers 1-based, comma-separated
     echo_source_layers: str = echo_flag("source_layers", "blocks whose states make the echo representation (item 1)",
                                         default_text="the deepest quarter of blocks")
     echo_target_layers: str = echo_flag("target_layers", "blocks whose adapters take the injection (item 3)",
                                         default_text="the shallowest quarter of blocks")
-    echo_pool: str = echo_flag("pool", "the echo representation: mean over the prompt, or its last position (item 2)",
-                               choices=("mean", "last"))
+    echo_pool: str = echo_flag("pool", "the echo representation: mean over the prompt, or its last position (item 2)")
     echo_route_p: float = echo_flag("route_p", "stochastic routing: each sample's chance of the echo pass (item 5)")
     echo_distill: float = echo_flag("distill", "lambda, the masked distillation weight, >= 0 (item 7)")
     echo_tau: float = echo_flag("tau", "tau, the masked distillation temperature, > 0 (item 7)")
     echo_mask: str = echo_flag("mask", "answer-only masks; none leaks the answer (an ablation, needs --echo-pass full) "
-                               "(item 4)", choices=("answer", "none"))
+                               "(item 4)")
     echo_pass: str = echo_flag("echo_pass", "suffix: recompute only the answer suffix; full: every position, the "
-                               "reference (item 6)", choices=("suffix", "full"))
+                               "reference (item 6)")
     # machinery
     gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass: less memory")
     resume: bool = flag(False, "continue the run in --out from its checkpoint.pt")
