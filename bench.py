@@ -59,7 +59,7 @@ import eval as evaluator
 import llama
 import train
 from data.commonsense import IGNORE_INDEX, load_records
-from data.files import write_atomically
+from data.files import read_json, write_atomically
 from echo_lora import (DEFAULT_TARGETS, TARGET_HF_NAMES, EchoConfig, EchoPath, adapter_parameters, adapted_linears,
                        add_adapters, export_peft, loss_terms, name_from_peft_key, permute_qk_rows, route,
                        trainable_parameters)
@@ -728,7 +728,7 @@ def open_experiment(out: Path, settings: dict | None) -> dict:
             raise SystemExit(f"{out}: holds files but no experiment.json; give another --out")
         return {"settings": settings, "calls": [], "runs": {}}
     try:
-        manifest = llama.read_json(file)
+        manifest = read_json(file)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if settings is not None:
@@ -847,7 +847,7 @@ def experiment_table(out: Path, manifest: dict) -> str:
         return f"{out}: no run has been evaluated yet, so there is no table"
     try:
         comparison = evaluator.compare_runs([out / name for name in names])
-        configs = {name: llama.read_json(out / name / "config.json") for name in names
+        configs = {name: read_json(out / name / "config.json") for name in names
                    if manifest["runs"][name]["method"] != "none"}
     except (OSError, ValueError) as e:
         raise SystemExit(f"bench.py: {e}") from None

@@ -18,6 +18,7 @@ import llama
 import train
 from conftest import ASSETS
 from reference import write_meta_folder
+from tokenizer import Tokenizer
 
 DATA = ASSETS / "data" / "commonsense"  # the four training splits and their test sets, real records
 TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -34,7 +35,7 @@ def ckpt(tmp_path_factory):
     that can only write the pieces of the labels ("answer", digits, "true", "false"): greedy
     replies name labels, some right, and a few training steps flip some of them, so the table's
     numbers differ between runs."""
-    tokenizer = llama.Tokenizer(TOKENIZER)
+    tokenizer = Tokenizer(TOKENIZER)
     pieces = sorted(set(tokenizer.encode("answer1 answer2 answer3 answer4 answer5 true false", bos=False, eos=False)))
     torch.manual_seed(0)
     model = llama.Transformer(llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000,
