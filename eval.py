@@ -87,6 +87,12 @@ PUBLISHED_LR = {"LoRA r=32": {"llama-7b": 3e-4, "llama2-7b": 3e-4, "llama3-8b": 
 TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "loss averaged over the step's tokens",
                     "group_by_length": "length-grouped batches", "adapter_only_dropout": "adapter-only DoRA dropout"}
 
+# The weights' dtypes eval.py offers: train.py's, plus fp16, the one the protocol evaluates in
+# (LLM-Adapters' and DoRA's commonsense_evaluate.py load with torch_dtype=torch.float16, then
+# model.half()): the default on CUDA.
+EVAL_PRECISIONS = {**PRECISIONS, "fp16": torch.float16}
+PROTOCOL_PRECISION = "fp16"
+
 RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
 ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the text training taught
 
@@ -515,8 +521,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier evaluation in --out (default: refuse to)")
-    parser.add_argument("--precision", choices=list(PRECISIONS),
-                        help="the weights' dtype (the adapter is merged into them); default: bf16 on cuda, fp32 elsewhere")
+    parser.add_argument("--precision", choices=list(EVAL_PRECISIONS),
+                        help="the weights' dtype (the adapter is merged into them); default: fp16 on cuda (the "
+                             "protocol's), fp32 elsewhere")
     args = parser.parse_args(argv)
     if not args.ckpt and not args.compare:
         parser.error("--ckpt is required (or --compare RUN ...)")
@@ -527,14 +534,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         parser.error(str(e))
     args.published = args.published or default_published(args.ckpt)
-    args.precision = args.precision or default_precision(args.device)
+    args.precision = args.precision or default_eval_precision(args.device)
     args.out = args.out or args.adapter or Path("out") / f"eval-{Path(args.ckpt).name}"
     return args
 
 
+def default_eval_precision(device) -> str:
+    """The protocol's fp16 on CUDA; on a CPU, fp32 (half precision is slow there and not the recipe)."""
+    return PROTOCOL_PRECISION if torch.device(device).type == "cuda" else default_precision(device)
+
+
 def load_model(args) -> tuple[Transformer, Tokenizer]:
     """The checkpoint in eval mode, with the adapter merged into its weights if one is given."""
-    model, tokenizer = load(resolve_checkpoint(args.ckpt), args.device, PRECISIONS[args.precision])
+    model, tokenizer = load(resolve_checkpoint(args.ckpt), args.device, EVAL_PRECISIONS[args.precision])
     if tokenizer is None:
         raise FileNotFoundError(f"{args.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
     if args.adapter is not None:
@@ -558,6 +570,8 @@ def protocol_differences(args, trained: dict | None, row_lr: float) -> list[str]
     for name in ("num_beams", "max_new_tokens", "beam_rule"):
         if getattr(args, name) != PUBLISHED_PROTOCOL[name]:
             differs.append(f"{name.replace('_', '-')} {getattr(args, name)} (row: {PUBLISHED_PROTOCOL[name]})")
+    if args.precision != PROTOCOL_PRECISION:
+        differs.append(f"{args.precision} weights (row: {PROTOCOL_PRECISION})")
     if args.limit:
         differs.append(f"only the first {args.limit} items of each test set")
     if args.adapter is None:

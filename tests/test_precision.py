@@ -142,33 +142,34 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
-# At the first token where bf16 greedy decoding leaves fp32's, fp32's own two candidates must be
+# At the first token where half-precision greedy decoding leaves fp32's, fp32's own two candidates must be
 # a near tie: within this many logits (measured 0.087, boolq; a confident choice is several logits).
 NEAR_TIE = 0.5
 
 
-def test_eval_decoding_in_bf16_gives_the_fp32_replies_except_at_near_ties(smollm2_ckpt):
-    loaded = {p: llama.load(smollm2_ckpt, dtype=llama.PRECISIONS[p]) for p in ("fp32", "bf16")}
+@pytest.mark.parametrize("half", ["bf16", "fp16"])  # the recipe's training dtype; the protocol's evaluation dtype
+def test_eval_decoding_in_half_precision_gives_the_fp32_replies_except_at_near_ties(smollm2_ckpt, half):
+    loaded = {p: llama.load(smollm2_ckpt, dtype=evaluator.EVAL_PRECISIONS[p]) for p in ("fp32", half)}
     models, tokenizer = {p: model for p, (model, _) in loaded.items()}, loaded["fp32"][1]
     # Four benchmarks' first questions, 8 new tokens: enough to show the effect at a CPU's pace.
     prompts = [tokenizer.encode(eval_prompt(load_records(COMMONSENSE / name / "test.json")[0]), bos=True)
                for name in ("ARC-Easy", "boolq", "piqa", "winogrande")]
     replies = {(p, beams): evaluator.decode_batch(model, tokenizer, prompts, beams, 8)
                for p, model in models.items() for beams in (1, 4)}
-    differ = {beams: [i for i in range(len(prompts)) if replies["fp32", beams][i] != replies["bf16", beams][i]]
+    differ = {beams: [i for i in range(len(prompts)) if replies["fp32", beams][i] != replies[half, beams][i]]
               for beams in (1, 4)}
     # Greedy: each difference starts where fp32's top two tokens are nearly tied.
     margins = []
     for i in differ[1]:
-        ours, theirs = replies["fp32", 1][i], replies["bf16", 1][i]
+        ours, theirs = replies["fp32", 1][i], replies[half, 1][i]
         k = first_difference(ours, theirs)
         with torch.no_grad():
             logits = models["fp32"](torch.tensor([prompts[i] + ours[:k]]))[0, -1]
         margins.append((logits[ours[k]] - logits[theirs[k]]).item())
-    report = (f"{len(prompts)} real prompts, 8 new tokens: greedy {len(differ[1])} replies differ {differ[1]} "
+    report = (f"{half}: {len(prompts)} real prompts, 8 new tokens: greedy {len(differ[1])} replies differ {differ[1]} "
               f"(fp32 margins at the first difference {[round(m, 3) for m in margins]}), 4 beams {len(differ[4])} "
               f"differ {differ[4]}")
     print(report)
     assert all(0 <= m < NEAR_TIE for m in margins), report
-    # Most replies are the same: bf16 changes a reply only where the model itself was undecided.
+    # Most replies are the same: half precision changes a reply only where the model was undecided.
     assert len(differ[1]) <= len(prompts) // 2 and len(differ[4]) <= len(prompts) // 2, report

@@ -56,6 +56,9 @@ def test_evaluation_defaults_are_the_protocol():
     args = evaluator.parse_args(["--ckpt", "llama-7b"])
     assert (args.num_beams, args.max_new_tokens, args.beam_rule, args.scoring) == \
         (4, 32, "transformers-4.36", "generate")
+    # ... with the model in fp16 (torch_dtype=torch.float16, then model.half()) on a GPU
+    assert evaluator.default_eval_precision(torch.device("cuda")) == "fp16"
+    assert evaluator.EVAL_PRECISIONS["fp16"] == torch.float16
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def test_beam_search_follows_the_rule_it_names(eager_model):
 
 def eval_args(**overrides):
     args = dict(num_beams=4, max_new_tokens=32, beam_rule="transformers-4.36", scoring="generate", limit=None,
-                adapter="out/x", published="llama-7b")
+                adapter="out/x", published="llama-7b", precision="fp16")
     return argparse.Namespace(**{**args, **overrides})
 
 
@@ -297,6 +300,8 @@ def test_published_rows_are_printed_only_beside_runs_of_their_protocol():
     rows, notes = evaluator.published_rows(eval_args(num_beams=1), {**RECIPE_RUN, "answer_only_loss": True})
     assert rows == {}
     assert "num-beams 1 (row: 4); answer-only loss." in notes[1]
+    rows, notes = evaluator.published_rows(eval_args(precision="bf16"), RECIPE_RUN)
+    assert rows == {} and notes[1].endswith("in bf16 weights (row: fp16).")
     rows, notes = evaluator.published_rows(eval_args(beam_rule="transformers-5", adapter=None), None)
     assert rows == {} and "beam-rule transformers-5 (row: transformers-4.36); the base model" in notes[0]
     # A config.json written before answer_only_loss existed: train_on_inputs False was answer-only.
