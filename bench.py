@@ -642,6 +642,9 @@ def add_experiment_flags(p):
                    help="start only the runs whose estimated time fits in it (0: only write the table; default: %(default)s)")
     g.add_argument("--train-flags", default="", help='more train.py flags for every run, as one string: '
                    '--train-flags="--lr 1e-3" (a rerun into the same --out must give the same; default: none)')
+    g.add_argument("--echo-flags", default="",
+                   help='more train.py flags for the Echo runs only, so an ablation keeps its paired base runs: '
+                        '--echo-flags="--echo-route-p 1" (default: none)')
     g.add_argument("--eval-flags", default="",
                    help='more eval.py flags for every evaluation: --eval-flags="--limit 100" (default: none)')
 
@@ -662,14 +665,14 @@ def experiment_suite(a, p, device, precision, argv) -> dict:
     if a.budget_minutes == 0:  # only the table: nothing runs, so nothing a run needs is checked
         manifest = open_experiment(out, None)
     else:
-        train_flags, eval_flags = experiment_flags(a, p)
+        train_flags, echo_flags, eval_flags = experiment_flags(a, p)
         files = experiment_files(a, p)
-        manifest = open_experiment(out, experiment_settings(a, precision, train_flags, eval_flags, files))
+        manifest = open_experiment(out, experiment_settings(a, precision, train_flags, echo_flags, eval_flags, files))
         call = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(device),
                 "torch": torch.__version__, "command": "python bench.py " + shlex.join(argv), "budget_minutes": a.budget_minutes, "runs_done": []}
         manifest["calls"].append(call)
         print(f"experiment on {call['device']}, {precision}, budget {a.budget_minutes:g} min: {out}/", flush=True)
-        run_experiment(a, out, manifest, call, train_flags, eval_flags, precision, started)
+        run_experiment(a, out, manifest, call, train_flags, echo_flags, eval_flags, precision, started)
         call["seconds"] = clock() - started
         write_json(out / "experiment.json", manifest)
     table = experiment_table(out, manifest)
@@ -677,21 +680,24 @@ def experiment_suite(a, p, device, precision, argv) -> dict:
     return manifest
 
 
-def experiment_flags(a, p) -> tuple[list[str], list[str]]:
-    """The train.py and eval.py flags of every run: the experiment's, then --train-flags and
-    --eval-flags; checked by train.py's and eval.py's own parsers before anything runs."""
+def experiment_flags(a, p) -> tuple[list[str], list[str], list[str]]:
+    """The train.py flags of every run, those of the Echo runs alone, and the eval.py flags: the
+    experiment's, then --train-flags, --echo-flags and --eval-flags; checked by train.py's and
+    eval.py's own parsers before anything runs."""
     flags = {}
     for name, fixed, runner_sets in (("train", EXPERIMENT_TRAIN_FLAGS, RUNNER_TRAIN_FLAGS),
+                                     ("echo", (), RUNNER_TRAIN_FLAGS),
                                      ("eval", EXPERIMENT_EVAL_FLAGS, RUNNER_EVAL_FLAGS)):
         extra = shlex.split(getattr(a, f"{name}_flags"))
         taken = sorted({flag.split("=")[0] for flag in extra} & runner_sets)
         if taken:
             p.error(f"--{name}-flags: {', '.join(taken)} is given to each run by the experiment itself")
         flags[name] = [*fixed, *extra]
-    for method in a.method:  # an echo flag, say, is an error for the LoRA runs: better now than mid-experiment
-        train.parse_config(["--ckpt", a.ckpt, "--method", method, *flags["train"]])
+    for method in a.method:  # an echo flag in --train-flags is an error for the LoRA runs: better now than mid-experiment
+        echo_flags = flags["echo"] if method.startswith("echo-") else []
+        train.parse_config(["--ckpt", a.ckpt, "--method", method, *flags["train"], *echo_flags])
     evaluator.parse_args(["--ckpt", a.ckpt, *flags["eval"]])
-    return flags["train"], flags["eval"]
+    return flags["train"], flags["echo"], flags["eval"]
 
 
 def experiment_files(a, p) -> dict[str, Path]:
@@ -709,10 +715,11 @@ def experiment_files(a, p) -> dict[str, Path]:
     return files
 
 
-def experiment_settings(a, precision, train_flags, eval_flags, files) -> dict:
+def experiment_settings(a, precision, train_flags, echo_flags, eval_flags, files) -> dict:
     """What every run in one experiment folder shares: a rerun with other settings would mix two
     experiments in one table."""
-    return {"ckpt": Path(a.ckpt).name, "precision": precision, "train_flags": train_flags, "eval_flags": eval_flags,
+    return {"ckpt": Path(a.ckpt).name, "precision": precision, "train_flags": train_flags, "echo_flags": echo_flags,
+            "eval_flags": eval_flags,
             "data_sha256": {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items()}}
 
 
@@ -785,7 +792,7 @@ def fits(estimates: list[float | None], seconds_left: float) -> bool:
     return seconds_left > 0 and sum(e for e in estimates if e is not None) <= seconds_left
 
 
-def run_experiment(a, out, manifest, call, train_flags, eval_flags, precision, started):
+def run_experiment(a, out, manifest, call, train_flags, echo_flags, eval_flags, precision, started):
     """Every unit of experiment_units in order, each run only if it fits the budget; from the first
     that does not, every later one is skipped too (the priority order stays the order of results).
     experiment.json is rewritten as each run starts and ends (the caller writes it once more at the end)."""
@@ -808,7 +815,8 @@ def run_experiment(a, out, manifest, call, train_flags, eval_flags, precision, s
                 continue
             runs[name] = {"method": method, "seed": seed, "status": "running", "call": len(manifest["calls"]) - 1}
             write_json(out / "experiment.json", manifest)
-            runs[name] |= train_and_evaluate(a, out / name, method, seed, train_flags, eval_flags, precision)
+            flags = train_flags + echo_flags if method.startswith("echo-") else train_flags
+            runs[name] |= train_and_evaluate(a, out / name, method, seed, flags, eval_flags, precision)
             runs[name]["status"] = "done"
             call["runs_done"].append(name)
             write_json(out / "experiment.json", manifest)
@@ -865,7 +873,8 @@ def experiment_table(out: Path, manifest: dict) -> str:
                  f"3 epochs) on the training splits of {', '.join(EXPERIMENT_SETS)}"
                  + (f" ({first['train_records']} records, {first['config']['val_size']} more for validation, the "
                     f"same for every seed)" if first else "")
-                 + ("; lr " + ", ".join(f"{m} {lr:g}" for m, lr in lrs) if lrs else ""))
+                 + ("; lr " + ", ".join(f"{m} {lr:g}" for m, lr in lrs) if lrs else "")
+                 + (f"; the Echo runs also `{shlex.join(settings['echo_flags'])}`" if settings.get("echo_flags") else ""))
     lines.append(f"- evaluation: eval.py, `{shlex.join(settings['eval_flags'])}` (the protocol: 4 beams) "
                  "on the matching test sets")
     skipped = [name for name, r in manifest["runs"].items() if not evaluated(out / name)]

@@ -202,3 +202,18 @@ def test_experiment_bad_input_is_one_line(ckpt, tmp_path, capsys):
     (tmp_path / "x" / "notes.txt").write_text("mine")
     assert "holds files but no experiment.json" in error("--data-dir", str(DATA))
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+
+
+def test_echo_flags_reach_the_echo_runs_alone(ckpt, tmp_path, simulated_time):
+    """An ablation (here: every sample routed, no distillation) beside its paired base runs: the
+    echo runs' config.json records the flags, the LoRA runs' the defaults, and the table says so."""
+    out = tmp_path / "ablation"
+    manifest = experiment(ckpt, out, 60, "--method", "lora", "echo-lora",
+                          "--echo-flags=--echo-route-p 1 --echo-distill 0")
+    assert set(status(manifest).values()) == {"done"}
+    for seed in (1, 2):
+        echo = json.loads((out / f"echo-lora-s{seed}" / "config.json").read_text())["config"]
+        base = json.loads((out / f"lora-s{seed}" / "config.json").read_text())["config"]
+        assert (echo["echo_route_p"], echo["echo_distill"]) == (1.0, 0.0)
+        assert (base["echo_route_p"], base["echo_distill"]) == (0.5, 1.0)  # the defaults, unused by LoRA
+    assert "the Echo runs also `--echo-route-p 1 --echo-distill 0`" in (out / "results.md").read_text()
