@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.commonsense import eval_prompt, load_records
-from data.files import write_atomically
+from data.files import read_json, write_atomically
 from echo_lora import load_adapter, merge
 from llama import (PRECISIONS, Transformer, default_precision, generate, load, prefill, resolve_checkpoint,
                    resolve_device)
@@ -369,8 +369,7 @@ def read_run(folder: Path) -> dict:
     summary = json.loads((folder / "results.json").read_text())
     results = summary["results"]
     predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
-    config = folder / "config.json"
-    trained = json.loads(config.read_text())["config"] if config.is_file() else {"method": "none", "seed": None}
+    trained = read_train_config(folder) or {"method": "none", "seed": None}
     correct = {(p["dataset"], p["index"]): p["correct"] for p in predictions}
     settings = {k: summary.get("args", {}).get(k) for k in COMPARED_SETTINGS}
     return dict(folder=folder, method=trained["method"], seed=trained["seed"], results=results, correct=correct,
@@ -558,7 +557,7 @@ def load_model(args) -> tuple[Transformer, Tokenizer]:
 def read_train_config(adapter: Path | None) -> dict | None:
     """train.py's flags for the adapter (its config.json), or None when there is none to read."""
     config = adapter / "config.json" if adapter is not None else None
-    return json.loads(config.read_text())["config"] if config is not None and config.is_file() else None
+    return read_json(config)["config"] if config is not None and config.is_file() else None
 
 
 def protocol_differences(args, trained: dict | None, row_lr: float) -> list[str]:

@@ -480,8 +480,9 @@ def micro_batch_slices(n: int, world: int, rank: int, micro_batch_size: int, mic
     slices = []
     for m in range(micros):
         start = rank * share + m * micro_batch_size
-        if start < min(start + micro_batch_size, end):
-            slices.append((start, min(start + micro_batch_size, end)))
+        stop = min(start + micro_batch_size, end)
+        if start < stop:
+            slices.append((start, stop))
     return slices
 
 
