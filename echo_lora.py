@@ -670,7 +670,8 @@ def load_adapter(path, model: nn.Module) -> dict:
     copy_adapter_tensors(model, read_safetensors(tensor_file, data), tensor_file)
     # After the fit checks, so a tensor file that does not fit says how; an adapter written
     # before checksums were recorded has none to check.
-    if config.get("tensors_sha256", hashlib.sha256(data).hexdigest()) != hashlib.sha256(data).hexdigest():
+    digest = hashlib.sha256(data).hexdigest()
+    if config.get("tensors_sha256", digest) != digest:
         raise ValueError(f"{tensor_file}: its SHA-256 is not the one {config_file} records: the two files come "
                          "from different saves (an interrupted save?)")
     check_base_model(config.get("base_model"), model, config_file)
