@@ -77,6 +77,19 @@ PEFT_PREFIX = "base_model.model."  # peft's wrapper around LlamaForCausalLM, in 
 NORM_FLOOR = 1e-12
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout's function (each element zeroed with probability p, the rest scaled by 1 / (1 - p)),
+    its mask drawn on a CPU as uniform floats >= p: one 32-bit random number per element, where
+    torch's CPU Bernoulli draws 64 bits. Dropout on every adapter's input was a sixth of a CPU
+    training step; this mask costs a third less. Elsewhere (CUDA) nn.Dropout's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return torch.where(keep, x * (1 / (1 - self.p)), 0)
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update (LoRA), optionally weight-decomposed
     (DoRA).
@@ -113,7 +126,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=weight.device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=torch.float32))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.adapter_only_dropout = adapter_only_dropout
         self.injection = None
         if dora:
@@ -556,6 +569,52 @@ def masked_distillation(z_plain: torch.Tensor, z_echo: torch.Tensor, tau: float)
                     log_target=True, reduction="sum")
 
 
+class OutputCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) over rows i, computed in chunks of rows, the gradient with respect
+    to h made in the forward pass: d/dh_i = (softmax(h_i W^T) - onehot(y_i)) W.
+
+    Whole-text loss takes the head at every position: (16 x 256, 32000) fp32 logits are 0.5 GB
+    for LLaMA-7B, and its log-softmax and their gradient are as large again. Chunk by chunk they
+    never exist at once, which on a CPU (memory-bound) halves the head's cost. The head W is frozen
+    in every method here, so it needs no gradient. Each chunk computes what `F.linear` then
+    `F.cross_entropy` compute: logits in the activations' dtype, the softmax in fp32."""
+
+    CHUNK = 256  # rows per chunk: (256, 49152) fp32 is 50 MB
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for start in range(0, h.shape[0], OutputCrossEntropy.CHUNK):
+            rows = slice(start, start + OutputCrossEntropy.CHUNK)
+            log_probs = F.log_softmax(F.linear(h[rows], weight).float(), -1)  # (chunk, vocab)
+            total += F.nll_loss(log_probs, targets[rows], reduction="sum")
+            if grad_h is not None:
+                d_logits = log_probs.exp_()  # softmax - onehot(y): the CE's gradient by its logits
+                d_logits[torch.arange(d_logits.shape[0], device=h.device), targets[rows]] -= 1
+                grad_h[rows] = d_logits.to(h.dtype) @ weight
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_total.to(grad_h.dtype), None, None
+
+
+def output_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE of the output layer's logits, summed over the rows: `F.cross_entropy(F.linear(h, weight)
+    .float(), targets, reduction="sum")` without the (rows, vocab) logits held for backward.
+    h: (N, 4096), targets: (N,). Under autocast h and the head meet in bf16, as `model.output` would."""
+    if weight.requires_grad:
+        raise ValueError("output_cross_entropy: the output layer is frozen in every method here")
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return OutputCrossEntropy.apply(h, weight, targets)
+
+
 @dataclass
 class Batch:
     """A right-padded training batch.
@@ -595,16 +654,12 @@ def loss_terms(model, batch: Batch, echo_path: EchoPath | None = None, routed: t
     # (item 1) and, for the suffix form, keeps its keys and values (item 6).
     caches = model.new_caches() if run_echo and echo_path.config.echo_pass == "suffix" else None
     h, states = model.trunk(batch.tokens, caches=caches, collect=echo_path.source_layers if run_echo else ())
-    plain_logits = model.output(h[ce_at]).float()  # (N_ce, 32000): one row per ce position, in reading order
-    ce_sum = F.cross_entropy(plain_logits, batch.ce_targets[ce_at], reduction="sum")
+    ce_sum = output_cross_entropy(h[ce_at], model.output.weight, batch.ce_targets[ce_at])
     if not run_echo:
-        return ce_sum, plain_logits.new_zeros(())
+        return ce_sum, ce_sum.new_zeros(())
     z_echo = echo_pass(echo_path, model, batch, rows, states, caches)  # (N_echo, 32000)
-    # z_plain: the plain logits at the routed answer positions. Every answer position is a ce
-    # position, so they are rows of plain_logits already: flag each row, keep the flagged ones.
     routed_answer = answer & routed[:, None]  # (16, 256): the routed samples' answer positions
-    row_is_routed_answer = routed_answer[ce_at]  # (N_ce,): one flag per row of plain_logits
-    z_plain = plain_logits[row_is_routed_answer]  # (N_echo, 32000), in the order of z_echo
+    z_plain = model.output(h[routed_answer]).float()  # (N_echo, 32000), in the order of z_echo
     tau, distill = echo_path.config.tau, echo_path.config.distill
     routed_sum = (F.cross_entropy(z_echo, batch.answer_targets[routed_answer], reduction="sum")
                   + distill * tau ** 2 * masked_distillation(z_plain, z_echo, tau))

@@ -159,12 +159,26 @@ def test_dropout_reaches_only_the_adapter_input(dora):
     torch.manual_seed(7)
     y = layer(x)
     torch.manual_seed(7)
-    dropped = F.dropout(x, 0.5, training=True)
+    dropped = layer.dropout(x)  # the same draw
     expected = layer.base(x) + layer.scale * dropped @ layer.lora_A.T @ layer.lora_B.T  # W x, not W dropout(x)
     if dora:
         expected = layer.magnitude / layer.weight_norm() * expected
     diff = max_diff(y, expected)
     assert diff < 1e-6, f"max diff {diff:.2e}"
+
+
+def test_cpu_dropout_is_inverted_bernoulli_dropout():
+    """echo_lora.Dropout's CPU mask against the definition (nn.Dropout's function): each element
+    zeroed with probability p, every kept one exactly x / (1 - p); over 2^20 elements the zeroed
+    fraction is within 5 standard deviations of p (binomial: sqrt(p (1 - p) / n) = 2.1e-4)."""
+    from echo_lora import Dropout
+
+    x = torch.rand(1024, 1024) + 1.0  # no zeros of its own
+    dropped = Dropout(0.05).train()(x)
+    zeroed = dropped == 0
+    assert abs(zeroed.float().mean().item() - 0.05) < 5 * (0.05 * 0.95 / x.numel()) ** 0.5
+    assert torch.equal(dropped[~zeroed], x[~zeroed] * (1 / 0.95))
+    assert torch.equal(Dropout(0.05).eval()(x), x)
 
 
 def materialised_norm(layer: LoRALinear) -> torch.Tensor:

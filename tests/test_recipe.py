@@ -161,32 +161,78 @@ def test_adapter_only_dropout_is_a_different_training_function_and_the_same_at_i
 # The loss: the whole text, each micro-batch its own mean
 
 
-def test_whole_text_loss_is_transformers_loss_averaged_over_micro_batches():
-    """The recipe's step loss with micro-batches of 2 out of 6: the mean of LlamaForCausalLM's
-    own loss (labels = input ids, -100 at padding) over the three micro-batches."""
-    torch.manual_seed(0)
-    model = llama.Transformer(llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
-                                              multiple_of=16)).eval()
-    hf = hf_llama(model)
+def recipe_examples():
     g = torch.Generator().manual_seed(1)
     examples = []
     for length in (9, 4, 12, 7, 5, 10):
         ids = [1] + torch.randint(3, 50, (length - 1,), generator=g).tolist()
         examples.append((ids, [-100] * (length // 2) + ids[length // 2:]))
-    ours, reference = 0.0, 0.0
+    return examples
+
+
+def step_loss(model, examples, echo=None, routed=None, **flags):
+    """train.accumulate_gradients' CE of one step of 6 examples in micro-batches of 2, on a CPU."""
+    cfg = train.Config(batch_size=6, micro_batch_size=2, precision="fp32", **flags)
+    routed = torch.zeros(6, dtype=torch.bool) if routed is None else routed
+    losses, _ = train.accumulate_gradients(model, echo, examples, routed, cfg, 0, torch.device("cpu"), 1, 0)
+    return losses
+
+
+def test_whole_text_loss_is_transformers_loss_averaged_over_micro_batches():
+    """The recipe's step loss with micro-batches of 2 out of 6, as train.py computes it (each
+    micro-batch in length-sorted parts): the mean of LlamaForCausalLM's own loss (labels = input
+    ids, -100 at padding) over the three micro-batches, each padded to its longest."""
+    torch.manual_seed(0)
+    model = llama.Transformer(llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                              multiple_of=16)).eval()
+    hf = hf_llama(model)
+    examples = recipe_examples()
+    reference = 0.0
     with torch.no_grad():
         for start in range(0, 6, 2):
             batch = train.collate(examples[start:start + 2], train_on_inputs=True, pad_id=0)
-            ce_sum, _ = loss_terms(model, batch)
-            ours += train.micro_batch_mean(ce_sum, batch, micros_per_step=3).item()
             labels = torch.where(batch.valid, batch.tokens, -100)
             reference += hf(input_ids=batch.tokens, attention_mask=batch.valid.long(), labels=labels).loss.item() / 3
+    add_adapters(model, dropout=0.0)  # B = 0: the base model's function, with something to train
+    ours = step_loss(model, examples)[0].item()
     assert abs(ours - reference) < 1e-5, f"{ours} vs {reference}"
     # The departure: one mean over all the step's tokens, which weights micro-batches by their size.
-    steps = train.collate(examples, train_on_inputs=True, pad_id=0)
-    with torch.no_grad():
-        token_mean = (loss_terms(model, steps)[0] / (steps.ce_targets != -100).sum()).item()
+    token_mean = step_loss(model, examples, token_mean_loss=True)[0].item()
     assert abs(token_mean - reference) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["lora", "echo-dora"])
+def test_length_sorted_parts_give_the_padded_micro_batch_loss_and_gradients(method, monkeypatch):
+    """A micro-batch computed as length-sorted parts (train.padded_parts) against the same
+    micro-batch padded to its longest as one forward pass: the same loss and adapter (and Echo
+    path) gradients up to float rounding (relative 1e-5, fp32), with trained (non-zero) adapters
+    and dropout off (dropout draws depend on the grouping)."""
+    from echo_lora import EchoConfig, EchoPath
+
+    def run(rows_per_part):
+        monkeypatch.setattr(train, "ROWS_PER_PART", rows_per_part)
+        torch.manual_seed(0)
+        model = llama.Transformer(llama.ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                                  multiple_of=16))
+        add_adapters(model, dropout=0.0, dora="dora" in method)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data += 0.1 * torch.randn_like(p)
+        echo = EchoPath(model, EchoConfig()) if "echo" in method else None
+        model.train()
+        routed = torch.tensor([True, False, True, True, False, True])
+        examples = recipe_examples() * 2  # micro-batches of 6: parts of 1 and 2 rows
+        cfg = train.Config(batch_size=12, micro_batch_size=6, precision="fp32")
+        losses, _ = train.accumulate_gradients(model, echo, examples, routed.repeat(2), cfg, 0,
+                                               torch.device("cpu"), 1, 0)
+        params = [p for p in model.parameters() if p.requires_grad] + (list(echo.parameters()) if echo else [])
+        return losses, torch.cat([p.grad.flatten() for p in params])
+
+    padded_losses, padded_grads = run(rows_per_part=6)
+    parts_losses, parts_grads = run(rows_per_part=4)
+    assert torch.isfinite(padded_grads).all() and padded_losses[0] > 0 and (padded_losses[1] > 0) == ("echo" in method)
+    assert torch.allclose(parts_losses, padded_losses, rtol=1e-5, atol=0)
+    assert (parts_grads - padded_grads).norm() <= 1e-5 * padded_grads.norm()
 
 
 # --------------------------------------------------------------------------------------------
