@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.commonsense import eval_prompt, load_records
-from data.files import read_json, write_atomically
+from data.files import code_version, read_json, write_atomically
 from echo_lora import load_adapter, merge
 from llama import (PRECISIONS, Transformer, default_precision, generate, load, prefill, resolve_checkpoint,
                    resolve_device)
@@ -626,7 +626,7 @@ def report(args, predictions: dict[str, list[dict]], missing: dict[str, str], se
     write_text(args.out / f"results{suffix}.md", markdown)
     summary = dict(results=results, average=average_accuracy(results), missing=missing, seconds=seconds,
                    published={args.published: published} if published else {},
-                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version())
     write_text(args.out / f"results{suffix}.json", json.dumps(summary, indent=2) + "\n")
     write_text(args.out / f"predictions{suffix}.jsonl",
                "".join(json.dumps(p) + "\n" for preds in predictions.values() for p in preds))

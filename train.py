@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import llama
 from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
-from data.files import read_json, write_atomically
+from data.files import code_version, read_json, write_atomically
 from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters,
                        copy_adapter_tensors, loss_terms, route, save_adapter, trainable_parameters)
 
@@ -759,7 +759,7 @@ def run_record(cfg: Config, args: llama.ModelArgs, n_train: int, n_echo_params: 
     import tiktoken
 
     return {"config": dataclasses.asdict(cfg), "model_args": dataclasses.asdict(args), "train_records": n_train,
-            "echo_parameters": n_echo_params, "command": " ".join(sys.argv),
+            "echo_parameters": n_echo_params, "command": " ".join(sys.argv), "code": code_version(),
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
                          "sentencepiece": sentencepiece.__version__, "tiktoken": tiktoken.__version__,
                          "safetensors": safetensors.__version__}}

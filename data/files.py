@@ -8,6 +8,7 @@ scripts use them without importing the model or torch.
 
 import json
 import os
+import subprocess
 import types
 from pathlib import Path
 
@@ -48,3 +49,16 @@ def write_atomically(file: Path, write):
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)  # only left over when the write failed
+
+
+def code_version() -> dict:
+    """The git commit this code is at, and whether its files differ from it (None outside a git
+    checkout): what a run's numbers can be traced back to."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None, "modified": None}
+    return {"git_commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
