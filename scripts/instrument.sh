@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The instrument tries on SmolLM2-135M-Instruct (docs/experiment.md): can LoRA lift ARC-Easy
+# accuracy clearly above chance and the untouched model at this scale? One try per argument:
+#   bash scripts/instrument.sh protocol-4splits      # the protocol, the four training splits
+# Each writes results/smollm2-cpu/instrument/<try>/ (config.json, metrics.jsonl, results.*,
+# predictions.jsonl); adapters and checkpoints stay out of git (.gitignore).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/smollm2-cpu/instrument}
+SPLITS=data/ARC-Easy/train.json,data/ARC-Challenge/train.json,data/boolq/train.json,data/openbookqa/train.json
+EVAL=(--ckpt smollm2-135m --datasets ARC-Easy --num-beams 1 --precision bf16 --data-dir data)
+case "$1" in
+  untouched)
+    python eval.py "${EVAL[@]}" --out "$OUT/untouched" ;;
+  protocol-4splits)  # the recipe's settings, about 30 minutes of training on 2 cores
+    python train.py --ckpt smollm2-135m --method lora --data "$SPLITS" --precision bf16 --seed 1 \
+        --max-steps 450 --out "$OUT/$1"
+    python eval.py "${EVAL[@]}" --adapter "$OUT/$1" ;;
+  *) echo "unknown try $1" >&2; exit 2 ;;
+esac
