@@ -321,7 +321,8 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 # The values each of EchoConfig's choice fields may take (train.py's flags offer the same).
-ECHO_CHOICES = {"pool": ("mean", "last"), "mask": ("answer", "none"), "echo_pass": ("suffix", "full")}
+ECHO_CHOICES = {"pool": ("mean", "last"), "mask": ("answer", "none"), "echo_pass": ("suffix", "full"),
+                "inject": ("echo", "zero")}
 
 
 @dataclass
@@ -336,6 +337,7 @@ class EchoConfig:
     tau: float = 1.0  # distillation temperature, item 7
     mask: str = "answer"  # answer | none (items 2, 4; none leaks the answer: an ablation)
     echo_pass: str = "suffix"  # suffix | full (item 6)
+    inject: str = "echo"  # echo | zero: the control, the Echo path without the deep signal (item 4)
 
     def __post_init__(self):
         for name, allowed in ECHO_CHOICES.items():
@@ -450,6 +452,26 @@ class Injector(nn.Module):
         return (inject_at[..., None] * projected[:, None, :]).to(u.dtype)  # m_t g(e) P e, (8, 24, 32)
 
 
+class Diagnostics:
+    """Running means of what shows whether the deep signal carries information, over the Echo
+    passes since the last `read`: per routed answer token CE(echo), CE(plain) on the same tokens
+    and the KL; per target and pass the mean gate g(e) and ||m_t g(e) P e|| / ||A x|| at m_t = 1."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, n: int = 1, **sums: torch.Tensor):
+        for name, value in sums.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach()
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def read(self) -> dict[str, float]:
+        """The means since the last read (names prefixed echo_diag_), then start afresh."""
+        means = {f"echo_diag_{k}": (v / self.counts[k]).item() for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+
 class EchoPath(nn.Module):
     """The Echo path's trainable part, held beside the model: the source and target layers (items
     1, 3) and an Injector per target (item 4). Training-only: dropping it discards it (item 8)."""
@@ -466,17 +488,29 @@ class EchoPath(nn.Module):
         self.targets = echo_targets(model, self.target_layers)
         self.injectors = nn.ModuleDict({path.replace(".", "_"): Injector(model.args.dim, m.r)
                                         for path, m in self.targets.items()})
+        self.diagnostics = Diagnostics()
 
     @contextmanager
     def injecting(self, e: torch.Tensor, inject_at: torch.Tensor):
-        """Within this block every target module adds its injection m_t g(e) P e (item 4)."""
-        for path, module in self.targets.items():
-            module.injection = partial(self.injectors[path.replace(".", "_")], e=e, inject_at=inject_at)
+        """Within this block every target module adds its injection m_t g(e) P e (item 4); under
+        the control (--echo-inject zero) none does, and the Echo pass computes the plain function."""
+        if self.config.inject == "echo":
+            for path, module in self.targets.items():
+                module.injection = partial(self.inject, self.injectors[path.replace(".", "_")], e=e,
+                                           inject_at=inject_at)
         try:
             yield
         finally:
             for module in self.targets.values():  # the discard (item 8): the plain model again
                 module.injection = None
+
+    def inject(self, injector: "Injector", u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor) -> torch.Tensor:
+        """One target's injection, its gate and its size beside u = A x noted for the diagnostics."""
+        term = injector(u, e, inject_at)
+        with torch.no_grad():
+            self.diagnostics.add(gate=torch.sigmoid(e.float() @ injector.gate_weight + injector.gate_bias).mean(),
+                                 injection_rel=term[inject_at].float().norm() / u[inject_at].float().norm().clamp_min(1e-12))
+        return term
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -661,9 +695,11 @@ def loss_terms(model, batch: Batch, echo_path: EchoPath | None = None, routed: t
     routed_answer = answer & routed[:, None]  # (16, 256): the routed samples' answer positions
     z_plain = model.output(h[routed_answer]).float()  # (N_echo, 32000), in the order of z_echo
     tau, distill = echo_path.config.tau, echo_path.config.distill
-    routed_sum = (F.cross_entropy(z_echo, batch.answer_targets[routed_answer], reduction="sum")
-                  + distill * tau ** 2 * masked_distillation(z_plain, z_echo, tau))
-    return ce_sum, routed_sum
+    targets = batch.answer_targets[routed_answer]
+    ce_echo, kl = F.cross_entropy(z_echo, targets, reduction="sum"), masked_distillation(z_plain, z_echo, tau)
+    echo_path.diagnostics.add(n=len(targets), ce_echo=ce_echo, kl=kl,
+                              ce_plain=F.cross_entropy(z_plain.detach(), targets, reduction="sum"))
+    return ce_sum, ce_echo + distill * tau ** 2 * kl
 
 
 # ---- 8. Discard

@@ -126,6 +126,8 @@ class Config:
                                "(item 4)")
     echo_pass: str = echo_flag("echo_pass", "suffix: recompute only the answer suffix; full: every position, the "
                                "reference (item 6)")
+    echo_inject: str = echo_flag("inject", "echo: inject the deep signal; zero: the control, every Echo term "
+                                 "run without it (item 4)")
     # machinery
     gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass: less memory")
     resume: bool = flag(False, "continue the run in --out from its checkpoint.pt")
@@ -826,10 +828,11 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        diagnostics = echo.diagnostics.read() if echo else {}  # this process's Echo passes of the step
         if rank != 0:
             continue
         # log
-        entry = progress.step(step, tokens, losses, lr, grad_norm.item(), routed)
+        entry = progress.step(step, tokens, losses, lr, grad_norm.item(), routed) | diagnostics
         # validate: the adapter with the best validation loss is the one kept (the recipe's choice)
         if data.val and (step % cfg.eval_every == 0 or step == data.total_steps):
             entry["val_loss"] = validation_loss(model, data.val, cfg, tokenizer.pad_id, device)

@@ -3,6 +3,8 @@ masking (nothing leaks from the answer), the teacher/student split of the distil
 discard (a stripped adapter is a plain LoRA adapter), the parameter count, and the suffix echo
 pass against the full recomputation it replaces."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,3 +224,23 @@ def saved_activation_bytes(echo_pass):
 def test_suffix_pass_keeps_no_more_activations_than_full():
     full, suffix = saved_activation_bytes("full"), saved_activation_bytes("suffix")
     assert suffix < 0.75 * full, (suffix, full)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_control_runs_every_echo_term_without_the_deep_signal(dora):
+    """--echo-inject zero (METHOD.md item 4's control): with dropout off, the Echo pass computes the
+    plain pass's function, so on the routed answer tokens CE(echo) is CE(plain) and the KL is 0 (up
+    to float rounding), while the Echo loss terms still run; with the injection on they differ."""
+    batch, routed = ragged_batch(), torch.tensor([True, True, True, False])
+    for inject in ("zero", "echo"):
+        model = adapted_model(dora=dora)
+        echo = echo_path(model, inject=inject)
+        ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
+        d = echo.diagnostics.read()
+        assert echo_sum > 0 and math.isfinite(d["echo_diag_ce_echo"])
+        if inject == "zero":
+            assert abs(d["echo_diag_ce_echo"] - d["echo_diag_ce_plain"]) < 1e-5 and abs(d["echo_diag_kl"]) < 1e-6
+            assert "echo_diag_gate" not in d  # no injection was computed
+        else:
+            assert abs(d["echo_diag_ce_echo"] - d["echo_diag_ce_plain"]) > 1e-3 and d["echo_diag_kl"] > 1e-6
+            assert 0 < d["echo_diag_gate"] < 1 and d["echo_diag_injection_rel"] > 0

@@ -2,6 +2,7 @@
 default, resume against an uninterrupted run, and two data-parallel processes against one."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -66,6 +67,12 @@ def test_real_records_validation_loss_goes_down(tmp_path, tiny_ckpt, arc_records
     assert not any("echo" in k or "proj" in k or "gate" in k for k in saved)
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["method"] == method and record["echo_parameters"] > 0
+    assert len(record["code"]["git_commit"] or "0" * 40) == 40
+    # the Echo path's diagnostics, on every step that routed a sample
+    diagnosed = [m for m in steps if m["routed"]]
+    keys = {"echo_diag_ce_echo", "echo_diag_ce_plain", "echo_diag_kl", "echo_diag_gate", "echo_diag_injection_rel"}
+    assert all(keys <= set(m) and all(math.isfinite(m[k]) for k in keys) for m in diagnosed)
+    assert all(0 < m["echo_diag_gate"] < 1 and m["echo_diag_kl"] >= 0 for m in diagnosed)
 
 
 def test_resumed_run_continues_the_same_loss_curve(tmp_path, tiny_ckpt, arc_records, monkeypatch):
