@@ -29,23 +29,14 @@ written to a folder part by part:
   3. bench.json and bench.md: the speed suite above, every method, with all three workloads.
     python bench.py --suite device                      # -> results/<device>-<date>/
     python bench.py --suite device --shape tiny         # the same on a CPU in seconds (tested)
-
-`--suite experiment` is the real-model comparison (README "Results on a real model"): the untouched
-model, then LoRA vs Echo-LoRA and DoRA vs Echo-DoRA per seed, trained by train.py and evaluated by
-eval.py run by run within --budget-minutes, continued by the same command, ending with results.md:
-    python bench.py --suite experiment --ckpt smollm2-135m --data-dir data --out results/smollm2-h100-<date>
 """
 
 import argparse
 import dataclasses
 import gc
-import hashlib
 import json
-import math
 import os
-import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,11 +46,9 @@ from pathlib import Path
 
 import torch
 
-import eval as evaluator
 import llama
-import train
 from data.commonsense import IGNORE_INDEX, load_records
-from data.files import read_json, write_atomically
+from data.files import write_atomically
 from echo_lora import (DEFAULT_TARGETS, TARGET_HF_NAMES, EchoConfig, EchoPath, adapter_parameters, adapted_linears,
                        add_adapters, export_peft, loss_terms, name_from_peft_key, permute_qk_rows, route,
                        trainable_parameters)
@@ -288,9 +277,9 @@ def time_evaluation(model, tokenizer, test_dir, per_set, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", choices=["speed", "device", "experiment"], default="speed",
+    p.add_argument("--suite", choices=["speed", "device"], default="speed",
                    help="speed: the measurements below; device: parity, a torchrun smoke run, then speed (one GPU "
-                        "call); experiment: Echo vs its base method on a real model, over seeds (default: speed)")
+                        "call) (default: speed)")
     p.add_argument("--shape", choices=SHAPES, help="the model's shape, random weights "
                                                  "(default: tiny (speed), llama-7b (device))")
     p.add_argument("--method", nargs="+", default=["lora", "dora", "echo-lora", "echo-dora"],
@@ -313,7 +302,6 @@ def main(argv=None):
     p.add_argument("--no-peft", action="store_true",
                    help="skip the transformers + peft peer (default: time it, when installed)")
     p.add_argument("--out", help="bench.json (speed; the default) or a folder (device; default results/<device>-<date>)")
-    add_experiment_flags(p)
     a = p.parse_args(argv)
     a.shape = a.shape or ("llama-7b" if a.suite == "device" else "tiny")
     for flag, ok, allowed in (("batch_size", a.batch_size >= 1, ">= 1"), ("steps", a.steps >= 1, ">= 1"),
@@ -327,8 +315,6 @@ def main(argv=None):
     precision = a.precision or llama.default_precision(device)
     if a.suite == "device":
         return device_suite(a, p, device, precision)
-    if a.suite == "experiment":
-        return experiment_suite(a, p, device, precision, sys.argv[1:] if argv is None else argv)
     return measure_speed(a, p, device, precision, Path(a.out or "bench.json"))
 
 
@@ -605,284 +591,6 @@ def format_table(result, mean_tokens):
 
 def fmt(value, spec, suffix=""):
     return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-# --------------------------------------------------------------------------------------------
-# The experiment suite: each Echo method against its base method on a real model, in one lent
-# window (README "Results on a real model")
-
-EXPERIMENT_SETS = ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa")  # <data-dir>/<name>/train.json and test.json
-# The experiment's departures from the recipe, made so that the runs fit a lent GPU's window;
-# --train-flags and --eval-flags come after them, so they can undo them.
-EXPERIMENT_TRAIN_FLAGS = ("--epochs", "1")  # the recipe trains 3 epochs
-EXPERIMENT_EVAL_FLAGS = ("--num-beams", "1",  # greedy: a quarter of the protocol's 4-beam rows
-                         "--batch-size", "128")  # a GPU's batch; eval.py's answers do not depend on it
-# The flags the runner gives each run itself.
-RUNNER_TRAIN_FLAGS = {"--ckpt", "--method", "--seed", "--data", "--out", "--resume", "--overwrite", "--precision"}
-RUNNER_EVAL_FLAGS = {"--ckpt", "--adapter", "--datasets", "--data-dir", "--out", "--overwrite", "--precision",
-                     "--compare"}
-# A method not timed yet is estimated at the slowest timed training run times this: bench.py
-# measured echo and DoRA steps at up to 1.4x our LoRA step (README "Speed and memory").
-UNMEASURED_METHOD_FACTOR = 1.5
-clock = time.perf_counter  # what runs are timed and sized by (the test replaces it to simulate run times)
-METHOD_ORDER = ("none", "lora", "echo-lora", "dora", "echo-dora")  # "none": the untouched model
-
-
-def add_experiment_flags(p):
-    g = p.add_argument_group("--suite experiment", "Echo-LoRA vs LoRA and Echo-DoRA vs DoRA (--method) on a real "
-                             "model, each seed a run, sized to a time budget; --out is the experiment's folder "
-                             "(default results/<ckpt>-<device>-<date>), which a rerun continues")
-    g.add_argument("--ckpt", default="smollm2-135m", help="the base model: checkpoints/NAME or a path (default: %(default)s)")
-    g.add_argument("--data-dir", type=Path, default=Path("data"),
-                   help=f"folder of <name>/train.json and test.json for {', '.join(EXPERIMENT_SETS)} (default: %(default)s)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
-                   help="one run per method and seed: the seed sets the initialisation, batch order and routing "
-                        "(default: 1 2 3)")
-    g.add_argument("--budget-minutes", type=float, default=8.0,
-                   help="start only the runs whose estimated time fits in it (0: only write the table; default: %(default)s)")
-    g.add_argument("--train-flags", default="", help='more train.py flags for every run, as one string: '
-                   '--train-flags="--lr 1e-3" (a rerun into the same --out must give the same; default: none)')
-    g.add_argument("--echo-flags", default="",
-                   help='more train.py flags for the Echo runs only, so an ablation keeps its paired base runs: '
-                        '--echo-flags="--echo-route-p 1" (default: none)')
-    g.add_argument("--eval-flags", default="",
-                   help='more eval.py flags for every evaluation: --eval-flags="--limit 100" (default: none)')
-
-
-def experiment_suite(a, p, device, precision, argv) -> dict:
-    """The untouched model's evaluation, then per seed LoRA and Echo-LoRA, then per seed DoRA and
-    Echo-DoRA: each trained on the four training splits and evaluated on their test sets into
-    <out>/<method>-s<seed>/ (train.py's and eval.py's own files, written as they go). A run starts
-    only if its estimated time fits what is left of --budget-minutes; the runs that do not fit are
-    listed as skipped in <out>/experiment.json, and the same command continues them later (runs
-    already evaluated are kept). Ends with <out>/results.md, eval.py's comparison of the runs."""
-    started = clock()
-    if not 0 <= a.budget_minutes < math.inf:
-        p.error(f"--budget-minutes must be >= 0 and finite, found {a.budget_minutes}")
-    if not all(0 <= seed < 2**32 for seed in a.seeds) or len(set(a.seeds)) < len(a.seeds):
-        p.error(f"--seeds must be distinct and in [0, 2^32), found {' '.join(map(str, a.seeds))}")
-    out = Path(a.out or f"results/{Path(a.ckpt).name}-{device_slug(device)}-{time.strftime('%Y-%m-%d')}")
-    if a.budget_minutes == 0:  # only the table: nothing runs, so nothing a run needs is checked
-        manifest = open_experiment(out, None)
-    else:
-        train_flags, echo_flags, eval_flags = experiment_flags(a, p)
-        files = experiment_files(a, p)
-        manifest = open_experiment(out, experiment_settings(a, precision, train_flags, echo_flags, eval_flags, files))
-        call = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(device),
-                "torch": torch.__version__, "command": "python bench.py " + shlex.join(argv), "budget_minutes": a.budget_minutes, "runs_done": []}
-        manifest["calls"].append(call)
-        print(f"experiment on {call['device']}, {precision}, budget {a.budget_minutes:g} min: {out}/", flush=True)
-        run_experiment(a, out, manifest, call, train_flags, echo_flags, eval_flags, precision, started)
-        call["seconds"] = clock() - started
-        write_json(out / "experiment.json", manifest)
-    table = experiment_table(out, manifest)
-    print(table)
-    return manifest
-
-
-def experiment_flags(a, p) -> tuple[list[str], list[str], list[str]]:
-    """The train.py flags of every run, those of the Echo runs alone, and the eval.py flags: the
-    experiment's, then --train-flags, --echo-flags and --eval-flags; checked by train.py's and
-    eval.py's own parsers before anything runs."""
-    flags = {}
-    for name, fixed, runner_sets in (("train", EXPERIMENT_TRAIN_FLAGS, RUNNER_TRAIN_FLAGS),
-                                     ("echo", (), RUNNER_TRAIN_FLAGS),
-                                     ("eval", EXPERIMENT_EVAL_FLAGS, RUNNER_EVAL_FLAGS)):
-        extra = shlex.split(getattr(a, f"{name}_flags"))
-        taken = sorted({flag.split("=")[0] for flag in extra} & runner_sets)
-        if taken:
-            p.error(f"--{name}-flags: {', '.join(taken)} is given to each run by the experiment itself")
-        flags[name] = [*fixed, *extra]
-    for method in a.method:  # an echo flag in --train-flags is an error for the LoRA runs: better now than mid-experiment
-        echo_flags = flags["echo"] if method.startswith("echo-") else []
-        train.parse_config(["--ckpt", a.ckpt, "--method", method, *flags["train"], *echo_flags])
-    evaluator.parse_args(["--ckpt", a.ckpt, *flags["eval"]])
-    return flags["train"], flags["echo"], flags["eval"]
-
-
-def experiment_files(a, p) -> dict[str, Path]:
-    """The training splits and test sets the runs read, after checking that they and the base model are there."""
-    files = {f"{name}/{split}.json": a.data_dir / name / f"{split}.json"
-             for name in EXPERIMENT_SETS for split in ("train", "test")}
-    missing = [key for key, path in files.items() if not path.is_file()]
-    if missing:
-        p.error(f"--data-dir {a.data_dir}: no {', '.join(missing)} (python data/download.py --only "
-                + " ".join(f"{name} {name}-train" for name in EXPERIMENT_SETS) + " fetches them)")
-    try:
-        llama.resolve_checkpoint(a.ckpt)
-    except FileNotFoundError as e:
-        p.error(f"--ckpt {e}")
-    return files
-
-
-def experiment_settings(a, precision, train_flags, echo_flags, eval_flags, files) -> dict:
-    """What every run in one experiment folder shares: a rerun with other settings would mix two
-    experiments in one table."""
-    return {"ckpt": Path(a.ckpt).name, "precision": precision, "train_flags": train_flags, "echo_flags": echo_flags,
-            "eval_flags": eval_flags,
-            "data_sha256": {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items()}}
-
-
-def open_experiment(out: Path, settings: dict | None) -> dict:
-    """The folder's experiment.json, or a new one for an empty or new folder. A folder made with
-    other settings, or holding anything else, is an error: runs are continued, never mixed with
-    another experiment's or written over. `settings` None: only the table is asked for."""
-    file = out / "experiment.json"
-    if not file.is_file():
-        if settings is None:
-            raise SystemExit(f"{out}: no experiment.json, so no runs to make a table of")
-        if out.exists() and any(out.iterdir()):
-            raise SystemExit(f"{out}: holds files but no experiment.json; give another --out")
-        return {"settings": settings, "calls": [], "runs": {}}
-    try:
-        manifest = read_json(file)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    if settings is not None:
-        saved = manifest["settings"]
-        show = lambda v: shlex.join(v) if isinstance(v, list) else v  # noqa: E731
-        changed = [f"{key}: {show(saved.get(key))} -> {show(value)}" if key != "data_sha256" else
-                   "data files " + ", ".join(k for k in value if saved.get(key, {}).get(k) != value[k])
-                   for key, value in settings.items() if saved.get(key) != value]
-        if changed:
-            raise SystemExit(f"{out}: its runs were made with other settings ({'; '.join(changed)}); "
-                             "give another --out for these")
-    return manifest
-
-
-def experiment_units(methods, seeds) -> list[list[tuple[str, int | None]]]:
-    """The runs in priority order, in units that start together: the untouched model; then each
-    seed's LoRA and Echo-LoRA; then each seed's DoRA and Echo-DoRA (an Echo run is compared with its
-    base method's run of the same seed, so a pair starts only when both fit)."""
-    units = [[("none", None)]]
-    for base in ("lora", "dora"):
-        for seed in seeds:
-            unit = [(method, seed) for method in (base, f"echo-{base}") if method in methods]
-            if unit:
-                units.append(unit)
-    return units
-
-
-def run_name(method: str, seed: int | None) -> str:
-    return method if seed is None else f"{method}-s{seed}"
-
-
-def evaluated(folder: Path) -> bool:
-    return (folder / "results.json").is_file() and (folder / "predictions.jsonl").is_file()
-
-
-def estimate_seconds(method: str, runs: dict) -> float | None:
-    """A run's expected seconds from the runs timed so far, in this call or an earlier one: the
-    mean of its method's runs; for a method not timed yet, the slowest timed training run times
-    UNMEASURED_METHOD_FACTOR; for the untouched model, the mean evaluation. None: nothing timed."""
-    evaluations = [r["eval_seconds"] for r in runs.values() if r.get("eval_seconds") is not None]
-    if method == "none":
-        return statistics.mean(evaluations) if evaluations else None
-    timed = [(r["method"], r["train_seconds"] + r["eval_seconds"]) for r in runs.values()
-             if r.get("train_seconds") is not None and r.get("eval_seconds") is not None]
-    same = [seconds for m, seconds in timed if m == method]
-    if same:
-        return statistics.mean(same)
-    return max(seconds for _, seconds in timed) * UNMEASURED_METHOD_FACTOR if timed else None
-
-
-def fits(estimates: list[float | None], seconds_left: float) -> bool:
-    """Whether runs of these estimated times fit. An unknown time counts as 0: with nothing timed
-    yet the first run starts, and its time sizes the rest."""
-    return seconds_left > 0 and sum(e for e in estimates if e is not None) <= seconds_left
-
-
-def run_experiment(a, out, manifest, call, train_flags, echo_flags, eval_flags, precision, started):
-    """Every unit of experiment_units in order, each run only if it fits the budget; from the first
-    that does not, every later one is skipped too (the priority order stays the order of results).
-    experiment.json is rewritten as each run starts and ends (the caller writes it once more at the end)."""
-    runs, budget = manifest["runs"], 60 * a.budget_minutes
-    over_budget = False
-    for unit in experiment_units(a.method, a.seeds):
-        todo = [(method, seed) for method, seed in unit if not evaluated(out / run_name(method, seed))]
-        for method, seed in unit:
-            if (method, seed) not in todo:  # evaluated in an earlier call: kept as it is
-                runs.setdefault(run_name(method, seed), {"method": method, "seed": seed})["status"] = "done"
-        for i, (method, seed) in enumerate(todo):
-            name, left = run_name(method, seed), budget - (clock() - started)
-            estimates = [estimate_seconds(m, runs) for m, _ in (todo if i == 0 else todo[i:i + 1])]
-            if over_budget or not fits(estimates, left):
-                over_budget = True
-                runs[name] = {"method": method, "seed": seed, "status": "skipped",
-                              "estimate_seconds": estimate_seconds(method, runs), "seconds_left": max(left, 0.0)}
-                print(f"skipped {name}: estimated {fmt(runs[name]['estimate_seconds'], '.0f', ' s')}, "
-                      f"{max(left, 0.0):.0f} s of the budget left", flush=True)
-                continue
-            runs[name] = {"method": method, "seed": seed, "status": "running", "call": len(manifest["calls"]) - 1}
-            write_json(out / "experiment.json", manifest)
-            flags = train_flags + echo_flags if method.startswith("echo-") else train_flags
-            runs[name] |= train_and_evaluate(a, out / name, method, seed, flags, eval_flags, precision)
-            runs[name]["status"] = "done"
-            call["runs_done"].append(name)
-            write_json(out / "experiment.json", manifest)
-
-
-def train_and_evaluate(a, folder: Path, method, seed, train_flags, eval_flags, precision) -> dict:
-    """One run: train.py (the untouched model has nothing to train), then eval.py, into `folder`;
-    the seconds of each part. A run cut short in an earlier call continues from its checkpoint;
-    one cut short before its first checkpoint holds nothing finished and starts again."""
-    timing = {}
-    if method != "none":
-        resume = (folder / "checkpoint.pt").is_file()
-        again = ["--resume"] if resume else ["--overwrite"] if train.holds_run(folder) else []
-        data = ",".join(str(a.data_dir / name / "train.json") for name in EXPERIMENT_SETS)
-        t0 = clock()
-        train.main(["--ckpt", a.ckpt, "--method", method, "--seed", str(seed), "--data", data, "--out", str(folder),
-                    "--precision", precision, *train_flags, *again])
-        # a resumed run's time is part of a run's: no estimate of a whole one
-        timing |= {"train_seconds": None if resume else clock() - t0, "resumed": resume}
-    adapter = [] if method == "none" else ["--adapter", str(folder)]
-    again = ["--overwrite"] if (folder / "results.json").is_file() else []  # cut short before predictions.jsonl
-    t0 = clock()
-    if evaluator.main(["--ckpt", a.ckpt, *adapter, "--data-dir", str(a.data_dir), "--datasets", *EXPERIMENT_SETS,
-                       "--out", str(folder), "--precision", precision, *eval_flags, *again]):
-        raise SystemExit(1)  # eval.py has printed its one-line error
-    timing["eval_seconds"] = clock() - t0
-    gc.collect()  # the run's model is gone before the next one's is loaded
-    return timing
-
-
-def experiment_table(out: Path, manifest: dict) -> str:
-    """<out>/results.md: how the runs were made, then `eval.py --compare` of every evaluated run."""
-    names = sorted((name for name in manifest["runs"] if evaluated(out / name)),
-                   key=lambda n: (METHOD_ORDER.index(manifest["runs"][n]["method"]), manifest["runs"][n]["seed"] or 0))
-    if not names:
-        return f"{out}: no run has been evaluated yet, so there is no table"
-    try:
-        comparison = evaluator.compare_runs([out / name for name in names])
-        configs = {name: read_json(out / name / "config.json") for name in names
-                   if manifest["runs"][name]["method"] != "none"}
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"bench.py: {e}") from None
-    settings = manifest["settings"]
-    lines = [f"# Echo vs its base method on {settings['ckpt']}", "",
-             "Made by `bench.py --suite experiment` from the run folders beside this file; nothing typed by hand.", ""]
-    for call in manifest["calls"]:
-        lines.append(f"- {call['started']}, {call['device']} (torch {call['torch']}), "
-                     f"budget {call['budget_minutes']:g} min: {len(call['runs_done'])} runs in "
-                     f"{fmt(call.get('seconds'), '.0f', ' s')}: `{call['command']}`")
-    lrs = sorted({(c["config"]["method"], c["config"]["lr"]) for c in configs.values()},
-                 key=lambda m_lr: METHOD_ORDER.index(m_lr[0]))
-    first = next(iter(configs.values()), None)
-    lines.append(f"- training: train.py, {settings['precision']}, `{shlex.join(settings['train_flags'])}` (the recipe: "
-                 f"3 epochs) on the training splits of {', '.join(EXPERIMENT_SETS)}"
-                 + (f" ({first['train_records']} records, {first['config']['val_size']} more for validation, the "
-                    f"same for every seed)" if first else "")
-                 + ("; lr " + ", ".join(f"{m} {lr:g}" for m, lr in lrs) if lrs else "")
-                 + (f"; the Echo runs also `{shlex.join(settings['echo_flags'])}`" if settings.get("echo_flags") else ""))
-    lines.append(f"- evaluation: eval.py, `{shlex.join(settings['eval_flags'])}` (the protocol: 4 beams) "
-                 "on the matching test sets")
-    skipped = [name for name, r in manifest["runs"].items() if not evaluated(out / name)]
-    if skipped:
-        lines.append(f"- not run yet (over the budget, or cut short): {', '.join(skipped)}")
-    table = "\n".join(lines) + "\n\n" + comparison
-    write_atomically(out / "results.md", lambda tmp: tmp.write_text(table, encoding="utf-8"))
-    return table
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
     python eval.py --ckpt llama-7b --adapter out/echo-lora --datasets all   # the protocol: 4 beams
     python eval.py --ckpt llama-7b --adapter out/echo-lora --num-beams 1   # greedy: fast, not the protocol
     python eval.py --ckpt llama-7b --datasets boolq piqa --limit 100      # the base model, a quick look
-    python eval.py --compare out/lora-s* out/echo-lora-s*                # methods over seeds, paired
 
 The protocol is LLM-Adapters' commonsense_evaluate.py (Hu et al., 2023, "LLM-Adapters"), which
 DoRA (Liu et al., 2024, section 5.1) reuses for every number of its commonsense table: each test
@@ -360,91 +359,6 @@ def format_table(results: dict[str, dict], published: dict[str, tuple] | None) -
 
 
 # --------------------------------------------------------------------------------------------
-# Comparing runs: methods over seeds, and each Echo method against its base method
-
-
-def read_run(folder: Path) -> dict:
-    """An evaluated run: eval.py's results.json and predictions.jsonl, and, for a trained adapter,
-    train.py's config.json beside them (the method and the seed). No config.json: the base model."""
-    summary = json.loads((folder / "results.json").read_text())
-    results = summary["results"]
-    predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
-    trained = read_train_config(folder) or {"method": "none", "seed": None}
-    correct = {(p["dataset"], p["index"]): p["correct"] for p in predictions}
-    settings = {k: summary.get("args", {}).get(k) for k in COMPARED_SETTINGS}
-    return dict(folder=folder, method=trained["method"], seed=trained["seed"], results=results, correct=correct,
-                settings=settings)
-
-
-# The evaluation settings runs must share to be compared: they change what the accuracy measures.
-COMPARED_SETTINGS = ("scoring", "num_beams", "max_new_tokens", "limit")
-
-
-def check_same_settings(runs: list[dict]):
-    differ = [k for k in COMPARED_SETTINGS if len({r["settings"][k] for r in runs}) > 1]
-    if differ:
-        raise ValueError("--compare: the runs were evaluated with different settings: " + "; ".join(
-            f"--{k.replace('_', '-')} " + ", ".join(f"{r['settings'][k]} ({r['folder']})" for r in runs) for k in differ))
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, var ** 0.5
-
-
-def mcnemar_exact_p(gained: int, lost: int) -> float:
-    """Two-sided exact McNemar test: the chance, if Echo and its base were equally good, of a split
-    of the gained + lost flips at least as uneven as this one (each flip a fair coin). Pooling
-    seeds counts a question once per seed, as if the seeds' flips were independent."""
-    n, k = gained + lost, min(gained, lost)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
-
-
-def compare_runs(folders: list[Path]) -> str:
-    """Markdown: accuracy mean +- std over seeds per method and benchmark; then, for each Echo
-    method whose base method was run with the same seeds, the paired difference of the averages
-    and how many questions flip each way (right with Echo only vs right with the base only), with
-    an exact McNemar test of the flips."""
-    runs = [read_run(Path(f)) for f in folders]
-    check_same_settings(runs)
-    methods = {}
-    for run in runs:
-        methods.setdefault(run["method"], []).append(run)
-    benchmarks = [d for d in BENCHMARKS if all(d in r["results"] for r in runs)]
-    header = ["method", "seeds"] + [BENCHMARKS[d].column for d in benchmarks] + ["Average"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    def run_average(run):  # over the benchmarks every run has
-        return average_accuracy({b: run["results"][b] for b in benchmarks})
-
-    for method, group in methods.items():
-        cells = []
-        for d in benchmarks + ["average"]:
-            values = [100 * (r["results"][d]["accuracy"] if d != "average" else run_average(r)) for r in group]
-            cells.append("{:.1f} ± {:.1f}".format(*mean_std(values)))
-        lines.append("| " + " | ".join([method, str(len(group))] + cells) + " |")
-    for method, group in methods.items():
-        base = {r["seed"]: r for r in methods.get(method.removeprefix("echo-"), [])} if method.startswith("echo-") else {}
-        pairs = [(r, base[r["seed"]]) for r in group if r["seed"] in base]
-        if not pairs:
-            continue
-        diffs = [100 * (run_average(e) - run_average(p)) for e, p in pairs]
-        in_run = [{q for q in r["correct"] if q[0] in benchmarks} for pair in pairs for r in pair]
-        questions = sorted(set.intersection(*in_run))  # flips need the question in both runs of a pair
-        unpaired = len(set.union(*in_run)) - len(questions)
-        gained = sum(e["correct"][q] and not p["correct"][q] for e, p in pairs for q in questions)
-        lost = sum(p["correct"][q] and not e["correct"][q] for e, p in pairs for q in questions)
-        mean, std = mean_std(diffs)
-        lines.append(f"\n{method} - {method.removeprefix('echo-')}: {mean:+.2f} ± {std:.2f} points on the average "
-                     f"over {len(pairs)} paired seeds (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}); "
-                     f"questions right only with Echo: {gained}, right only without: {lost}."
-                     + (f" {unpaired} questions not in every run are left out of these counts." if unpaired else "")
-                     + f" Exact McNemar test of these flips (seeds pooled): p = {mcnemar_exact_p(gained, lost):.3g}.")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
 # The command line
 
 
@@ -488,12 +402,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder (required, unless --compare)")
-    parser.add_argument("--compare", nargs="+", type=Path, metavar="RUN",
-                        help="instead of evaluating: compare evaluated runs (folders with results.json), "
-                             "grouped by method, Echo against its base method (default: evaluate, not compare)")
+    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder (required)")
     parser.add_argument("--adapter", type=Path, help="adapter folder from train.py, merged into the weights "
                                                      "(default: evaluate the base model)")
     parser.add_argument("--datasets", nargs="+", default=["all"], metavar="NAME",
@@ -523,11 +434,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=list(EVAL_PRECISIONS),
                         help="the weights' dtype (the adapter is merged into them); default: fp16 on cuda (the "
                              "protocol's), fp32 elsewhere")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = arg_parser()
     args = parser.parse_args(argv)
-    if not args.ckpt and not args.compare:
-        parser.error("--ckpt is required (or --compare RUN ...)")
-    if args.compare:
-        return args
+    if not args.ckpt:
+        parser.error("--ckpt is required")
     try:
         resolve_device(args.device)
     except ValueError as e:
@@ -663,7 +577,7 @@ def main(argv=None) -> int:
     """Run the evaluation; bad input is one line on stderr and exit code 1, not a traceback."""
     args = parse_args(argv)
     try:
-        print(compare_runs(args.compare) if args.compare else run(args))
+        print(run(args))
     except (OSError, ValueError) as e:
         print(f"eval.py: {e}", file=sys.stderr)
         return 1

@@ -1,42 +1,227 @@
-"""bench.py --suite experiment end to end on CPU at a toy scale: every method, two seeds, the real
-training splits and test sets (tests/assets slices), a tiny random LLaMA with the real LLaMA-2
-tokenizer. Run times are simulated (a fake clock advanced by fixed seconds per train.py and eval.py
-call), so the budget's decisions are exact: which runs start, which are skipped, and that a rerun
-continues where the last call stopped, also after a crash mid-run. The table is checked against
-accuracies and flips recomputed here from the runs' predictions.jsonl."""
+"""scripts/experiment.py, the real-model experiment runner.
 
+- The budget's decisions, exactly: train.py and eval.py replaced by stand-ins that parse their
+  commands with the real parsers, write the files a run leaves and advance a fake clock by fixed
+  seconds, so which runs start, which wait, and that a rerun continues (also after a run that
+  stopped mid-training) is known to the second.
+- One end-to-end experiment at toy scale on CPU: real `python train.py` and `python eval.py`
+  subprocesses for the untouched model, LoRA, Echo-LoRA and the control, a tiny random LLaMA with
+  the real LLaMA-2 tokenizer, real ARC records (tests/assets slices), the control's training
+  killed after its first checkpoint and resumed by the next call.
+- The table (results.md) on fixture runs whose numbers are worked out by hand.
+"""
+
+import dataclasses
 import json
+import math
 import shutil
-import statistics
+import sys
+from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
 
-import bench
 import eval as evaluator
 import llama
 import train
-from conftest import ASSETS
+from conftest import ASSETS, ROOT
 from reference import write_meta_folder
 from tokenizer import Tokenizer
 
-DATA = ASSETS / "data" / "commonsense"  # the four training splits and their test sets, real records
+sys.path.insert(0, str(ROOT / "scripts"))
+import experiment  # noqa: E402
+
+DATA = ASSETS / "data" / "commonsense"  # training splits and test sets, real records
 TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
-TRAIN_SECONDS = {"lora": 10, "echo-lora": 12, "dora": 14, "echo-dora": 16}  # simulated
+TRAIN_SECONDS = {"lora": 10, "echo-lora": 12, "echo-lora-control": 12, "dora": 14, "echo-dora": 16}  # simulated
 EVAL_SECONDS = 5
-TOY = ["--train-flags=--max-steps 3 --batch-size 4 --micro-batch-size 4 --val-size 4 --warmup-steps 1 "
-       "--eval-every 3 --save-every 2 --cutoff 160 --lr 1e-2 --device cpu", "--eval-flags=--limit 3 --device cpu"]
-SETS = ["boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"]  # the table's column order
+SETS = ["ARC-Easy", "ARC-Challenge"]
+
+
+def option(args: list[str], name: str) -> str:
+    return args[len(args) - 1 - args[::-1].index(name) + 1]  # the last one given wins, as in argparse
+
+
+class StandIn:
+    """`python train.py` and `python eval.py` as experiment.run_script sees them: each command is
+    parsed by the script's own parser and recorded, the fake clock advances by the run's
+    simulated seconds, and the files a finished run leaves are written (a run named in `stop`
+    leaves only its checkpoint and exits with 1, as a killed run would)."""
+
+    def __init__(self, monkeypatch):
+        self.now, self.commands, self.stop = 0.0, [], set()
+        monkeypatch.setattr(experiment, "clock", lambda: self.now)
+        monkeypatch.setattr(experiment, "run_script", self)
+
+    def __call__(self, script: str, args: list[str]) -> int:
+        out = Path(option(args, "--out"))
+        self.commands.append((script, out.name, args))
+        if script == "eval.py":
+            parsed = evaluator.parse_args(args)
+            assert (out / "results.json").exists() == parsed.overwrite
+            self.now += EVAL_SECONDS
+            correct = {d: [(i + len(out.name)) % 3 == 0 for i in range(4)] for d in parsed.datasets}
+            write_run(out, None, None, correct, write_config=False, **{k: getattr(parsed, k) for k in (
+                "ckpt", "scoring", "num_beams", "max_new_tokens", "limit", "precision")})
+            return 0
+        cfg = train.parse_config(args)
+        arm = cfg.method + ("-control" if cfg.echo_inject == "zero" else "")
+        self.now += TRAIN_SECONDS[arm]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoint.pt").write_text("a checkpoint")
+        if out.name in self.stop:
+            self.stop.remove(out.name)
+            return 1
+        record = {"config": dataclasses.asdict(cfg), "train_records": 8}
+        (out / "config.json").write_text(json.dumps(record))
+        (out / "adapter.safetensors").write_text("an adapter")
+        return 0
+
+    def started(self, script: str) -> list[str]:
+        return [name for s, name, _ in self.commands if s == script]
+
+
+def stand_in_experiment(tmp_path, budget_minutes, *extra) -> dict:
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    experiment.main(["--ckpt", str(tmp_path / "ckpt"), "--data-dir", str(DATA), "--out", str(tmp_path / "exp"),
+                     "--seeds", "1", "2", "--budget-minutes", str(budget_minutes), *extra])
+    return json.loads((tmp_path / "exp" / "experiment.json").read_text())
+
+
+def status(manifest) -> dict[str, str]:
+    return {name: run["status"] for name, run in manifest["runs"].items()}
+
+
+def test_budget_decides_which_runs_start_and_a_rerun_continues(tmp_path, monkeypatch):
+    scripts = StandIn(monkeypatch)
+    # Call 1, 90 s: the untouched model (5 s), then seed 1's unit with nothing of it timed;
+    # lora-s1 takes 15 s, so echo-lora-s1 is estimated at 1.5 x 15 = 22.5 s (fits in 70) and its
+    # control at 1.5 x 17 = 25.5 s (fits in 53); seed 2's unit (15 + 17 + 17 s) does not fit the
+    # 36 s left, and every run after it waits.
+    manifest = stand_in_experiment(tmp_path, 1.5)
+    assert status(manifest) == {"none": "done", "lora-s1": "done", "echo-lora-s1": "done",
+                                "echo-lora-control-s1": "done", "lora-s2": "skipped", "echo-lora-s2": "skipped",
+                                "echo-lora-control-s2": "skipped", "dora-s1": "skipped", "echo-dora-s1": "skipped",
+                                "dora-s2": "skipped", "echo-dora-s2": "skipped"}
+    assert manifest["runs"]["lora-s2"]["estimate_seconds"] == 15 and manifest["runs"]["lora-s2"]["seconds_left"] == 36
+    assert manifest["runs"]["echo-lora-control-s2"]["estimate_seconds"] == 17  # timed now: the control's own
+    assert manifest["runs"]["dora-s1"]["estimate_seconds"] == 1.5 * 17  # not timed: the slowest run x 1.5
+
+    # The commands, as a user would type them: the arms' methods and flags, the training sets
+    # together, the test sets, the adapter.
+    train_args = {name: args for s, name, args in scripts.commands if s == "train.py"}
+    data = f"{DATA / 'ARC-Easy' / 'train.json'},{DATA / 'ARC-Challenge' / 'train.json'}"
+    control = train.parse_config(train_args["echo-lora-control-s1"])
+    assert (control.method, control.echo_inject, control.seed, control.data, control.epochs) == \
+        ("echo-lora", "zero", 1, data, 1)
+    assert train.parse_config(train_args["echo-lora-s1"]).echo_inject == "echo"
+    evaluation = evaluator.parse_args(next(a for s, n, a in scripts.commands if (s, n) == ("eval.py", "lora-s1")))
+    assert (evaluation.datasets, evaluation.adapter, evaluation.num_beams) == (SETS, tmp_path / "exp" / "lora-s1", 1)
+    assert "--adapter" not in next(a for s, n, a in scripts.commands if n == "none")
+
+    # Call 2, two minutes: seed 2's unit, then dora-s1 stops mid-training (exit code 1).
+    scripts.commands.clear()
+    scripts.stop = {"dora-s1"}
+    with pytest.raises(SystemExit, match="dora-s1: train.py stopped with exit code 1; the same command continues"):
+        stand_in_experiment(tmp_path, 2)
+    manifest = json.loads((tmp_path / "exp" / "experiment.json").read_text())
+    assert scripts.started("train.py") == ["lora-s2", "echo-lora-s2", "echo-lora-control-s2", "dora-s1"]
+    assert status(manifest)["dora-s1"] == "stopped" and status(manifest)["echo-dora-s1"] == "skipped"
+    assert manifest["calls"][1]["runs_done"] == ["lora-s2", "echo-lora-s2", "echo-lora-control-s2"]
+
+    # Call 3: the evaluated runs are kept as they are, dora-s1 resumes from its checkpoint (its
+    # time is no estimate of a whole run), and the rest fits.
+    scripts.commands.clear()
+    manifest = stand_in_experiment(tmp_path, 2)
+    assert set(status(manifest).values()) == {"done"}
+    assert scripts.started("train.py") == ["dora-s1", "echo-dora-s1", "dora-s2", "echo-dora-s2"]
+    assert "--resume" in scripts.commands[0][2] and "--resume" not in scripts.commands[2][2]
+    assert manifest["runs"]["dora-s1"]["resumed"] and manifest["runs"]["dora-s1"]["train_seconds"] is None
+    assert len(manifest["calls"]) == 3 and manifest["calls"][2]["budget_minutes"] == 2
+    assert (tmp_path / "exp" / "results.md").read_text() == experiment.results_markdown(
+        experiment.run_folders(tmp_path / "exp"))
+
+
+def test_echo_flags_reach_the_echo_runs_alone(tmp_path, monkeypatch):
+    """An ablation (every sample routed, no distillation) beside its paired base runs; --arms and
+    --seeds restrict the runs."""
+    scripts = StandIn(monkeypatch)
+    stand_in_experiment(tmp_path, 60, "--arms", "lora", "echo-lora", "echo-lora-control",
+                        "--echo-flags=--echo-route-p 1 --echo-distill 0", "--eval-flags=--limit 4")
+    assert scripts.started("train.py") == [f"{arm}-s{seed}" for seed in (1, 2)
+                                           for arm in ("lora", "echo-lora", "echo-lora-control")]
+    for s, name, args in scripts.commands:
+        if s == "train.py":
+            cfg = train.parse_config(args)
+            assert (cfg.echo_route_p, cfg.echo_distill) == ((0.5, 1.0) if name.startswith("lora") else (1.0, 0.0))
+        else:
+            assert evaluator.parse_args(args).limit == 4
+    table = (tmp_path / "exp" / "results.md").read_text()
+    assert "  - echo-lora: `--echo-route-p=1 --echo-distill=0`" in table
+    assert "  - echo-lora-control: `--echo-route-p=1 --echo-distill=0 --echo-inject=zero`" in table
+
+
+def test_bad_input_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    scripts = StandIn(monkeypatch)
+    (tmp_path / "ckpt").mkdir()
+    out = tmp_path / "x"
+    base = ["--ckpt", str(tmp_path / "ckpt"), "--data-dir", str(DATA), "--out", str(out)]
+
+    def error(*argv) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            experiment.main(base + list(argv))
+        return str(stopped.value.code) if stopped.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+
+    # the runner's own flags, also abbreviated as train.py's and eval.py's parsers read them
+    assert "--train-flags: --seed is given to each run by the experiment itself" in error("--train-flags=--see 3")
+    assert "--echo-flags: --echo-inject is given" in error("--echo-flags=--echo-inject zero")
+    assert "--eval-flags: --data-dir, --datasets is given" in error("--eval-flags=--datasets boolq --data-dir d")
+    assert "--train-flags" in error("--train-flags=--no-such-flag")
+    assert "--lr must be >= 0" in error("--train-flags=--lr -1")
+    assert "unrecognized arguments: --budget 5" in error("--budget", "5")  # no abbreviations here either
+    assert "--test-sets: unknown dataset 'mmlu'" in error("--test-sets", "mmlu")
+    assert "no ARC-Easy/train.json, ARC-Challenge/train.json, ARC-Easy/test.json, ARC-Challenge/test.json " \
+           "(python data/download.py --only ARC-Easy ARC-Challenge ARC-Easy-train ARC-Challenge-train" in error(
+               "--data-dir", str(tmp_path))
+    assert "--seeds must be distinct" in error("--seeds", "1", "1")
+    assert "--budget-minutes must be > 0 and finite, found nan" in error("--budget-minutes", "nan")
+    assert "--runs goes with --table-only" in error("--runs", str(tmp_path))
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert "holds files but no experiment.json" in error()
+    assert (out / "notes.txt").read_text() == "mine"
+
+    # a manifest naming a run outside --out (../x): refused before anything runs
+    (out / "notes.txt").unlink()
+    manifest = {"settings": {}, "calls": [], "runs": {"../victim": {"arm": "lora", "seed": 1, "status": "done"}}}
+    (out / "experiment.json").write_text(json.dumps(manifest))
+    assert "'../victim' is not a run folder inside it" in error()
+    assert scripts.commands == []
+
+    # another call with other settings into the same folder; a run folder that links out of it
+    stand_in_experiment(tmp_path, 60, "--arms", "none")
+    with pytest.raises(SystemExit, match=r"its runs were made with other settings \(eval_flags: .* -> .*--limit 2"):
+        stand_in_experiment(tmp_path, 60, "--arms", "none", "--eval-flags=--limit 2")
+    shutil.rmtree(tmp_path / "exp" / "none")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "exp" / "none").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit, match="'none' is not a run folder inside it"):
+        stand_in_experiment(tmp_path, 60, "--arms", "none")
+    assert len(scripts.commands) == 1 and list((tmp_path / "elsewhere").iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# End to end, at toy scale: the real scripts
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """dim 64, 2 blocks, weights of std 0.2 (replies depend on the question), and an output head
-    that can only write the pieces of the labels ("answer", digits, "true", "false"): greedy
-    replies name labels, some right, and a few training steps flip some of them, so the table's
-    numbers differ between runs."""
+    that can only write the pieces of the labels: greedy replies name labels, some right, and a
+    few training steps flip some of them."""
     tokenizer = Tokenizer(TOKENIZER)
-    pieces = sorted(set(tokenizer.encode("answer1 answer2 answer3 answer4 answer5 true false", bos=False, eos=False)))
+    pieces = sorted(set(tokenizer.encode("answer1 answer2 answer3 answer4 answer5", bos=False, eos=False)))
     torch.manual_seed(0)
     model = llama.Transformer(llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000,
                                               multiple_of=32))
@@ -53,167 +238,199 @@ def ckpt(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def simulated_time(monkeypatch):
-    """bench.clock advances only by the simulated seconds of each train.py and eval.py call."""
-    now = [0.0]
-    real_train, real_eval = train.main, evaluator.main
-
-    def train_main(argv):
-        real_train(argv)
-        now[0] += TRAIN_SECONDS[argv[argv.index("--method") + 1]]
-
-    def eval_main(argv):
-        code = real_eval(argv)
-        now[0] += EVAL_SECONDS
-        return code
-
-    monkeypatch.setattr(bench, "clock", lambda: now[0])
-    monkeypatch.setattr(train, "main", train_main)
-    monkeypatch.setattr(evaluator, "main", eval_main)
+KILLED = "echo-lora-control-s1"
+KILL_AFTER_CHECKPOINT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+save = train.save_checkpoint
+def save_then_die(*args):
+    save(*args)
+    os._exit(137)  # as a kill -9 leaves it: no clean-up
+train.save_checkpoint = save_then_die
+train.main(sys.argv[1:])
+"""
 
 
-def experiment(ckpt, out, budget_minutes, *extra):
-    bench.main(["--suite", "experiment", "--ckpt", str(ckpt), "--data-dir", str(DATA), "--out", str(out),
-                "--seeds", "1", "2", "--budget-minutes", str(budget_minutes), *TOY, *extra])
-    return json.loads((out / "experiment.json").read_text())
-
-
-def status(manifest) -> dict[str, str]:
-    return {name: run["status"] for name, run in manifest["runs"].items()}
-
-
-def read_predictions(folder) -> list[dict]:
-    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
-
-
-def accuracy(folder, dataset) -> float:
-    predictions = [p for p in read_predictions(folder) if p["dataset"] == dataset]
-    return 100 * sum(p["correct"] for p in predictions) / len(predictions)
-
-
-def expected_row(out, method, folders) -> str:
-    """The table row of `method`, recomputed from its runs' predictions.jsonl."""
-    def cell(values):
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
-
-    per_set = [[accuracy(out / f, d) for f in folders] for d in SETS]
-    averages = [statistics.mean(accuracy(out / f, d) for d in SETS) for f in folders]
-    return "| " + " | ".join([method, str(len(folders))] + [cell(v) for v in per_set] + [cell(averages)]) + " |"
-
-
-def flips(out, echo, base, seeds) -> tuple[int, int]:
-    gained = lost = 0
-    for seed in seeds:
-        e, b = (read_predictions(out / f"{m}-s{seed}") for m in (echo, base))
-        for pe, pb in zip(e, b):
-            assert (pe["dataset"], pe["index"]) == (pb["dataset"], pb["index"])
-            gained += pe["correct"] and not pb["correct"]
-            lost += pb["correct"] and not pe["correct"]
-    return gained, lost
-
-
-def test_experiment_sizes_runs_to_the_budget_continues_and_tabulates(ckpt, tmp_path, simulated_time, monkeypatch):
+def test_experiment_end_to_end_with_the_real_scripts(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "experiment"
+    killer = tmp_path / "kill_after_checkpoint.py"
+    killer.write_text(KILL_AFTER_CHECKPOINT.format(root=str(ROOT)))
+    real = experiment.run_script
 
-    # Call 1, one minute: the untouched model (5 s) and the first pair start with nothing timed;
-    # lora-s1 takes 15 s, so echo-lora-s1 is estimated at 1.5 x 15 = 22.5 s and fits (40 s left);
-    # the seed-2 pair (15 + 17 s) does not fit the 23 s left, and everything after it waits.
-    manifest = experiment(ckpt, out, 1)
-    assert status(manifest) == {"none": "done", "lora-s1": "done", "echo-lora-s1": "done", "lora-s2": "skipped",
-                                "echo-lora-s2": "skipped", "dora-s1": "skipped", "echo-dora-s1": "skipped",
-                                "dora-s2": "skipped", "echo-dora-s2": "skipped"}
-    assert manifest["runs"]["lora-s2"]["estimate_seconds"] == 15
-    assert manifest["runs"]["lora-s2"]["seconds_left"] == 23
-    assert manifest["runs"]["dora-s1"]["estimate_seconds"] == 1.5 * 17  # not timed: the slowest run x 1.5
-    assert "not run yet (over the budget, or cut short): lora-s2, echo-lora-s2, dora-s1" in \
-        (out / "results.md").read_text()
+    def kill_control(script, args):  # the control's training dies after its first checkpoint, once
+        if script == "train.py" and Path(option(args, "--out")).name == KILLED and not killer.with_suffix(".done").exists():
+            killer.with_suffix(".done").touch()
+            script = str(killer)
+        return real(script, args)
+
+    monkeypatch.setattr(experiment, "run_script", kill_control)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--ckpt", str(ckpt), "--data-dir", str(DATA), "--out", str(out), "--seeds", "1", "--budget-minutes", "60",
+            "--arms", "none", "lora", "echo-lora", "echo-lora-control",
+            "--train-flags=--max-steps 3 --batch-size 4 --micro-batch-size 4 --val-size 4 --warmup-steps 1 "
+            "--eval-every 3 --save-every 2 --cutoff 160 --lr 1e-2 --device cpu",
+            "--echo-flags=--echo-route-p 1", "--eval-flags=--limit 3 --device cpu"]
+    with pytest.raises(SystemExit, match=f"{KILLED}: train.py stopped with exit code 137"):
+        experiment.main(argv)
     finished = {name: (out / name / "results.json").stat().st_mtime_ns for name in ("none", "lora-s1", "echo-lora-s1")}
+    assert (out / KILLED / "checkpoint.pt").is_file() and not (out / KILLED / "results.json").exists()
 
-    # Call 2, two minutes, killed in dora-s1's training after its first checkpoint.
-    original = train.save_checkpoint
-
-    def crash_in_dora_s1(path, step, *args):
-        original(path, step, *args)
-        if path.parent.name == "dora-s1":
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train, "save_checkpoint", crash_in_dora_s1)
-    with pytest.raises(KeyboardInterrupt):
-        experiment(ckpt, out, 2)
-    monkeypatch.setattr(train, "save_checkpoint", original)
+    table = experiment.main(argv)  # continues: the control from its checkpoint
     manifest = json.loads((out / "experiment.json").read_text())
-    assert status(manifest)["dora-s1"] == "running" and status(manifest)["echo-lora-s2"] == "done"
-
-    # Call 3: the finished runs are kept as they are, dora-s1 resumes from its checkpoint, and
-    # the rest fits (its own train time is not timed: the DoRA estimates come from the others).
-    manifest = experiment(ckpt, out, 2)
-    assert set(status(manifest).values()) == {"done"}
-    assert manifest["runs"]["dora-s1"]["resumed"] and manifest["runs"]["dora-s1"]["train_seconds"] is None
+    assert set(status(manifest).values()) == {"done"} and manifest["runs"][KILLED]["resumed"]
     assert {name: (out / name / "results.json").stat().st_mtime_ns for name in finished} == finished
-    metrics = [json.loads(line) for line in (out / "dora-s1" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / KILLED / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]  # one log, continued: no step twice
 
-    # The raw files of every run, from the real test sets.
+    # The raw files of every run, from the real test sets; the control's configuration.
     gold = {d: [r["answer"] for r in json.loads((DATA / d / "test.json").read_text())[:3]] for d in SETS}
     for name in status(manifest):
         files = {"results.json", "predictions.jsonl"} | ({"config.json", "metrics.jsonl"} if name != "none" else set())
         assert all((out / name / f).is_file() for f in files), name
-        predictions = read_predictions(out / name)
+        predictions = experiment.read_predictions(out / name / "predictions.jsonl")
         assert {d: [p["gold"] for p in predictions if p["dataset"] == d] for d in SETS} == gold
-        assert all(p["correct"] == (p["answer"] == p["gold"]) for p in predictions)
-    assert json.loads((out / "echo-dora-s2" / "config.json").read_text())["config"]["seed"] == 2
+    control = json.loads((out / "echo-lora-control-s1" / "config.json").read_text())["config"]
+    assert (control["method"], control["echo_inject"], control["echo_route_p"]) == ("echo-lora", "zero", 1.0)
+    echo_metrics = [json.loads(line) for line in (out / "echo-lora-s1" / "metrics.jsonl").read_text().splitlines()]
+    assert all("echo_diag_ce_echo" in m for m in echo_metrics if m["step"] > 0)  # every sample routed
 
-    # The table, recomputed from predictions.jsonl.
-    table = (out / "results.md").read_text()
-    for method in bench.METHOD_ORDER:
-        folders = ["none"] if method == "none" else [f"{method}-s1", f"{method}-s2"]
-        assert expected_row(out, method, folders) in table, method
-    for echo in ("echo-lora", "echo-dora"):
-        gained, lost = flips(out, echo, echo.removeprefix("echo-"), (1, 2))
-        assert f"right only with Echo: {gained}, right only without: {lost}." in table
-    assert len({line.split("|")[-2] for line in table.splitlines() if line.startswith("| ") and "±" in line}) > 1
-    assert "not run yet" not in table and len(manifest["calls"]) == 3
-
-    # Only the table (budget 0): nothing runs; other settings in the same folder: refused.
-    experiment(ckpt, out, 0)
-    assert (out / "results.md").read_text() == table
-    with pytest.raises(SystemExit, match=r"its runs were made with other settings \(train_flags: .*--lr 1e-2"):
-        bench.main(["--suite", "experiment", "--ckpt", str(ckpt), "--data-dir", str(DATA), "--out", str(out),
-                    "--train-flags=--max-steps 3 --device cpu", TOY[1]])
+    # The table: from the run folders; each arm's row recomputed here from predictions.jsonl.
+    assert (out / "results.md").read_text() == table == experiment.results_markdown(experiment.run_folders(out))
+    for arm in ("none", "lora", "echo-lora", "echo-lora-control"):
+        predictions = experiment.read_predictions(out / experiment.run_name(arm, None if arm == "none" else 1)
+                                                  / "predictions.jsonl")
+        per_set = [100 * sum(p["correct"] for p in predictions if p["dataset"] == d) / 3 for d in SETS]
+        row = f"| {'none (untouched)' if arm == 'none' else arm} | {'-' if arm == 'none' else 1} | " + \
+            " | ".join(f"{v:.1f}" for v in per_set + [sum(per_set) / 2]) + " |"
+        assert row in table, row
+    for pair in ("echo-lora vs lora | 1 |", "echo-lora vs echo-lora-control | 1 |"):
+        assert pair in table
 
 
-def test_experiment_bad_input_is_one_line(ckpt, tmp_path, capsys):
-    base = ["--suite", "experiment", "--ckpt", str(ckpt), "--out", str(tmp_path / "x")]
-
-    def error(*argv) -> str:
-        with pytest.raises(SystemExit) as stopped:
-            bench.main(base + list(argv))
-        return str(stopped.value.code) if stopped.value.code != 2 else capsys.readouterr().err.splitlines()[-1]
-
-    assert "--train-flags: --seed is given to each run by the experiment itself" in error(
-        "--data-dir", str(DATA), "--train-flags=--seed 3")
-    (tmp_path / "data" / "boolq").mkdir(parents=True)
-    assert "no ARC-Easy/train.json, ARC-Easy/test.json, ARC-Challenge/train.json, ARC-Challenge/test.json, " \
-           "boolq/train.json" in error("--data-dir", str(tmp_path / "data"))
-    assert "--seeds must be distinct" in error("--seeds", "1", "1")
-    assert "--budget-minutes must be >= 0 and finite, found nan" in error("--budget-minutes", "nan")
-    (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "notes.txt").write_text("mine")
-    assert "holds files but no experiment.json" in error("--data-dir", str(DATA))
-    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+# --------------------------------------------------------------------------------------------
+# The table and the figure, on fixture runs
 
 
-def test_echo_flags_reach_the_echo_runs_alone(ckpt, tmp_path, simulated_time):
-    """An ablation (here: every sample routed, no distillation) beside its paired base runs: the
-    echo runs' config.json records the flags, the LoRA runs' the defaults, and the table says so."""
-    out = tmp_path / "ablation"
-    manifest = experiment(ckpt, out, 60, "--method", "lora", "echo-lora",
-                          "--echo-flags=--echo-route-p 1 --echo-distill 0")
-    assert set(status(manifest).values()) == {"done"}
-    for seed in (1, 2):
-        echo = json.loads((out / f"echo-lora-s{seed}" / "config.json").read_text())["config"]
-        base = json.loads((out / f"lora-s{seed}" / "config.json").read_text())["config"]
-        assert (echo["echo_route_p"], echo["echo_distill"]) == (1.0, 0.0)
-        assert (base["echo_route_p"], base["echo_distill"]) == (0.5, 1.0)  # the defaults, unused by LoRA
-    assert "the Echo runs also `--echo-route-p 1 --echo-distill 0`" in (out / "results.md").read_text()
+def write_run(folder, arm, seed, correct_by_set, write_config=True, metrics=(), **eval_args):
+    """An evaluated run as train.py and eval.py leave it: config.json (not for the untouched
+    model), metrics.jsonl, results.json and predictions.jsonl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    predictions = [{"dataset": d, "index": i, "generated": "", "answer": "", "gold": "x", "correct": c}
+                   for d, flags in correct_by_set.items() for i, c in enumerate(flags)]
+    args = {"ckpt": "checkpoints/smollm2-135m", "scoring": "generate", "num_beams": 1, "max_new_tokens": 32,
+            "limit": None, "precision": "fp32", **eval_args}
+    results = {d: {"accuracy": sum(f) / len(f), "correct": sum(f), "n": len(f), "unanswered": 0}
+               for d, f in correct_by_set.items()}
+    (folder / "results.json").write_text(json.dumps({"results": results, "args": args}))
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    if write_config and arm != "none":
+        config = dataclasses.asdict(train.Config(method=arm.removesuffix("-control"), seed=seed, lr=3e-4, epochs=1,
+                                                 data="data/ARC-Easy/train.json,data/ARC-Challenge/train.json",
+                                                 echo_inject="zero" if arm.endswith("-control") else "echo"))
+        (folder / "config.json").write_text(json.dumps({"config": config, "train_records": 3250}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return folder
+
+
+T, F = True, False
+
+
+@pytest.fixture
+def fixture_runs(tmp_path):
+    """Accuracies (%) per seed, ARC-Easy / ARC-Challenge -> average:
+    lora 25/50 -> 37.5, 50/50 -> 50; echo-lora 75/25 -> 50, 50/75 -> 62.5; the control 50/50 -> 50,
+    25/25 -> 25; none 0/25 -> 12.5."""
+    out = tmp_path / "exp"
+    diag = [{"step": 0, "val_loss": 2.0}, {"step": 1, "loss": 1.5, "echo_diag_ce_plain": 1.4, "echo_diag_ce_echo": 1.3,
+                                           "echo_diag_gate": 0.12},
+            {"step": 2, "loss": 1.2}, {"step": 3, "loss": 1.1, "echo_diag_ce_plain": 1.0, "echo_diag_ce_echo": 0.8,
+                                       "echo_diag_gate": 0.2}]
+    write_run(out / "lora-s1", "lora", 1, {"ARC-Easy": [T, F, F, F], "ARC-Challenge": [T, T, F, F]})
+    write_run(out / "lora-s2", "lora", 2, {"ARC-Easy": [T, T, F, F], "ARC-Challenge": [T, T, F, F]})
+    write_run(out / "echo-lora-s1", "echo-lora", 1, {"ARC-Easy": [T, T, T, F], "ARC-Challenge": [F, T, F, F]},
+              metrics=diag)
+    write_run(out / "echo-lora-s2", "echo-lora", 2, {"ARC-Easy": [T, T, F, F], "ARC-Challenge": [T, T, T, F]},
+              metrics=diag)
+    write_run(out / "echo-lora-control-s1", "echo-lora-control", 1,
+              {"ARC-Easy": [T, T, F, F], "ARC-Challenge": [T, F, T, F]}, metrics=diag[:2])
+    write_run(out / "echo-lora-control-s2", "echo-lora-control", 2,
+              {"ARC-Easy": [F, F, F, T], "ARC-Challenge": [F, F, F, T]}, metrics=diag[:1])
+    write_run(out / "none", "none", None, {"ARC-Easy": [F, F, F, F], "ARC-Challenge": [T, F, F, F]})
+    return out
+
+
+def test_table_means_over_seeds_and_pairs_seed_by_seed(fixture_runs):
+    folders = experiment.run_folders(fixture_runs)
+    text = experiment.results_markdown(folders)
+    assert "| arm | seeds | ARC-e | ARC-c | Average |" in text
+    # lora: ARC-e 25, 50 -> 37.5 ± 17.7; averages 37.5, 50 -> 43.75 ± 8.8 (rounded half to even: 43.8)
+    assert "| lora | 1, 2 | 37.5 ± 17.7 | 50.0 ± 0.0 | 43.8 ± 8.8 |" in text
+    assert "| echo-lora | 1, 2 | 62.5 ± 17.7 | 50.0 ± 35.4 | 56.2 ± 8.8 |" in text
+    assert "| echo-lora-control | 1, 2 | 37.5 ± 17.7 | 37.5 ± 17.7 | 37.5 ± 17.7 |" in text
+    assert "| none (untouched) | - | 0.0 | 25.0 | 12.5 |" in text
+    assert text.index("| none") < text.index("| lora") < text.index("| echo-lora |") < text.index("| echo-lora-control")
+    # echo vs lora: seed 1 gains ARC-e 1, 2 and loses ARC-c 0 (2 / 1), seed 2 gains ARC-c 2 (1 / 0)
+    assert "| echo-lora vs lora | 1 | 50.0 | 37.5 | +12.5 | 2 | 1 | 1 |" in text
+    assert "| echo-lora vs lora | 2 | 62.5 | 50.0 | +12.5 | 1 | 0 | 1 |" in text
+    assert "| echo-lora vs lora | pooled (2) | 56.2 ± 8.8 | 43.8 ± 8.8 | +12.5 ± 0.0 | 3 | 1 | 0.625 |" in text
+    # echo vs the control, seed 2: echo right on ARC-e 0, 1 and ARC-c 0, 1, 2; control on ARC-e 3, ARC-c 3
+    assert "| echo-lora vs echo-lora-control | 2 | 62.5 | 25.0 | +37.5 | 5 | 2 | 0.453 |" in text
+    assert "- training: train.py on the training splits of ARC-Easy, ARC-Challenge (3250 records), every field " \
+           "at train.py's default except `--lr=0.0003 --epochs=1`" in text
+    assert "  - echo-lora-control: `--echo-inject=zero`" in text and "  - lora:" not in text
+    assert "- evaluation: eval.py, greedy decoding, at most 32 new tokens, fp32 weights, every question of " \
+           "ARC-Easy, ARC-Challenge" in text
+    # the same folder given twice counts once
+    assert experiment.results_markdown(folders + folders[:3] + [fixture_runs / "lora-s1" / "."]) == text
+
+
+def test_table_only_writes_the_functions_table_from_the_raw_files(fixture_runs, capsys):
+    before = sorted(p.relative_to(fixture_runs) for p in fixture_runs.rglob("*"))
+    experiment.main(["--table-only", "--out", str(fixture_runs)])
+    assert (fixture_runs / "results.md").read_text() == experiment.results_markdown(
+        experiment.run_folders(fixture_runs)) == capsys.readouterr().out.removesuffix("\n")
+    assert sorted(p.relative_to(fixture_runs) for p in fixture_runs.rglob("*")) == sorted(before + [Path("results.md")])
+    # any evaluated runs, written into --out
+    experiment.main(["--table-only", "--out", str(fixture_runs / "two"), "--runs", str(fixture_runs / "lora-s1"),
+                     str(fixture_runs / "echo-lora-s1")])
+    assert "| echo-lora vs lora | 1 |" in (fixture_runs / "two" / "results.md").read_text()
+
+
+def test_table_refuses_runs_it_cannot_compare_and_counts_unpaired_questions(fixture_runs):
+    write_run(fixture_runs / "other" / "lora-s1", "lora", 1, {"ARC-Easy": [T, T, T, T]})
+    with pytest.raises(ValueError, match=r"two runs of lora-s1: .*exp/lora-s1 and .*other/lora-s1"):
+        experiment.results_markdown([fixture_runs / "lora-s1", fixture_runs / "other" / "lora-s1"])
+    for setting in ({"limit": 2}, {"num_beams": 4}, {"scoring": "likelihood"}):
+        shutil.rmtree(fixture_runs / "other")
+        write_run(fixture_runs / "other" / "lora-s3", "lora", 3, {"ARC-Easy": [T, T, T, T]}, **setting)
+        with pytest.raises(SystemExit, match=f"--{next(iter(setting)).replace('_', '-')} .*other/lora-s3"):
+            experiment.main(["--table-only", "--out", str(fixture_runs), "--runs", str(fixture_runs / "lora-s1"),
+                             str(fixture_runs / "other" / "lora-s3")])
+    write_run(fixture_runs / "short" / "echo-lora-s1", "echo-lora", 1,
+              {"ARC-Easy": [T, T, F], "ARC-Challenge": [F, T, F, F]})
+    text = experiment.results_markdown([fixture_runs / "lora-s1", fixture_runs / "short" / "echo-lora-s1"])
+    assert "| echo-lora vs lora | 1 | 45.8 | 37.5 | +8.3 | 1 | 1 | 1 |" in text
+    assert "- echo-lora vs lora, seed 1: 1 questions not in both runs are left out of the flips" in text
+    (fixture_runs / "none" / "predictions.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit, match=r"none/predictions.jsonl: line 1 is not JSON"):
+        experiment.main(["--table-only", "--out", str(fixture_runs)])
+
+
+def test_mcnemar_p_is_the_exact_binomial_test_by_its_definition():
+    """The two-sided exact test as defined (the summed chances of every split of the flips no more
+    likely than the one seen, each flip a fair coin), written out with exact fractions."""
+    def by_definition(gained, lost):
+        n = gained + lost
+        chance = [Fraction(math.comb(n, k), 2**n) for k in range(n + 1)]
+        return float(sum(c for c in chance if c <= chance[gained]))
+
+    for gained, lost in [(0, 0), (3, 1), (1, 3), (5, 5), (10, 0), (7, 2), (40, 25), (600, 540)]:
+        assert experiment.mcnemar_exact_p(gained, lost) == pytest.approx(by_definition(gained, lost), rel=1e-12)
+
+
+def test_every_flag_states_its_default_and_no_abbreviations():
+    parser = experiment.arg_parser()
+    assert not parser.allow_abbrev
+    for action in parser._actions[1:]:
+        assert "default" in action.help or "required" in action.help, action.option_strings

@@ -344,7 +344,7 @@ def test_an_adapter_on_another_base_of_the_same_shape_is_refused(ckpt, tmp_path)
         echo_lora.load_adapter(tmp_path / "adapter", other)
 
 
-# ---- eval: empty test sets, results never overwritten, --compare only of comparable runs
+# ---- eval: empty test sets, results never overwritten
 
 
 def test_empty_test_set_is_skipped_and_results_are_not_overwritten(ckpt, tmp_path, capsys):
@@ -366,31 +366,3 @@ def test_empty_test_set_is_skipped_and_results_are_not_overwritten(ckpt, tmp_pat
     assert run_files(tmp_path / "eval") == before
     assert evaluator.main(argv + ["--num-beams", "2", "--overwrite"]) == 0
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["args"]["num_beams"] == 2
-
-
-def evaluated_run(folder, method, seed, correct, **settings):
-    folder.mkdir(parents=True)
-    args = {"scoring": "generate", "num_beams": 1, "max_new_tokens": 32, "limit": None, **settings}
-    results = {"boolq": {"accuracy": sum(correct) / len(correct), "correct": sum(correct), "n": len(correct),
-                         "unanswered": 0}}
-    (folder / "results.json").write_text(json.dumps({"results": results, "args": args}))
-    (folder / "predictions.jsonl").write_text("".join(
-        json.dumps({"dataset": "boolq", "index": i, "correct": c}) + "\n" for i, c in enumerate(correct)))
-    (folder / "config.json").write_text(json.dumps({"config": {"method": method, "seed": seed}}))
-    return folder
-
-
-@pytest.mark.parametrize("setting", [{"limit": 2}, {"num_beams": 4}, {"scoring": "likelihood"}])
-def test_compare_refuses_runs_evaluated_differently(tmp_path, capsys, setting):
-    lora = evaluated_run(tmp_path / "lora", "lora", 1, [True, False])
-    echo = evaluated_run(tmp_path / "echo", "echo-lora", 1, [True, True], **setting)
-    assert evaluator.main(["--compare", str(lora), str(echo)]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--{next(iter(setting)).replace('_', '-')} " in err and str(echo) in err
-
-
-def test_compare_reports_unpaired_items_instead_of_failing(tmp_path):
-    lora = evaluated_run(tmp_path / "lora", "lora", 1, [True, False, False])
-    echo = evaluated_run(tmp_path / "echo", "echo-lora", 1, [True, True])
-    text = evaluator.compare_runs([lora, echo])
-    assert "right only with Echo: 1, right only without: 0. 1 questions not in every run" in text

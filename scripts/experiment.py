@@ -1,0 +1,601 @@
+"""The real-model experiment: Echo-LoRA against LoRA and against its control, Echo-DoRA against DoRA.
+
+    python scripts/experiment.py --ckpt smollm2-135m --data-dir data --out results/smollm2-cpu/experiment --budget-minutes 60
+    python scripts/experiment.py --table-only --out results/smollm2-cpu/experiment   # results.md again, nothing run
+    python scripts/figure.py results/smollm2-cpu/experiment                          # figure.png
+
+The arms, in priority order: the untouched model ("none"); for seed 1, 2, 3 LoRA, Echo-LoRA and
+the control ("echo-lora-control": Echo-LoRA with the injection forced to zero, `train.py
+--echo-inject zero`, every Echo term run without the deep signal); then for seed 1, 2, 3 DoRA and
+Echo-DoRA. Each run is `python train.py` then `python eval.py`, run as a user types them, into
+<out>/<arm>-s<seed>/ (<out>/none/ for the untouched model): trained on <data-dir>/<name>/train.json
+of every --train-sets name together, evaluated on <data-dir>/<name>/test.json of each --test-sets.
+
+Sized by its budget: a run starts only if its estimated time (from the runs timed so far, in this
+call or an earlier one) fits what is left of --budget-minutes, and the runs of one seed's group
+start only if all of them fit; from the first that does not fit, every later one waits, so the
+runs done are always the first ones of the priority order. The same command continues the
+experiment: evaluated runs are kept, a run cut short resumes from its checkpoint.
+<out>/experiment.json records the settings (another call with other settings is refused), each
+call and each run's status and seconds.
+
+It ends by writing <out>/results.md from the run folders' own files alone (train.py's
+config.json, eval.py's results.json and predictions.jsonl; `--table-only` writes it again from
+them): per arm the accuracy mean ± std over seeds per test set and averaged, then Echo-LoRA
+paired with LoRA and with the control and Echo-DoRA with DoRA, seed by seed: the questions that
+flip each way and the exact McNemar test of those flips.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
+import train  # noqa: E402
+from data.files import read_json, write_atomically  # noqa: E402
+
+# The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
+ARMS = {"none": None,
+        "lora": ("lora", ()), "echo-lora": ("echo-lora", ()), "echo-lora-control": ("echo-lora", ("--echo-inject", "zero")),
+        "dora": ("dora", ()), "echo-dora": ("echo-dora", ())}
+GROUPS = (("lora", "echo-lora", "echo-lora-control"), ("dora", "echo-dora"))  # each run seed by seed, in this order
+CONTROL = "-control"  # an Echo arm trained with --echo-inject zero: its name is the Echo arm's + this
+DEFAULT_SETS = ["ARC-Easy", "ARC-Challenge"]
+# The experiment's departures from the recipe, before --train-flags and --eval-flags (which can undo them).
+EXPERIMENT_TRAIN_FLAGS = ("--epochs", "1")  # the recipe trains 3 epochs
+EXPERIMENT_EVAL_FLAGS = ("--num-beams", "1",  # greedy: a quarter of the protocol's 4-beam rows
+                         "--batch-size", "128")  # eval.py's answers do not depend on it
+# What the runner gives each run itself (the parsers' destinations): not for the passed-through flags.
+RUNNER_TRAIN_FLAGS = {"ckpt", "method", "seed", "data", "out", "resume", "overwrite", "echo_inject"}
+RUNNER_EVAL_FLAGS = {"ckpt", "adapter", "datasets", "data_dir", "out", "overwrite"}
+# An arm not timed yet is estimated at the slowest timed training run times this: bench.py
+# measured echo and DoRA steps at up to 1.4x our LoRA step.
+UNMEASURED_ARM_FACTOR = 1.5
+RUN_NAME = re.compile("none|(?:" + "|".join(re.escape(arm) for arm in ARMS if arm != "none") + r")-s[0-9]+")
+# The evaluation settings runs must share to be compared: they change what the accuracy measures.
+COMPARED_SETTINGS = ("scoring", "num_beams", "max_new_tokens", "limit")
+# train.py fields that say where or how a run ran, not what it trained: left out of the table's settings.
+NOT_SETTINGS = {"ckpt", "method", "seed", "data", "out", "resume", "overwrite", "device", "log_every", "save_every",
+                "gradient_checkpointing"}
+clock = time.perf_counter  # what runs are timed and sized by (a test replaces it to simulate run times)
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--out", type=Path, required=True,
+                   help="the experiment's folder: a folder per run, experiment.json, results.md; the same command "
+                        "continues it (required)")
+    p.add_argument("--ckpt", default="smollm2-135m",
+                   help="the base model: checkpoints/NAME or a path (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help="folder of <name>/train.json and <name>/test.json (default: %(default)s)")
+    p.add_argument("--train-sets", nargs="+", default=DEFAULT_SETS, metavar="NAME",
+                   help="every run trains on <data-dir>/<name>/train.json of these together "
+                        f"(default: {' '.join(DEFAULT_SETS)})")
+    p.add_argument("--test-sets", nargs="+", default=DEFAULT_SETS, metavar="NAME",
+                   help="every run is evaluated on <data-dir>/<name>/test.json of each, eval.py's benchmark names "
+                        f"(default: {' '.join(DEFAULT_SETS)})")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
+                   help="only these arms (default: all, in this order)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="one run per arm and seed: the seed sets the initialisation, batch order, dropout and "
+                        "routing (default: 1 2 3)")
+    p.add_argument("--budget-minutes", type=float, default=60.0,
+                   help="start only the runs whose estimated time fits in it (default: %(default)s)")
+    p.add_argument("--train-flags", default="",
+                   help='more train.py flags for every run, one string: --train-flags="--lr 1e-3 --precision bf16" '
+                        "(the same in every call into one --out; default: none)")
+    p.add_argument("--echo-flags", default="",
+                   help='more train.py flags for the Echo runs only (the control is one), so an ablation keeps its '
+                        'paired base runs: --echo-flags="--echo-route-p 1" (default: none)')
+    p.add_argument("--eval-flags", default="",
+                   help='more eval.py flags for every evaluation: --eval-flags="--limit 100" (default: none)')
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: write <out>/results.md again from the run folders there (default: run, then "
+                        "write it)")
+    p.add_argument("--runs", nargs="+", type=Path, metavar="RUN",
+                   help="with --table-only: tabulate these evaluated run folders instead of those in --out "
+                        "(default: --out's)")
+    return p
+
+
+def main(argv=None) -> str:
+    """Run the experiment (or, --table-only, only its table); returns results.md's text."""
+    p = arg_parser()
+    a = p.parse_args(argv)
+    if a.table_only:
+        return write_results(a.out, a.runs or run_folders(a.out))
+    if a.runs:
+        p.error("--runs goes with --table-only")
+    if not 0 < a.budget_minutes < math.inf:
+        p.error(f"--budget-minutes must be > 0 and finite, found {a.budget_minutes}")
+    if not all(0 <= seed < 2**32 for seed in a.seeds) or len(set(a.seeds)) < len(a.seeds):
+        p.error(f"--seeds must be distinct and in [0, 2^32), found {' '.join(map(str, a.seeds))}")
+    for name in ("arms", "train_sets", "test_sets"):
+        values = getattr(a, name)
+        if len(set(values)) < len(values):
+            p.error(f"--{name.replace('_', '-')} names one twice: {' '.join(values)}")
+    flags = passed_flags(a, p)
+    files = experiment_files(a, p)
+    manifest = open_experiment(a.out, experiment_settings(a, flags, files))
+    started = clock()
+    call = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(), "command":
+            "python scripts/experiment.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "budget_minutes": a.budget_minutes, "runs_done": []}
+    manifest["calls"].append(call)
+    print(f"experiment on {call['device']}, budget {a.budget_minutes:g} min: {a.out}/", flush=True)
+    try:
+        run_experiment(a, manifest, call, flags, started)
+    finally:  # a call stopped by a failed run or Ctrl-C still records what it did
+        call["seconds"] = clock() - started
+        write_json(a.out / "experiment.json", manifest)
+    return write_results(a.out, run_folders(a.out))
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def write_json(path: Path, value: dict):
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Checking the input, before anything runs
+
+
+def given_destinations(parser: argparse.ArgumentParser, args: list[str]) -> set[str]:
+    """The destinations that `args` sets under `parser`, abbreviations resolved by the parser itself."""
+    unset = object()  # every default: what is not `unset` after parsing was given
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {dest for dest, value in vars(parser.parse_args(args)).items() if value is not unset}
+
+
+def passed_flags(a, p) -> dict[str, list[str]]:
+    """The train.py flags of every run, those of the Echo runs alone, and the eval.py flags: the
+    experiment's own, then --train-flags, --echo-flags and --eval-flags. Read by train.py's and
+    eval.py's own parsers, which must find none of the flags the runner gives each run; then
+    every arm's whole command is checked by them, before anything runs."""
+    flags = {}
+    for name, parser, fixed, reserved in (("train", train.config_parser(), EXPERIMENT_TRAIN_FLAGS, RUNNER_TRAIN_FLAGS),
+                                          ("echo", train.config_parser(), (), RUNNER_TRAIN_FLAGS),
+                                          ("eval", evaluator.arg_parser(), EXPERIMENT_EVAL_FLAGS, RUNNER_EVAL_FLAGS)):
+        try:
+            extra = shlex.split(getattr(a, f"{name}_flags"))
+        except ValueError as e:
+            p.error(f"--{name}-flags: {e}")
+        parser.prog = f"{p.prog} --{name}-flags"  # its errors name the flag they came in
+        taken = sorted(given_destinations(parser, extra) & reserved)
+        if taken:
+            p.error(f"--{name}-flags: {', '.join('--' + t.replace('_', '-') for t in taken)} is given to each run "
+                    "by the experiment itself")
+        flags[name] = [*fixed, *extra]
+    for arm in a.arms:
+        if arm != "none":
+            train.parse_config(train_command(a, arm, a.seeds[0], a.out / run_name(arm, a.seeds[0]), flags))
+    evaluator.parse_args(eval_command(a, "none", a.out / "none", flags))
+    return flags
+
+
+def experiment_files(a, p) -> dict[str, Path]:
+    """The training and test files the runs read, after checking that they and the base model are there."""
+    try:
+        evaluator.dataset_names(a.test_sets)
+    except ValueError as e:
+        p.error(f"--test-sets: {e}")
+    files = {**{f"{name}/train.json": a.data_dir / name / "train.json" for name in a.train_sets},
+             **{f"{name}/test.json": a.data_dir / name / "test.json" for name in a.test_sets}}
+    missing = [key for key, path in files.items() if not path.is_file()]
+    if missing:
+        p.error(f"--data-dir {a.data_dir}: no {', '.join(missing)} (python data/download.py --only "
+                + " ".join([*a.test_sets, *(f"{name}-train" for name in a.train_sets)]) + " fetches them)")
+    try:
+        train.llama.resolve_checkpoint(a.ckpt)
+    except FileNotFoundError as e:
+        p.error(f"--ckpt {e}")
+    return files
+
+
+def experiment_settings(a, flags: dict, files: dict) -> dict:
+    """What every run in one experiment folder shares: a call with other settings would mix two
+    experiments in one table."""
+    return {"ckpt": Path(a.ckpt).name, "train_sets": a.train_sets, "test_sets": a.test_sets,
+            "train_flags": flags["train"], "echo_flags": flags["echo"], "eval_flags": flags["eval"],
+            "data_sha256": {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items()}}
+
+
+def run_folder(out: Path, name: str) -> Path:
+    """<out>/<name> for a run's name, refused unless it is one and the folder lies in `out` itself
+    (no `../x`, no link leading out)."""
+    folder = out / name
+    if not RUN_NAME.fullmatch(name) or folder.resolve().parent != out.resolve():
+        raise SystemExit(f"{out}: {name!r} is not a run folder inside it (a run is <arm>-s<seed>, or none)")
+    return folder
+
+
+def open_experiment(out: Path, settings: dict) -> dict:
+    """The folder's experiment.json, or a new one for an empty or new folder. A folder made with
+    other settings, or holding anything else, is an error: runs are continued, never mixed with
+    another experiment's or written over."""
+    file = out / "experiment.json"
+    if not file.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise SystemExit(f"{out}: holds files but no experiment.json; give another --out")
+        return {"settings": settings, "calls": [], "runs": {}}
+    try:
+        manifest = read_json(file)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not isinstance(manifest, dict) or not {"settings", "calls", "runs"} <= set(manifest):
+        raise SystemExit(f"{file}: not an experiment's manifest (settings, calls, runs)")
+    for name in manifest["runs"]:
+        run_folder(out, name)
+    saved = manifest["settings"]
+    show = lambda v: shlex.join(v) if isinstance(v, list) else v  # noqa: E731
+    changed = [f"{key}: {show(saved.get(key))} -> {show(value)}" if key != "data_sha256" else
+               "data files " + ", ".join(k for k in value if saved.get(key, {}).get(k) != value[k])
+               for key, value in settings.items() if saved.get(key) != value]
+    if changed:
+        raise SystemExit(f"{out}: its runs were made with other settings ({'; '.join(changed)}); "
+                         "give another --out for these")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Running: the units in priority order, each run if it fits the budget
+
+
+def experiment_units(arms, seeds) -> list[list[tuple[str, int | None]]]:
+    """The runs in priority order, in units that start together: the untouched model; each
+    seed's LoRA, Echo-LoRA and control; each seed's DoRA and Echo-DoRA (the Echo run is compared
+    with the other runs of its seed, so a unit starts only when all of it fits)."""
+    units = [[("none", None)]] if "none" in arms else []
+    for group in GROUPS:
+        for seed in seeds:
+            unit = [(arm, seed) for arm in group if arm in arms]
+            if unit:
+                units.append(unit)
+    return units
+
+
+def run_name(arm: str, seed: int | None) -> str:
+    return arm if seed is None else f"{arm}-s{seed}"
+
+
+def evaluated(folder: Path) -> bool:
+    return (folder / "results.json").is_file() and (folder / "predictions.jsonl").is_file()
+
+
+def estimate_seconds(arm: str, runs: dict) -> float | None:
+    """A run's expected seconds from the runs timed so far: the mean of its arm's runs; for an arm
+    not timed yet, the slowest timed training run times UNMEASURED_ARM_FACTOR; for the untouched
+    model, the mean evaluation. None: nothing timed yet."""
+    evaluations = [r["eval_seconds"] for r in runs.values() if r.get("eval_seconds") is not None]
+    if arm == "none":
+        return statistics.mean(evaluations) if evaluations else None
+    timed = [(r["arm"], r["train_seconds"] + r["eval_seconds"]) for r in runs.values()
+             if r.get("train_seconds") is not None and r.get("eval_seconds") is not None]
+    same = [seconds for a, seconds in timed if a == arm]
+    if same:
+        return statistics.mean(same)
+    return max(seconds for _, seconds in timed) * UNMEASURED_ARM_FACTOR if timed else None
+
+
+def fits(estimates: list[float | None], seconds_left: float) -> bool:
+    """Whether runs of these estimated times fit. An unknown time counts as 0: with nothing timed
+    yet the first run starts, and its time sizes the rest."""
+    return seconds_left > 0 and sum(e for e in estimates if e is not None) <= seconds_left
+
+
+class RunStopped(Exception):
+    """train.py or eval.py exited with an error (it has printed why)."""
+
+
+def run_experiment(a, manifest: dict, call: dict, flags: dict, started: float):
+    """Every unit of experiment_units in order, each run only if it fits the budget; from the first
+    that does not, every later one is skipped too. experiment.json is rewritten as each run starts
+    and ends."""
+    runs, budget, waiting = manifest["runs"], 60 * a.budget_minutes, False
+    for unit in experiment_units(a.arms, a.seeds):
+        folders = {(arm, seed): run_folder(a.out, run_name(arm, seed)) for arm, seed in unit}
+        todo = [(arm, seed) for arm, seed in unit if not evaluated(folders[arm, seed])]
+        for arm, seed in unit:
+            if (arm, seed) not in todo:  # evaluated in an earlier call: kept as it is
+                runs.setdefault(run_name(arm, seed), {"arm": arm, "seed": seed})["status"] = "done"
+        for i, (arm, seed) in enumerate(todo):
+            name, left = run_name(arm, seed), budget - (clock() - started)
+            estimates = [estimate_seconds(arm, runs) for arm, _ in (todo if i == 0 else todo[i:i + 1])]
+            if waiting or not fits(estimates, left):
+                waiting = True
+                runs[name] = {"arm": arm, "seed": seed, "status": "skipped",
+                              "estimate_seconds": estimate_seconds(arm, runs), "seconds_left": max(left, 0.0)}
+                estimate = runs[name]["estimate_seconds"]
+                print(f"skipped {name}: estimated {'?' if estimate is None else f'{estimate:.0f}'} s, "
+                      f"{max(left, 0.0):.0f} s of the budget left", flush=True)
+                continue
+            runs[name] = {"arm": arm, "seed": seed, "status": "running", "call": len(manifest["calls"]) - 1}
+            write_json(a.out / "experiment.json", manifest)
+            try:
+                runs[name] |= train_and_evaluate(a, folders[arm, seed], arm, seed, flags)
+            except RunStopped as e:
+                runs[name] |= {"status": "stopped", "stopped_by": str(e)}
+                raise SystemExit(f"experiment.py: {name}: {e}; the same command continues the run") from None
+            runs[name]["status"] = "done"
+            call["runs_done"].append(name)
+            write_json(a.out / "experiment.json", manifest)
+
+
+def run_script(script: str, args: list[str]) -> int:
+    """`python <script> <args>`, as a user runs it, from the current folder; its exit code."""
+    print("$ python " + shlex.join([script, *args]), flush=True)
+    return subprocess.run([sys.executable, str(ROOT / script), *args]).returncode
+
+
+def train_command(a, arm: str, seed: int, folder: Path, flags: dict) -> list[str]:
+    """train.py's flags for one run: the passed-through ones, then the runner's own."""
+    method, arm_flags = ARMS[arm]
+    echo = flags["echo"] if method.startswith("echo-") else []
+    data = ",".join(str(a.data_dir / name / "train.json") for name in a.train_sets)
+    return [*flags["train"], *echo, "--ckpt", a.ckpt, "--method", method, *arm_flags, "--seed", str(seed),
+            "--data", data, "--out", str(folder)]
+
+
+def eval_command(a, arm: str, folder: Path, flags: dict) -> list[str]:
+    adapter = [] if arm == "none" else ["--adapter", str(folder)]
+    return [*flags["eval"], "--ckpt", a.ckpt, *adapter, "--data-dir", str(a.data_dir), "--datasets", *a.test_sets,
+            "--out", str(folder)]
+
+
+def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict) -> dict:
+    """One run: train.py (the untouched model has nothing to train), then eval.py, into `folder`;
+    the seconds of each. A run cut short in an earlier call continues from its checkpoint; one
+    cut short before its first checkpoint holds nothing finished and starts again."""
+    timing = {}
+    if arm != "none":
+        resume = (folder / "checkpoint.pt").is_file()
+        again = ["--resume"] if resume else ["--overwrite"] if train.holds_run(folder) else []
+        t0 = clock()
+        if code := run_script("train.py", train_command(a, arm, seed, folder, flags) + again):
+            raise RunStopped(f"train.py stopped with exit code {code}")
+        # a resumed run's time is part of a run's: no estimate of a whole one
+        timing |= {"train_seconds": None if resume else clock() - t0, "resumed": resume}
+    again = ["--overwrite"] if (folder / "results.json").is_file() else []  # cut short before predictions.jsonl
+    t0 = clock()
+    if code := run_script("eval.py", eval_command(a, arm, folder, flags) + again):
+        raise RunStopped(f"eval.py stopped with exit code {code}")
+    timing["eval_seconds"] = clock() - t0
+    return timing
+
+
+# --------------------------------------------------------------------------------------------
+# The table, from the run folders alone
+
+
+def run_folders(out: Path) -> list[Path]:
+    """The evaluated run folders in `out`."""
+    if not out.is_dir():
+        raise SystemExit(f"{out}: no such folder")
+    return sorted(folder for folder in out.iterdir() if folder.is_dir() and evaluated(folder))
+
+
+def read_predictions(path: Path) -> list[dict]:
+    predictions = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            predictions.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: line {n} is not JSON") from None
+    return predictions
+
+
+def read_run(folder: Path) -> dict:
+    """An evaluated run: its arm and seed (from train.py's config.json; none there: the untouched
+    model), eval.py's settings, and each question's correctness from predictions.jsonl."""
+    summary = read_json(folder / "results.json")
+    record = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    try:
+        config = record["config"] if record else None
+        arm = "none" if config is None else config["method"] + (CONTROL if config.get("echo_inject") == "zero" else "")
+        correct = {(p["dataset"], p["index"]): bool(p["correct"])
+                   for p in read_predictions(folder / "predictions.jsonl")}
+        return {"folder": folder, "arm": arm, "seed": config["seed"] if config else None, "record": record,
+                "eval": summary.get("args", {}), "correct": correct}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{folder}: not the files of an evaluated run ({type(e).__name__}: {e})") from None
+
+
+def arm_rank(arm: str) -> tuple:
+    return (list(ARMS).index(arm), "") if arm in ARMS else (len(ARMS), arm)
+
+
+def load_runs(folders) -> list[dict]:
+    """The runs of these folders (the same folder given twice counts once) in arm and seed order,
+    after checking that they can be compared: the same evaluation settings, one run per arm and seed."""
+    runs, seen = [], set()
+    for folder in map(Path, folders):
+        if folder.resolve() not in seen:
+            seen.add(folder.resolve())
+            runs.append(read_run(folder))
+    if not runs:
+        raise ValueError("no evaluated run (results.json and predictions.jsonl) to tabulate")
+    differ = [k for k in COMPARED_SETTINGS if len({str(r["eval"].get(k)) for r in runs}) > 1]
+    if differ:
+        raise ValueError("the runs were evaluated with different settings: " + "; ".join(
+            f"--{k.replace('_', '-')} " + ", ".join(f"{r['eval'].get(k)} ({r['folder']})" for r in runs)
+            for k in differ))
+    by_key = {}
+    for run in runs:
+        other = by_key.setdefault((run["arm"], run["seed"]), run)
+        if other is not run:
+            raise ValueError(f"two runs of {run_name(run['arm'], run['seed'])}: {other['folder']} and {run['folder']}")
+    return sorted(runs, key=lambda r: (arm_rank(r["arm"]), -1 if r["seed"] is None else r["seed"]))
+
+
+def shared_sets(runs: list[dict]) -> list[str]:
+    """The test sets every run was evaluated on, in eval.py's table order."""
+    sets = [d for d in evaluator.BENCHMARKS if all(any(q[0] == d for q in r["correct"]) for r in runs)]
+    if not sets:
+        raise ValueError("the runs share no test set")
+    return sets
+
+
+def accuracy(run: dict, dataset: str) -> float:
+    """Percent right of the run's predictions on `dataset`; an unanswered question is wrong."""
+    values = [c for (d, _), c in run["correct"].items() if d == dataset]
+    return 100 * sum(values) / len(values)
+
+
+def run_average(run: dict, sets: list[str]) -> float:
+    """The published tables' average: the mean of the per-set accuracies."""
+    return statistics.mean(accuracy(run, d) for d in sets)
+
+
+def mean_std(values: list[float]) -> str:
+    """`mean ± sample std`, or the value alone for one run."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar test: the chance, if both arms were equally good, of a split of the
+    gained + lost flips at least as uneven as this one (each flip a fair coin)."""
+    n, k = gained + lost, min(gained, lost)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """Each Echo arm against its base method and against its control, where both were run."""
+    found = []
+    for arm in arms:
+        if arm.startswith("echo-") and not arm.endswith(CONTROL):
+            found += [(arm, other) for other in (arm.removeprefix("echo-"), arm + CONTROL) if other in arms]
+    return found
+
+
+def as_flags(items: dict) -> str:
+    return shlex.join(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v:g}" if isinstance(v, float) else f"={v}")
+                      for k, v in items.items())
+
+
+def settings_lines(runs: list[dict], sets: list[str]) -> list[str]:
+    """How the runs were made, read from their own files: train.py's fields that differ from its
+    defaults (those all trained runs share, then each arm's own), and eval.py's settings."""
+    ckpts = sorted({Path(str(r["eval"].get("ckpt"))).name for r in runs})
+    lines = [f"- base model: {', '.join(ckpts)}; runs: {', '.join(r['folder'].name for r in runs)}"]
+    trained = [r for r in runs if r["record"]]
+    if trained:
+        defaults = dataclasses.asdict(train.Config())
+
+        def changed(run):
+            return {k: v for k, v in run["record"]["config"].items() if k not in NOT_SETTINGS and defaults.get(k) != v}
+
+        common = {k: v for k, v in changed(trained[0]).items() if all(changed(r).get(k, None) == v for r in trained)}
+        data = dict.fromkeys(Path(p).parent.name for r in trained for p in r["record"]["config"]["data"].split(","))
+        records = sorted({str(r["record"].get("train_records")) for r in trained})
+        lines.append(f"- training: train.py on the training splits of {', '.join(data)} ({' / '.join(records)} "
+                     f"records), every field at train.py's default except `{as_flags(common)}`")
+        for arm in dict.fromkeys(r["arm"] for r in trained):
+            own = [{k: v for k, v in changed(r).items() if k not in common} for r in trained if r["arm"] == arm]
+            if own[0] or any(o != own[0] for o in own):
+                lines.append(f"  - {arm}: `{as_flags(own[0])}`" + ("" if all(o == own[0] for o in own)
+                                                                   else " (its runs differ: see their config.json)"))
+    e = runs[0]["eval"]
+    beams = "greedy decoding" if e.get("num_beams") == 1 else f"{e.get('num_beams')}-beam search"
+    decoding = ("likelihood ranking of the labels" if e.get("scoring") == "likelihood" else
+                f"{beams}, at most {e.get('max_new_tokens')} new tokens")
+    precisions = sorted({str(r["eval"].get("precision")) for r in runs})
+    items = f"the first {e['limit']} questions of each" if e.get("limit") else "every question"
+    lines.append(f"- evaluation: eval.py, {decoding}, {'/'.join(precisions)} weights, {items} of "
+                 f"{', '.join(sets)}")
+    return lines
+
+
+def results_markdown(folders) -> str:
+    """results.md: how the runs were made; per arm the accuracy (%) mean ± std over seeds per test
+    set and averaged; each pair of arms seed by seed, with the questions that flip each way and
+    the exact McNemar p of those flips (and the seeds pooled)."""
+    runs = load_runs(folders)
+    sets = shared_sets(runs)
+    arms = {}
+    for run in runs:
+        arms.setdefault(run["arm"], {})[run["seed"]] = run
+    lines = ["# Echo vs its base method and its control, over seeds", "",
+             "Made by `python scripts/experiment.py --table-only` from the run folders' own files (train.py's "
+             "config.json, eval.py's results.json and predictions.jsonl); nothing typed by hand.", "",
+             *settings_lines(runs, sets),
+             *[f"- {arm}: the control, {arm.removesuffix(CONTROL)} with the injection forced to zero "
+               "(`--echo-inject zero`): every Echo term without the deep signal" for arm in arms if arm.endswith(CONTROL)],
+             "", "## Accuracy (%), mean ± std over seeds", "",
+             "| arm | seeds | " + " | ".join(evaluator.BENCHMARKS[d].column for d in sets) + " | Average |",
+             "|---|---|" + "---:|" * (len(sets) + 1)]
+    for arm, by_seed in arms.items():
+        group = list(by_seed.values())
+        cells = [mean_std([accuracy(r, d) for r in group]) for d in sets] + [mean_std([run_average(r, sets) for r in group])]
+        seeds = "-" if arm == "none" else ", ".join(str(s) for s in by_seed)
+        lines.append(f"| {'none (untouched)' if arm == 'none' else arm} | {seeds} | " + " | ".join(cells) + " |")
+    found = pairs(list(arms))
+    if found:
+        lines += ["", "## Paired, seed by seed", "",
+                  "The same seed, the same questions: the average accuracy (%) of each arm, their difference, the "
+                  "questions right with one arm only, and the two-sided exact McNemar test of those flips. The pooled "
+                  "row counts a question once per seed, as if the seeds' flips were independent.", "",
+                  "| A vs B | seed | A | B | A - B | right with A only | right with B only | McNemar p |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        notes = []
+        for first, second in found:
+            seeds = [s for s in arms[first] if s in arms[second]]
+            if not seeds:
+                continue
+            rows = []
+            for seed in seeds:
+                a, b = arms[first][seed], arms[second][seed]
+                questions = [q for q in a["correct"] if q in b["correct"] and q[0] in sets]
+                unpaired = len({q for q in a["correct"].keys() ^ b["correct"].keys() if q[0] in sets})
+                if unpaired:
+                    notes.append(f"- {first} vs {second}, seed {seed}: {unpaired} questions not in both runs are "
+                                 "left out of the flips")
+                rows.append((run_average(a, sets), run_average(b, sets),
+                             sum(a["correct"][q] and not b["correct"][q] for q in questions),
+                             sum(b["correct"][q] and not a["correct"][q] for q in questions)))
+            for seed, (acc_a, acc_b, gained, lost) in zip(seeds, rows):
+                lines.append(f"| {first} vs {second} | {seed} | {acc_a:.1f} | {acc_b:.1f} | {acc_a - acc_b:+.1f} | "
+                             f"{gained} | {lost} | {mcnemar_exact_p(gained, lost):.3g} |")
+            if len(rows) > 1:
+                gained, lost = sum(r[2] for r in rows), sum(r[3] for r in rows)
+                diffs = [r[0] - r[1] for r in rows]
+                lines.append(f"| {first} vs {second} | pooled ({len(rows)}) | {mean_std([r[0] for r in rows])} | "
+                             f"{mean_std([r[1] for r in rows])} | {statistics.mean(diffs):+.1f} ± "
+                             f"{statistics.stdev(diffs):.1f} | {gained} | {lost} | {mcnemar_exact_p(gained, lost):.3g} |")
+        if notes:
+            lines += [""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, folders) -> str:
+    """<out>/results.md from the run folders; printed, and returned."""
+    try:
+        text = results_markdown(folders)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"experiment.py: {e}") from None
+    write_atomically(out / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
