@@ -1,4 +1,4 @@
-"""scripts/experiment.py, the real-model experiment runner.
+"""scripts/experiment.py, the real-model experiment runner, and scripts/figure.py.
 
 - The budget's decisions, exactly: train.py and eval.py replaced by stand-ins that parse their
   commands with the real parsers, write the files a run leaves and advance a fake clock by fixed
@@ -8,13 +8,14 @@
   subprocesses for the untouched model, LoRA, Echo-LoRA and the control, a tiny random LLaMA with
   the real LLaMA-2 tokenizer, real ARC records (tests/assets slices), the control's training
   killed after its first checkpoint and resumed by the next call.
-- The table (results.md) on fixture runs whose numbers are worked out by hand.
+- The table (results.md) on fixture runs whose numbers are worked out by hand, and the figure.
 """
 
 import dataclasses
 import json
 import math
 import shutil
+import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -31,6 +32,7 @@ from tokenizer import Tokenizer
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import experiment  # noqa: E402
+import figure  # noqa: E402
 
 DATA = ASSETS / "data" / "commonsense"  # training splits and test sets, real records
 TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -427,6 +429,17 @@ def test_mcnemar_p_is_the_exact_binomial_test_by_its_definition():
 
     for gained, lost in [(0, 0), (3, 1), (1, 3), (5, 5), (10, 0), (7, 2), (40, 25), (600, 540)]:
         assert experiment.mcnemar_exact_p(gained, lost) == pytest.approx(by_definition(gained, lost), rel=1e-12)
+
+
+def test_figure_is_a_png_from_the_raw_files(fixture_runs):
+    """As a user runs it: `python scripts/figure.py DIR` (the curves skip the steps without the key)."""
+    assert figure.curve(fixture_runs / "echo-lora-s1", "echo_diag_gate") == ([1, 3], [0.12, 0.2])
+    assert figure.curve(fixture_runs / "lora-s1", "echo_diag_gate") == ([], [])
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "figure.py"), str(fixture_runs)],
+                          capture_output=True, text=True, cwd=fixture_runs)
+    assert done.returncode == 0, done.stderr
+    data = (fixture_runs / "figure.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
 
 
 def test_every_flag_states_its_default_and_no_abbreviations():

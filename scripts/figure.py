@@ -1,0 +1,101 @@
+"""The experiment's figure, from its run folders' own files: DIR/figure.png.
+
+    python scripts/figure.py results/smollm2-cpu/experiment
+
+Left: the accuracy per arm (the mean over the test sets every run has), every seed's run a point,
+the mean ± std over seeds a bar beside them. Right: the Echo path's diagnostics over training
+steps, from metrics.jsonl, for every Echo run (the control's among them): CE(plain) and CE(echo)
+on the routed samples' answer tokens, and the mean gate g(e). A step without an Echo pass has no
+such values; its points are left out. matplotlib is imported here only (requirements-dev.txt).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiment.py beside this file
+
+import experiment  # noqa: E402
+
+CURVES = (("echo_diag_ce_plain", "CE(plain), routed answer tokens"), ("echo_diag_ce_echo", "CE(echo), the same tokens"),
+          ("echo_diag_gate", "gate g(e), mean"))
+
+
+def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in the run's metrics.jsonl, at the steps that have it."""
+    steps, values = [], []
+    path = folder / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        entry = json.loads(line)
+        if key in entry:
+            steps.append(entry["step"])
+            values.append(entry[key])
+    return steps, values
+
+
+def draw(folders, file: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, no display
+    import matplotlib.pyplot as plt
+
+    runs = experiment.load_runs(folders)
+    sets = experiment.shared_sets(runs)
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    colors = {arm: plt.get_cmap("tab10")(i) for i, arm in enumerate(arms)}
+    fig, axes = plt.subplots(1, 1 + len(CURVES), figsize=(5 + 4 * len(CURVES), 4.2))
+
+    ax = axes[0]
+    for x, arm in enumerate(arms):
+        values = [experiment.run_average(r, sets) for r in runs if r["arm"] == arm]
+        offsets = [0.08 * (i - (len(values) - 1) / 2) for i in range(len(values))]
+        ax.scatter([x - 0.12 + o for o in offsets], values, s=18, color=colors[arm], zorder=3)
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        ax.errorbar([x + 0.15], [mean], yerr=[std], fmt="D", color=colors[arm], capsize=4, markersize=5)
+    ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+    ax.set_ylabel(f"accuracy (%), mean of {', '.join(sets)}")
+    ax.set_title("per arm: each seed, and mean ± std")
+    ax.grid(axis="y", alpha=0.3)
+
+    axes[2].sharey(axes[1])  # CE(echo) below CE(plain) is the deep signal helping: one scale for both
+    echo_runs = [r for r in runs if r["arm"].startswith("echo-")]
+    for ax, (key, title) in zip(axes[1:], CURVES):
+        labelled = set()
+        for run in echo_runs:
+            steps, values = curve(run["folder"], key)
+            if steps:
+                ax.plot(steps, values, color=colors[run["arm"]], alpha=0.8, linewidth=1,
+                        marker="." if len(steps) < 30 else None, label=None if run["arm"] in labelled else run["arm"])
+                labelled.add(run["arm"])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if labelled:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no Echo run logged it", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("dir", type=Path, help="the experiment's folder, holding the run folders (required)")
+    p.add_argument("--out", type=Path, help="the PNG written (default: DIR/figure.png)")
+    a = p.parse_args(argv)
+    out = a.out or a.dir / "figure.png"
+    try:
+        draw(experiment.run_folders(a.dir), out)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"figure.py: {e}") from None
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
