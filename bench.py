@@ -17,30 +17,13 @@ Random bf16 weights of a named shape (no checkpoint needed). Workloads:
 Every timing is after warm-up; on CUDA with events and `max_memory_allocated`. transformers and
 peft are imported only here and in tests: they are the peer, never a dependency of the library.
 Prints one table and writes bench.json, after every measurement (a run cut short keeps what it did).
-
-`--suite device` is the one command for a GPU call (README "GPU"): LLaMA-7B shape, everything from
-files in this repo (tests/assets: real records, the LLaMA-2 tokenizer, real test prompts), results
-written to a folder part by part:
-  1. parity.json: on a 2-block model of the shape, random weights, in fp32 and bf16: our logits
-     against transformers' LlamaForCausalLM, our LoRA and DoRA logits and adapter gradients against
-     peft's; a mismatch stops the run;
-  2. torchrun.json: `torchrun --nproc_per_node 1 train.py` for 3 steps of the embedded tiny model
-     (the process group: NCCL on CUDA, gloo on a CPU);
-  3. bench.json and bench.md: the speed suite above, every method, with all three workloads.
-    python bench.py --suite device                      # -> results/<device>-<date>/
-    python bench.py --suite device --shape tiny         # the same on a CPU in seconds (tested)
+The correctness checks against transformers and peft, and the torchrun smoke run, are
+scripts/device_check.py's.
 """
 
 import argparse
-import dataclasses
 import gc
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,8 +32,7 @@ import torch
 import llama
 from data.commonsense import IGNORE_INDEX, load_records
 from data.files import write_atomically
-from echo_lora import (DEFAULT_TARGETS, TARGET_HF_NAMES, EchoConfig, EchoPath, adapter_parameters, adapted_linears,
-                       add_adapters, export_peft, loss_terms, name_from_peft_key, permute_qk_rows, route,
+from echo_lora import (DEFAULT_TARGETS, TARGET_HF_NAMES, EchoConfig, EchoPath, add_adapters, loss_terms, route,
                        trainable_parameters)
 from tokenizer import Tokenizer
 from train import (Timer, autocast, collate, encode_examples, length_grouped_batches, lora_ceiling_tokens_per_s,
@@ -66,19 +48,6 @@ SHAPES = {
 RECIPE_RECORDS, RECIPE_EPOCHS = 170_420, 3
 BENCHMARK_QUESTIONS = 22_420  # the eight commonsense test sets together
 ANSWER_TOKENS = 8  # the fixed workload's "answer": about what a recipe record's answer is
-ROOT = Path(__file__).resolve().parent
-ASSETS = ROOT / "tests" / "assets"  # the device suite's real files: committed, so they travel with the repo
-DEVICE_SUITE_FILES = {  # --data, --tokenizer, --test-sets of the device suite
-    "data": ",".join(str(ASSETS / "data" / "commonsense" / name / "train.json")
-                     for name in ("ARC-Challenge", "ARC-Easy", "boolq", "openbookqa")),
-    "tokenizer": ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model",
-    "test_sets": ASSETS / "data" / "commonsense",
-}
-# Parity, relative error ||ours - theirs|| / ||theirs|| of the logits and of all adapter gradients
-# together. fp32: both sides compute the same function, only the order of operations differs
-# (measured on a CPU, tiny shape: below 1e-6). bf16: each side rounds its activations to 8
-# significant bits at different points (measured on a CPU, tiny shape: up to 6e-3).
-PARITY_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 
 
 def peak_gib(device):
@@ -277,11 +246,7 @@ def time_evaluation(model, tokenizer, test_dir, per_set, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", choices=["speed", "device"], default="speed",
-                   help="speed: the measurements below; device: parity, a torchrun smoke run, then speed (one GPU "
-                        "call) (default: speed)")
-    p.add_argument("--shape", choices=SHAPES, help="the model's shape, random weights "
-                                                 "(default: tiny (speed), llama-7b (device))")
+    p.add_argument("--shape", choices=SHAPES, default="tiny", help="the model's shape, random weights (default: tiny)")
     p.add_argument("--method", nargs="+", default=["lora", "dora", "echo-lora", "echo-dora"],
                    choices=["lora", "dora", "echo-lora", "echo-dora"], help="the methods timed (default: all four)")
     p.add_argument("--precision", choices=list(llama.PRECISIONS),
@@ -293,17 +258,17 @@ def main(argv=None):
     p.add_argument("--route-p", type=float, default=0.5,
                    help="the echo methods' stochastic routing, METHOD.md item 5 (default: 0.5)")
     p.add_argument("--data", help="commonsense JSON (comma-separated files): also time the real-record workload "
-                                    "(default: none; device: tests/assets' records)")
+                                    "(default: none)")
     p.add_argument("--tokenizer", help="tokenizer.model for --data and --test-sets (its vocabulary must fit the shape) "
-                                         "(default: none; device: the LLaMA-2 one in tests/assets)")
+                                         "(default: none)")
     p.add_argument("--test-sets", type=Path, help="folder of <benchmark>/test.json: time eval.py's decoding on them "
-                                                    "(default: none; device: tests/assets' test sets)")
+                                                    "(default: none)")
     p.add_argument("--questions-per-set", type=int, default=64, help="test prompts timed per benchmark (default: 64)")
     p.add_argument("--no-peft", action="store_true",
                    help="skip the transformers + peft peer (default: time it, when installed)")
-    p.add_argument("--out", help="bench.json (speed; the default) or a folder (device; default results/<device>-<date>)")
+    p.add_argument("--out", default="bench.json", help="the result file, and its table beside it as .md "
+                                                        "(default: %(default)s)")
     a = p.parse_args(argv)
-    a.shape = a.shape or ("llama-7b" if a.suite == "device" else "tiny")
     for flag, ok, allowed in (("batch_size", a.batch_size >= 1, ">= 1"), ("steps", a.steps >= 1, ">= 1"),
                               ("seq_len", ANSWER_TOKENS < a.seq_len <= 2 * SHAPES[a.shape].max_seq_len,
                                f"in ({ANSWER_TOKENS}, {2 * SHAPES[a.shape].max_seq_len}]"),
@@ -313,9 +278,7 @@ def main(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be {allowed}, found {getattr(a, flag)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = a.precision or llama.default_precision(device)
-    if a.suite == "device":
-        return device_suite(a, p, device, precision)
-    return measure_speed(a, p, device, precision, Path(a.out or "bench.json"))
+    return measure_speed(a, p, device, precision, Path(a.out))
 
 
 def device_name(device) -> str:
@@ -405,140 +368,6 @@ def out_of_memory_guard(device, measure) -> dict:
     except torch.cuda.OutOfMemoryError:
         reset_peak(device)
         return {"error": "out of memory"}
-
-
-# --------------------------------------------------------------------------------------------
-# The device suite
-
-
-def device_suite(a, p, device, precision) -> dict:
-    """Parity (a mismatch stops here), the torchrun smoke run, then the speed suite at the shape
-    (default llama-7b) on the repo's real files; each part's file is written as soon as it is done."""
-    for key, path in DEVICE_SUITE_FILES.items():
-        setattr(a, key, getattr(a, key) or path)
-    out = Path(a.out or f"results/{device_slug(device)}-{time.strftime('%Y-%m-%d')}")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"device suite on {device_name(device)}, shape {a.shape}, {precision}: results in {out}/", flush=True)
-
-    started = time.perf_counter()
-    checks = parity(SHAPES[a.shape], device)
-    write_json(out / "parity.json", {"device": device_name(device), "torch": torch.__version__,
-                                     "shape": f"{a.shape}, 2 blocks", "checks": checks,
-                                     "seconds": time.perf_counter() - started})
-    failed = [c for c in checks if not c["ok"]]
-    for c in checks:
-        print(f"parity {c['precision']} {c['what']}: relative error {c['relative_error']:.1e} "
-              f"(tolerance {c['tolerance']:.0e}) {'ok' if c['ok'] else 'MISMATCH'}", flush=True)
-    if failed:
-        raise SystemExit(f"bench.py: parity failed: {failed[0]['precision']} {failed[0]['what']} differs by "
-                         f"{failed[0]['relative_error']:.1e} (tolerance {failed[0]['tolerance']:.0e}); "
-                         f"see {out / 'parity.json'}")
-
-    smoke = torchrun_smoke(device)
-    write_json(out / "torchrun.json", smoke)
-    print(f"torchrun smoke ({smoke['backend']}): exit code {smoke['returncode']} in {smoke['seconds']:.0f} s", flush=True)
-    if smoke["returncode"] != 0:
-        raise SystemExit(f"bench.py: torchrun train.py failed (exit code {smoke['returncode']}); "
-                         f"see {out / 'torchrun.json'}")
-    return measure_speed(a, p, device, precision, out / "bench.json")
-
-
-def device_slug(device) -> str:
-    return "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
-
-
-def parity(args: llama.ModelArgs, device) -> list[dict]:
-    """Our model against transformers' LlamaForCausalLM, and our LoRA / DoRA against peft, on a
-    2-block model of `args`'s shape with random weights, in fp32 and bf16. Our side loads the HF
-    model's saved folder with llama.load (the q/k row conversion included); the adapters cross
-    over with export_peft. Returns one check per comparison, with its relative error."""
-    from peft import PeftModel
-    from transformers import LlamaForCausalLM
-
-    small = dataclasses.replace(args, n_layers=2)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, args.vocab_size, (2, 64), generator=g).to(device)
-    targets = torch.randint(3, args.vocab_size, (2, 64), generator=g).to(device)
-    checks = []
-
-    def check(precision, what, ours, theirs):
-        error = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
-        checks.append({"precision": precision, "what": what, "relative_error": error,
-                       "tolerance": PARITY_TOLERANCE[precision], "ok": error < PARITY_TOLERANCE[precision]})
-
-    for precision, dtype in llama.PRECISIONS.items():
-        with tempfile.TemporaryDirectory() as folder:
-            hf = hf_random_model(small, device, dtype).eval()
-            hf.save_pretrained(folder)
-            ours = llama.load(folder, device, dtype)[0]
-            with torch.no_grad(), autocast(device, precision):
-                check(precision, "logits", ours(tokens), hf(input_ids=tokens).logits)
-            for method in ("lora", "dora"):
-                ours = llama.load(folder, device, dtype)[0]
-                add_adapters(ours, DEFAULT_TARGETS, r=32, alpha=64, dropout=0.0, dora=method == "dora")
-                randomize_adapters(ours)
-                export_peft(Path(folder) / method, ours)
-                theirs = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device),
-                                                   Path(folder) / method, is_trainable=True)
-                logits = {}
-                for name, run in (("ours", lambda: ours(tokens)), ("theirs", lambda: theirs(input_ids=tokens).logits)):
-                    with autocast(device, precision):
-                        logits[name] = run()
-                        torch.nn.functional.cross_entropy(logits[name].float().flatten(0, 1), targets.flatten()).backward()
-                check(precision, f"{method} logits", logits["ours"], logits["theirs"])
-                ours_grads, theirs_grads = adapter_gradients(ours, theirs)
-                check(precision, f"{method} adapter gradients", ours_grads, theirs_grads)
-    return checks
-
-
-@torch.no_grad()
-def randomize_adapters(model):
-    """Non-zero B and a magnitude away from ||W||: every term of the adapters' formulas counts."""
-    g = torch.Generator().manual_seed(1)
-    for module in adapted_linears(model).values():
-        module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g) * 0.01)
-        if module.dora:
-            module.magnitude.mul_(1 + 0.2 * torch.rand(module.magnitude.shape, generator=g).to(module.magnitude.device))
-
-
-def adapter_gradients(ours, peft_model) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every adapter gradient, ours and peft's, flattened in one order (peft's under our names,
-    the q/k rows back in Meta order)."""
-    theirs = {}
-    for key, p in peft_model.named_parameters():
-        if p.requires_grad:  # peft's parameter names: the saved keys with ".default" (and a magnitude ".weight")
-            key = key.replace(".default", "")
-            name = name_from_peft_key(key.removesuffix(".weight") if "magnitude" in key else key)
-            theirs[name] = permute_qk_rows(ours, name, p.grad, llama.hf_to_meta_rows)
-    names = sorted(adapter_parameters(ours))
-    if sorted(theirs) != names:
-        raise SystemExit("bench.py: parity: peft's adapter parameters are not ours")
-    params = adapter_parameters(ours)
-    return (torch.cat([params[n].grad.flatten() for n in names]), torch.cat([theirs[n].flatten() for n in names]))
-
-
-def torchrun_smoke(device, steps: int = 3) -> dict:
-    """`torchrun --nproc_per_node 1 train.py` for a few steps of the embedded tiny model, in a
-    scratch folder: train.py joins torchrun's process group (NCCL on CUDA, gloo on a CPU) and
-    all-reduces every step's gradients."""
-    with tempfile.TemporaryDirectory() as work:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                   "--master_port", str(free_port()), str(ROOT / "train.py"), "--max-steps", str(steps),
-                   "--val-size", "0", "--out", "out"]
-        started = time.perf_counter()
-        done = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        metrics_file = Path(work) / "out" / "metrics.jsonl"
-        metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
-    return {"command": "torchrun " + " ".join(command[3:]), "backend": "nccl" if device.type == "cuda" else "gloo",
-            "returncode": done.returncode, "seconds": time.perf_counter() - started, "metrics": metrics,
-            "output_tail": (done.stdout + done.stderr)[-3000:]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peft_available() -> bool:
