@@ -505,7 +505,7 @@ def settings_lines(runs: list[dict], sets: list[str]) -> list[str]:
             return {k: v for k, v in run["record"]["config"].items() if k not in NOT_SETTINGS and defaults.get(k) != v}
 
         common = {k: v for k, v in changed(trained[0]).items() if all(changed(r).get(k, None) == v for r in trained)}
-        data = dict.fromkeys(Path(p).parent.name for r in trained for p in r["record"]["config"]["data"].split(","))
+        data = dict.fromkeys(Path(p).parent.name for r in trained for p in str(r["record"]["config"].get("data", "")).split(","))
         records = sorted({str(r["record"].get("train_records")) for r in trained})
         lines.append(f"- training: train.py on the training splits of {', '.join(data)} ({' / '.join(records)} "
                      f"records), every field at train.py's default except `{as_flags(common)}`")
