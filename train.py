@@ -23,7 +23,6 @@ import os
 import sys
 import time
 import contextlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -661,62 +660,14 @@ def metrics_lines(path: Path, up_to_step: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Speed and logging
-
-
-class Timer:
-    """Wall time of a region: CUDA events on the GPU (they time the device, not the launch
-    queue), perf_counter on the CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    @contextmanager
-    def region(self):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            torch.cuda.synchronize()
-            self.seconds = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.seconds = time.perf_counter() - t0
-
-
-def matmul_tflops(device, dtype, n=None, reps=10):
-    """The measured rate of an n x n matmul (8192 on CUDA, 1024 on a CPU), in TFLOP/s."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    timer = Timer(device)
-    with timer.region():
-        for _ in range(reps):
-            a @ b
-    return 2 * n ** 3 * reps / timer.seconds / 1e12
-
-
-def lora_ceiling_tokens_per_s(args, tflops):
-    """4 FLOPs per block matmul parameter per token: forward (2) and input gradients (2); the
-    frozen weights need no weight gradients. Attention scores and the adapters are left out, and
-    so is the output head, which our step applies only at the labelled positions."""
-    with torch.device("meta"):
-        model = llama.Transformer(args)
-    n = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
-    return tflops * 1e12 / (4 * n)
+# Logging
 
 
 class Progress:
-    """The progress bar (rank 0's): loss, lr, tokens/s over the last --log-every steps and, in a bf16
-    run, their fraction of the bf16 ceiling (lora_ceiling_tokens_per_s at the device's measured
-    bf16 matmul rate; an fp32 run has another ceiling, so none is shown)."""
+    """The progress bar (rank 0's): loss, lr and real tokens/s over the last --log-every steps."""
 
-    def __init__(self, cfg: Config, model_args, device, step: int, total_steps: int, rank: int, world: int):
+    def __init__(self, cfg: Config, step: int, total_steps: int, rank: int, world: int):
         self.bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-        self.ceiling = (world * lora_ceiling_tokens_per_s(model_args, matmul_tflops(device, torch.bfloat16))
-                        if rank == 0 and cfg.precision == "bf16" else None)  # every process on its own device
         self.log_every, self.world = cfg.log_every, world
         self.tokens, self.t_last = 0, time.perf_counter()
 
@@ -730,10 +681,7 @@ class Progress:
         if step % self.log_every == 0:
             entry["tokens_per_s"] = self.tokens * self.world / (time.perf_counter() - self.t_last)
             self.tokens, self.t_last = 0, time.perf_counter()
-            shown = dict(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
-            if self.ceiling:
-                shown["of_bf16_ceiling"] = f"{entry['tokens_per_s'] / self.ceiling:.1%}"
-            self.bar.set_postfix(ordered_dict=shown)  # in this order: the fraction beside tokens/s
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         return entry
 
 
@@ -810,7 +758,7 @@ def main(argv=None):
             append_metrics(out, {"step": 0, "val_loss": val_loss})
 
     # ---- the loop
-    progress = Progress(cfg, model.args, device, step, data.total_steps, rank, world)
+    progress = Progress(cfg, step, data.total_steps, rank, world)
     while step < data.total_steps:
         # batch: the step's examples (every process sees them all) and those routed to the Echo pass
         examples = data.batch(step)
