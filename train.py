@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import llama
-from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
+from data.commonsense import IGNORE_INDEX, encode_cloze_record, encode_record, load_records, train_prompt
 from data.files import code_version, read_json, write_atomically
 from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters,
                        copy_adapter_tensors, loss_terms, route, save_adapter, trainable_parameters)
@@ -101,6 +101,8 @@ class Config:
     token_mean_loss: bool = flag(False, "departure: one mean over the step's tokens, not a mean of micro-batch means")
     group_by_length: bool = flag(False, "departure (speed): batches of similar lengths, less padding, less random")
     adapter_only_dropout: bool = flag(False, "departure (speed, DoRA): dropout on the adapter path only")
+    cloze: bool = flag(False, "departure (small models): train on 'Question: q / Answer: <the correct choice's "
+                       "text>'; evaluate with eval.py --scoring cloze")
     val_size: int = flag(120, "validation records held out (0: none, the last adapter is kept)",
                          allowed=NOT_NEGATIVE)
     val_seed: int = flag(42, "seed of the validation split, apart from --seed: every run validates on the same records",
@@ -371,7 +373,7 @@ class TrainingData:
     batch of training examples."""
 
     def __init__(self, records, tokenizer, cfg: Config, max_positions: int):
-        examples = encode_examples(records, tokenizer, cfg.cutoff)
+        examples = encode_examples(records, tokenizer, cfg.cutoff, cfg.cloze)
         train_idx, val_idx = split_validation(len(examples), cfg.val_size, cfg.val_seed)
         check_examples(examples, train_idx, val_idx, cfg, max_positions)
         self.train, self.val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
@@ -408,9 +410,13 @@ def check_examples(examples, train_idx: list[int], val_idx: list[int], cfg: Conf
                          f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
 
 
-def encode_examples(records, tokenizer, cutoff: int) -> list[tuple[list[int], list[int]]]:
-    """(ids, answer-only labels) per record."""
-    return [encode_record(tokenizer, r, cutoff) for r in records]
+def encode_examples(records, tokenizer, cutoff: int, cloze: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(ids, answer-only labels) per record, in the protocol's template or the cloze form."""
+    encode = encode_cloze_record if cloze else encode_record
+    try:
+        return [encode(tokenizer, r, cutoff) for r in records]
+    except ValueError as e:
+        raise SystemExit(f"--cloze: {e}") from None
 
 
 def split_validation(n: int, val_size: int, val_seed: int) -> tuple[list[int], list[int]]:
