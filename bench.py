@@ -18,8 +18,8 @@ Every timing is after warm-up; on CUDA with events and `max_memory_allocated`. t
 peft are imported only here and in tests: they are the peer, never a dependency of the library.
 Prints one table and writes bench.json, after every measurement (a run cut short keeps what it did).
 
-`--suite device` is the one command for a GPU call (README "GPU"): LLaMA-7B shape, everything from
-files in this repo (tests/assets: real records, the LLaMA-2 tokenizer, real test prompts), results
+`--suite device` is the command for a CUDA machine (docs/benchmarks.md): LLaMA-7B shape, everything
+from files in this repo (tests/assets: real records, the LLaMA-2 tokenizer, real test prompts), results
 written to a folder part by part:
   1. parity.json: on a 2-block model of the shape, random weights, in fp32 and bf16: our logits
      against transformers' LlamaForCausalLM, our LoRA and DoRA logits and adapter gradients against
@@ -30,10 +30,10 @@ written to a folder part by part:
     python bench.py --suite device                      # -> results/<device>-<date>/
     python bench.py --suite device --shape tiny         # the same on a CPU in seconds (tested)
 
-`--suite experiment` is the real-model comparison (README "Results on a real model"): the untouched
+`--suite experiment` is the real-model comparison (docs/experiment.md): the untouched
 model, then LoRA vs Echo-LoRA and DoRA vs Echo-DoRA per seed, trained by train.py and evaluated by
 eval.py run by run within --budget-minutes, continued by the same command, ending with results.md:
-    python bench.py --suite experiment --ckpt smollm2-135m --data-dir data --out results/smollm2-h100-<date>
+    python bench.py --suite experiment --ckpt smollm2-135m --data-dir data --out results/smollm2-<date>
 """
 
 import argparse
@@ -289,8 +289,8 @@ def time_evaluation(model, tokenizer, test_dir, per_set, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=["speed", "device", "experiment"], default="speed",
-                   help="speed: the measurements below; device: parity, a torchrun smoke run, then speed (one GPU "
-                        "call); experiment: Echo vs its base method on a real model, over seeds (default: speed)")
+                   help="speed: the measurements below; device: parity, a torchrun smoke run, then speed (for a "
+                        "CUDA machine); experiment: Echo vs its base method on a real model, over seeds (default: speed)")
     p.add_argument("--shape", choices=SHAPES, help="the model's shape, random weights "
                                                  "(default: tiny (speed), llama-7b (device))")
     p.add_argument("--method", nargs="+", default=["lora", "dora", "echo-lora", "echo-dora"],
@@ -411,7 +411,7 @@ def measure_speed(a, p, device, precision, out: Path) -> dict:
 
 def out_of_memory_guard(device, measure) -> dict:
     """`measure()`, or {"error": "out of memory"}: one configuration that does not fit is a row of
-    the table, not the end of a GPU call."""
+    the table, not the end of the run."""
     gc.collect()  # the last configuration's model must be gone before this one's is built
     reset_peak(device)
     try:
@@ -608,11 +608,11 @@ def fmt(value, spec, suffix=""):
 
 
 # --------------------------------------------------------------------------------------------
-# The experiment suite: each Echo method against its base method on a real model, in one lent
-# window (README "Results on a real model")
+# The experiment suite: each Echo method against its base method on a real model, within a time
+# budget (docs/experiment.md)
 
 EXPERIMENT_SETS = ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa")  # <data-dir>/<name>/train.json and test.json
-# The experiment's departures from the recipe, made so that the runs fit a lent GPU's window;
+# The experiment's departures from the recipe, made so that the runs stay short;
 # --train-flags and --eval-flags come after them, so they can undo them.
 EXPERIMENT_TRAIN_FLAGS = ("--epochs", "1")  # the recipe trains 3 epochs
 EXPERIMENT_EVAL_FLAGS = ("--num-beams", "1",  # greedy: a quarter of the protocol's 4-beam rows
@@ -622,7 +622,7 @@ RUNNER_TRAIN_FLAGS = {"--ckpt", "--method", "--seed", "--data", "--out", "--resu
 RUNNER_EVAL_FLAGS = {"--ckpt", "--adapter", "--datasets", "--data-dir", "--out", "--overwrite", "--precision",
                      "--compare"}
 # A method not timed yet is estimated at the slowest timed training run times this: bench.py
-# measured echo and DoRA steps at up to 1.4x our LoRA step (README "Speed and memory").
+# measured echo and DoRA steps at up to 1.4x our LoRA step (docs/benchmarks.md).
 UNMEASURED_METHOD_FACTOR = 1.5
 clock = time.perf_counter  # what runs are timed and sized by (the test replaces it to simulate run times)
 METHOD_ORDER = ("none", "lora", "echo-lora", "dora", "echo-dora")  # "none": the untouched model

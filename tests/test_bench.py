@@ -29,8 +29,8 @@ def test_bench_tiny_runs_all_workloads_and_writes_json(tmp_path, capsys):
 
 
 def test_device_suite_runs_end_to_end_at_the_tiny_shape(tmp_path, capsys):
-    """The GPU call's command, on the CPU: parity passes (fp32 and bf16), torchrun trains, and the
-    speed suite writes its rows; every part's file is there."""
+    """The device suite (for a CUDA machine), on the CPU: parity passes (fp32 and bf16), torchrun
+    trains, and the speed suite writes its rows; every part's file is there."""
     out = tmp_path / "results"
     bench.main(["--suite", "device", "--shape", "tiny", "--method", "dora", "--batch-size", "4", "--seq-len", "32",
                 "--steps", "1", "--warmup", "1", "--questions-per-set", "1", "--out", str(out)])
