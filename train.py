@@ -9,9 +9,9 @@ commonsense recipe (LLM-Adapters / DoRA): r 32, alpha 64, dropout 0.05 on q, k, 
 batch 16, 3 epochs, cutoff 256, 120 validation records, 100 warmup steps then linear decay,
 AdamW without weight decay, random batches, the loss on the whole text (prompt and answer), each
 micro-batch's loss its own mean, the same 120 validation records as upstream's `datasets` split,
-DoRA's dropout as peft computes it. Every departure is an opt-in flag (README, "Departures from
-the recipe"). Every run writes, beside its adapter, config.json (every flag, library versions,
-the checkpoint's params) and metrics.jsonl.
+DoRA's dropout as peft computes it. Every departure is an opt-in flag (docs/recipe.md,
+"Departures from the recipe"). Every run writes, beside its adapter, config.json (every flag,
+library versions, the checkpoint's params) and metrics.jsonl.
 """
 
 import argparse
@@ -96,7 +96,7 @@ class Config:
     warmup_steps: int = flag(100, "steps of linear warm-up, then linear decay to 0", allowed=NOT_NEGATIVE)
     grad_clip: float = flag(1.0, "largest gradient norm",
                             allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"))
-    # departures from the recipe, all off by default (README, "Departures from the recipe")
+    # departures from the recipe, all off by default (docs/recipe.md)
     answer_only_loss: bool = flag(False, "departure: the plain cross-entropy on answer tokens only")
     token_mean_loss: bool = flag(False, "departure: one mean over the step's tokens, not a mean of micro-batch means")
     group_by_length: bool = flag(False, "departure (speed): batches of similar lengths, less padding, less random")
