@@ -297,13 +297,15 @@ def continuation_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str
                          "positions of the model's rotary table")
     # Right padding: causal attention keeps every real token away from the padding after it.
     tokens = torch.tensor([ids + [tokenizer.pad_id] * (longest - len(ids)) for ids in texts], device=device)
-    logprobs = F.log_softmax(model(tokens)[:, :-1].float(), dim=-1)  # (C, T - 1, vocab): predicts token t + 1
-    token_logprobs = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (C, T - 1)
     position = torch.arange(1, longest, device=device)
     lengths = torch.tensor([len(ids) for ids in texts], device=device)[:, None]
     scored = (position >= n_prompt) & (position < lengths)  # the continuation's tokens, (C, T - 1)
-    sums = torch.where(scored, token_logprobs, 0.0).sum(1)
-    return list(zip(sums.tolist(), scored.sum(1).tolist()))
+    hidden, _ = model.trunk(tokens)
+    # the head only where a token is scored: the state at t - 1 predicts token t
+    logprobs = F.log_softmax(model.output(hidden[:, :-1][scored]).float(), dim=-1)  # (N_scored, vocab)
+    token_logprobs = torch.zeros(scored.shape, device=device)
+    token_logprobs[scored] = logprobs.gather(-1, tokens[:, 1:][scored][:, None]).squeeze(-1)
+    return list(zip(token_logprobs.sum(1).tolist(), scored.sum(1).tolist()))
 
 
 def label_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, record: dict) -> dict[str, float]:
