@@ -33,7 +33,8 @@ import llama
 import train
 from data.commonsense import IGNORE_INDEX, load_records
 from data.files import write_atomically
-from echo_lora import TARGET_HF_NAMES, EchoConfig, EchoPath, add_adapters
+from echo_lora import EchoConfig, EchoPath, add_adapters
+from scripts.convert_peft import TARGET_HF_NAMES
 from tokenizer import Tokenizer
 
 SHAPES = {
