@@ -1,144 +1,112 @@
-"""Measured speed and memory of our training step and decoding, beside HF transformers + peft.
+"""Speed and memory of our training step and evaluation, beside transformers + peft on the same work.
 
-    python bench.py --shape llama-7b --method lora dora echo-lora echo-dora
-    python bench.py --shape llama-7b --data data/commonsense_170k.json --tokenizer checkpoints/llama-7b/tokenizer.model
-    python bench.py --shape tiny                                      # a CPU smoke run
+    python bench.py --ckpt smollm2-135m --precision bf16     # a real model (data/prepare_smollm2.py)
+    python bench.py --shape llama-7b                         # random weights of a named shape (a GPU)
+    python bench.py --shape tiny --steps 1 --warmup 1        # a smoke run (tests/test_bench.py)
 
-Random bf16 weights of a named shape (no checkpoint needed). Workloads:
-- fixed: micro-batch 16 x 256 tokens, the loss on the last 8 tokens of each row (an "answer");
-- data (`--data`): batches of 16 real records in the commonsense template, cutoff 256. Our side
-  batches as train.py does (length-grouped); peft's as the upstream recipe does (random order,
-  each batch padded to its longest, an attention mask). Reported as real (non-pad) tokens/s and
-  the extrapolated time of the whole recipe (3 epochs of commonsense_170k's 170,420 records);
-- decode: greedy, 32 new tokens for 32 prompts of about 120 tokens, new tokens/s;
-- evaluation (`--test-sets`): eval.py's own decoding of real test-set prompts, greedy and 4 beams,
-  as questions/s and the extrapolated minutes for the eight benchmarks' 22,420 questions. Random
-  weights never stop early, so every reply runs the full 32 tokens: an upper bound on the time.
-Every timing is after warm-up; on CUDA with events and `max_memory_allocated`. transformers and
-peft are imported only here and in tests: they are the peer, never a dependency of the library.
-Prints one table and writes bench.json, after every measurement (a run cut short keeps what it did).
-The correctness checks against transformers and peft, and the torchrun smoke run, are
-scripts/device_check.py's.
+Training: batches of --batch-size real records (default: the four training splits in tests/assets),
+drawn as the recipe draws them (train.random_batches) with the recipe's whole-text loss. Our step
+is train.py's own (accumulate_gradients, gradient clipping, AdamW); the peer is LlamaForCausalLM +
+peft's get_peft_model on the same batches, each padded to its longest with an attention mask, under
+the same precision. Each row: real (non-pad) tokens/s, peak memory (CUDA), ours over peft's same
+method, an Echo row's step time over our own base method's, and the fraction of the LoRA ceiling:
+4N FLOP per real token (forward 2N, input gradients 2N; frozen weights need no weight gradient),
+N the block linears plus the output head, at the bf16 matmul rate measured in the same run.
+Evaluation: eval.py's greedy decoding of real test prompts beside transformers' `generate` on the
+same prompts (same batches, same max_new_tokens, stopping at EOS), in questions/s.
+Prints one table; writes bench.json (and bench.md) after every row, so a run cut short keeps its rows.
 """
 
 import argparse
 import gc
 import json
+import statistics
+import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+import eval as evaluator
 import llama
+import train
 from data.commonsense import IGNORE_INDEX, load_records
 from data.files import write_atomically
-from echo_lora import (DEFAULT_TARGETS, TARGET_HF_NAMES, EchoConfig, EchoPath, add_adapters, loss_terms, route,
-                       trainable_parameters)
+from echo_lora import EchoConfig, EchoPath, add_adapters
+from scripts.convert_peft import TARGET_HF_NAMES
 from tokenizer import Tokenizer
-from train import (Timer, autocast, collate, encode_examples, length_grouped_batches, lora_ceiling_tokens_per_s,
-                   matmul_tflops)
 
 SHAPES = {
+    "smollm2-135m": llama.ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                                    ffn_hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192),
     "llama-7b": llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "llama2-7b": llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),
     "llama3-8b": llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                                  multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0),
     "tiny": llama.ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32),
 }
-RECIPE_RECORDS, RECIPE_EPOCHS = 170_420, 3
-BENCHMARK_QUESTIONS = 22_420  # the eight commonsense test sets together
-ANSWER_TOKENS = 8  # the fixed workload's "answer": about what a recipe record's answer is
+ASSETS = Path(__file__).resolve().parent / "tests" / "assets"  # committed real files: records, tokenizers, tests
+TRAIN_SPLITS = ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa")
+DEFAULT_DATA = ",".join(str(ASSETS / "data" / "commonsense" / s / "train.json") for s in TRAIN_SPLITS)
+DEFAULT_TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"  # for the 32000-word shapes
+METHODS = ("lora", "dora", "echo-lora", "echo-dora")
 
 
-def peak_gib(device):
+# --------------------------------------------------------------------------------------------
+# Timing and the ceiling
+
+
+@contextmanager
+def timed(device, seconds: list):
+    """Appends the wall time of the block to `seconds` (CUDA synchronised before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds.append(time.perf_counter() - start)
+
+
+def matmul_tflops(device, dtype, reps: int = 10) -> float:
+    """The measured rate of a square matmul (8192 on CUDA, 2048 on a CPU), TFLOP/s."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    seconds = []
+    with timed(device, seconds):
+        for _ in range(reps):
+            a @ b
+    return 2 * n ** 3 * reps / seconds[0] / 1e12
+
+
+def ceiling_tokens_per_s(args: llama.ModelArgs, tflops: float) -> float:
+    """Real tokens/s at 4N FLOP per token, N = the block linears and the output head (which the
+    whole-text loss applies at every position)."""
+    with torch.device("meta"):
+        model = llama.Transformer(args)
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return tflops * 1e12 / (4 * n)
+
+
+def peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def reset_peak(device):
+    gc.collect()  # the last configuration's model must be gone before this one's is measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-@contextmanager
-def default_dtype(dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def random_model(args: llama.ModelArgs, device, dtype) -> llama.Transformer:
-    """Random weights (never zeros: a zero model would make every kernel's job trivial)."""
-    torch.manual_seed(0)
-    with torch.device(device), default_dtype(dtype):  # built in bf16: no fp32 copy of 7B weights
-        model = llama.Transformer(args)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.02)
-    return model
-
-
 # --------------------------------------------------------------------------------------------
-# Workloads: a list of batches, each a list of (ids, answer-only labels) examples
-
-
-def fixed_workload(args, batch_size, seq_len, n_batches):
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, args.vocab_size, (batch_size, seq_len), generator=g).tolist()
-        batches.append([(row, [IGNORE_INDEX] * (seq_len - ANSWER_TOKENS) + row[-ANSWER_TOKENS:]) for row in ids])
-    return batches
-
-
-def data_workloads(paths, tokenizer, batch_size, cutoff, n_batches):
-    """(ours, upstream's) batches over the same records (comma-separated files): length-grouped
-    vs random and padded."""
-    examples = encode_examples([r for path in paths.split(",") for r in load_records(path)], tokenizer, cutoff)
-    if not examples:
-        raise ValueError(f"{paths}: holds no records")
-    lengths = [len(ids) for ids, _ in examples]
-    ours = length_grouped_batches(lengths, batch_size, seed=0)[:n_batches]
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
-    theirs = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][:n_batches]
-    mean_tokens = sum(lengths) / len(lengths)
-    return [[examples[i] for i in b] for b in ours], [[examples[i] for i in b] for b in theirs], mean_tokens
-
-
-# --------------------------------------------------------------------------------------------
-# Training steps
-
-
-def our_step_fn(model, method, echo_pass, device, route_p, precision):
-    """One optimiser step of train.py (forward, backward, AdamW) on one batch of examples."""
-    add_adapters(model, DEFAULT_TARGETS, r=32, alpha=64, dropout=0.05, dora="dora" in method)
-    echo = EchoPath(model, EchoConfig(route_p=route_p, echo_pass=echo_pass)).to(device) \
-        if method.startswith("echo") else None
-    params = trainable_parameters(model) + (list(echo.parameters()) if echo else [])
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-
-    def step(examples):
-        batch = collate(examples, False, 0).to(device)
-        routed = route(len(examples), route_p, g).to(device)
-        with autocast(device, precision):
-            ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
-        n = (batch.answer_targets != IGNORE_INDEX).sum()
-        ((ce_sum + echo_sum) / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return int(batch.valid.sum())
-    return step
+# The models: the same weights on both sides
 
 
 def hf_random_model(args: llama.ModelArgs, device, dtype):
-    """transformers' LlamaForCausalLM of the same shape, built directly in `dtype`."""
+    """transformers' LlamaForCausalLM of the shape `args`, random weights, built directly in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
@@ -147,279 +115,265 @@ def hf_random_model(args: llama.ModelArgs, device, dtype):
                          rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"},
                          max_position_embeddings=args.max_seq_len, tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device(device), default_dtype(dtype):
-        return LlamaForCausalLM(config)
+    dtype_before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(dtype_before)
 
 
-def peft_step_fn(args, method, device, precision):
-    """The same step through LlamaForCausalLM + get_peft_model, batches padded with a mask."""
+def hf_folder(a, scratch: Path) -> Path:
+    """An HF-layout folder both sides load: --ckpt itself, or random weights of --shape saved to
+    `scratch` (saved in fp32, loaded by each side in the run's dtype)."""
+    if a.ckpt:
+        folder = llama.resolve_checkpoint(a.ckpt)
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"bench.py: --ckpt {a.ckpt}: the peer needs an HF-layout folder (config.json)")
+        return folder
+    hf_random_model(SHAPES[a.shape], "cpu", torch.float32).save_pretrained(scratch)
+    return scratch
+
+
+def our_model(folder: Path, device, dtype, tokenizer_file: Path | None):
+    model, tokenizer = llama.load(folder, device, dtype)
+    return model, tokenizer or Tokenizer(tokenizer_file)
+
+
+def peft_model(folder: Path, method: str, device, dtype):
     from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
 
-    hf_targets = [TARGET_HF_NAMES[t] for t in DEFAULT_TARGETS]  # q_proj, k_proj, ...: peft's names of ours
-    model = get_peft_model(hf_random_model(args, device, llama.PRECISIONS[precision]), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=hf_targets,
-                                          use_dora=method == "dora", task_type="CAUSAL_LM"))
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    config = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, use_dora=method == "dora", task_type="CAUSAL_LM",
+                        target_modules=[TARGET_HF_NAMES[t] for t in train.Config().targets.split(",")])
+    return get_peft_model(hf, config)
+
+
+# --------------------------------------------------------------------------------------------
+# Training steps
+
+
+def recipe_batches(records: list[dict], tokenizer, batch_size: int, n: int) -> list[list]:
+    """The first n batches of the recipe's epoch 0 (random order, cutoff 256), as examples."""
+    examples = train.encode_examples(records, tokenizer, 256)
+    return [[examples[i] for i in b] for b in train.random_batches(len(examples), batch_size, seed=0)[:n]]
+
+
+def our_step(model, tokenizer, method: str, device, precision: str, batch_size: int):
+    """train.py's step: accumulate_gradients (length-sorted parts, the Echo path for echo- methods),
+    clipping, AdamW. Returns a function of one batch's examples -> real tokens computed."""
+    cfg = train.Config(method=method, precision=precision, batch_size=batch_size, micro_batch_size=batch_size)
+    torch.manual_seed(0)
+    add_adapters(model, tuple(cfg.targets.split(",")), cfg.r, cfg.alpha, cfg.dropout, dora="dora" in method)
+    echo = EchoPath(model, EchoConfig()).to(device) if method.startswith("echo") else None
+    model.train()
+    params = train.training_parameters(model, echo)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    step = iter(range(10**9))
+
+    def run(examples) -> int:
+        routed = train.routed_samples(len(examples), EchoConfig().route_p, 0, next(step))
+        _, tokens = train.accumulate_gradients(model, echo, examples, routed, cfg, tokenizer.pad_id, device, 1, 0)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+    return run
+
+
+def peft_step(model, device, precision: str):
+    """The same step through peft: each batch padded to its longest, labels the real tokens (the
+    whole-text loss; transformers shifts them), the mean over the batch's tokens."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     model.train()
 
-    def step(examples):
+    def run(examples) -> int:
         T = max(len(ids) for ids, _ in examples)
-        ids = torch.tensor([e[0] + [0] * (T - len(e[0])) for e in examples], device=device)
-        mask = torch.tensor([[1] * len(e[0]) + [0] * (T - len(e[0])) for e in examples], device=device)
-        labels = torch.tensor([e[1] + [IGNORE_INDEX] * (T - len(e[1])) for e in examples], device=device)
-        with autocast(device, precision):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ids = torch.tensor([e + [0] * (T - len(e)) for e, _ in examples], device=device)
+        mask = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e, _ in examples], device=device)
+        with train.autocast(device, precision):
+            loss = model(input_ids=ids, attention_mask=mask, labels=torch.where(mask.bool(), ids, IGNORE_INDEX)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return int(mask.sum())
-    return step
+    return run
 
 
-def time_steps(step, batches, warmup, device):
-    """Mean seconds per step and real tokens/s over the batches after `warmup` of them."""
+def time_training(step, batches, warmup: int, device) -> dict:
+    """Real tokens/s over the batches after `warmup` of them, and the median step time."""
     for examples in batches[:warmup]:
         step(examples)
     reset_peak(device)
-    timer, tokens = Timer(device), 0
-    with timer.region():
-        for examples in batches[warmup:]:
+    seconds, tokens = [], 0
+    for examples in batches[warmup:]:
+        with timed(device, seconds):
             tokens += step(examples)
-    n = len(batches) - warmup
-    return {"step_s": timer.seconds / n, "tokens_per_s": tokens / timer.seconds, "peak_gib": peak_gib(device)}
+    return {"tokens_per_s": tokens / sum(seconds), "step_s": statistics.median(seconds), "peak_gib": peak_gib(device)}
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding and the FLOP ceiling
+# Evaluation decoding
 
 
-def decode_prompts(args, n_prompts, prompt_len):
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(prompt_len - 20, prompt_len + 20, (n_prompts,), generator=g).tolist()
-    return [torch.randint(3, args.vocab_size, (n,), generator=g).tolist() for n in lengths]
+def test_prompts(test_dir: Path, per_set: int) -> dict[str, list[dict]]:
+    """The first `per_set` records of each benchmark's test.json found under test_dir."""
+    return {name: load_records(test_dir / name / "test.json")[:per_set]
+            for name in evaluator.BENCHMARKS if (test_dir / name / "test.json").is_file()}
 
 
-def time_our_decode(model, prompts, new_tokens, device):
+def time_our_evaluation(model, tokenizer, test_sets, batch_size: int, max_new_tokens: int, device) -> dict:
+    """eval.py's greedy decoding of the test prompts: questions/s, and the replies."""
     model.eval()
-    llama.generate(model, prompts[:2], 2, stop_ids=[])
-    timer = Timer(device)
-    with timer.region():
-        out = llama.generate(model, prompts, new_tokens, stop_ids=[])
-    return {"new_tokens_per_s": sum(map(len, out)) / timer.seconds}
+    seconds, replies = [], {}
+    with timed(device, seconds):
+        for name, records in test_sets.items():
+            replies[name] = [p["generated"] for p in evaluator.evaluate(
+                model, tokenizer, name, records, batch_size, num_beams=1, max_new_tokens=max_new_tokens)]
+    return {"questions_per_s": sum(map(len, test_sets.values())) / seconds[0], "seconds": seconds[0]}, replies
 
 
-def time_hf_decode(args, prompts, new_tokens, device, dtype):
-    hf = hf_random_model(args, device, dtype).eval()
-    ids, valid = llama.left_pad(prompts, 0, device)
-    T, mask = ids.shape[1], valid.long()
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    hf.generate(input_ids=ids[:2], attention_mask=mask[:2], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
-    timer = Timer(device)
-    with timer.region():
-        out = hf.generate(input_ids=ids, attention_mask=mask, **kw)
-    return {"new_tokens_per_s": (out.shape[1] - T) * len(prompts) / timer.seconds}
+def time_hf_evaluation(folder: Path, tokenizer, test_sets, batch_size: int, max_new_tokens: int, device,
+                       dtype) -> dict:
+    """transformers' greedy `generate` on the same prompts, batched and ordered as eval.py does."""
+    from transformers import LlamaForCausalLM
 
-
-def time_evaluation(model, tokenizer, test_dir, per_set, device):
-    """eval.py's decoding (sorted, batched, left-padded) of the first `per_set` questions of each
-    test set found, greedy and with 4 beams: questions/s and minutes for all eight benchmarks."""
-    import eval as evaluator
-
-    test_sets = {name: load_records(test_dir / name / "test.json")[:per_set]
-                 for name in evaluator.BENCHMARKS if (test_dir / name / "test.json").is_file()}
-    model.eval()
-    result = {}
-    for beams in (1, 4):
-        timer, n = Timer(device), sum(map(len, test_sets.values()))
-        with timer.region():
-            for name, records in test_sets.items():
-                evaluator.evaluate(model, tokenizer, name, records, batch_size=32, num_beams=beams)
-        qps = n / timer.seconds
-        result[f"beams_{beams}"] = {"questions": n, "questions_per_s": qps,
-                                    "minutes_for_8_benchmarks": BENCHMARK_QUESTIONS / qps / 60}
-    return result
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    seconds = []
+    with timed(device, seconds), torch.no_grad():
+        for records in test_sets.values():
+            prompts = sorted((tokenizer.encode(evaluator.eval_prompt(r), bos=True, eos=False) for r in records),
+                             key=len, reverse=True)
+            for start in range(0, len(prompts), batch_size):
+                ids, valid = llama.left_pad(prompts[start:start + batch_size], tokenizer.pad_id, device)
+                hf.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=tokenizer.pad_id)
+    return {"questions_per_s": sum(map(len, test_sets.values())) / seconds[0], "seconds": seconds[0]}
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=SHAPES, default="tiny", help="the model's shape, random weights (default: tiny)")
-    p.add_argument("--method", nargs="+", default=["lora", "dora", "echo-lora", "echo-dora"],
-                   choices=["lora", "dora", "echo-lora", "echo-dora"], help="the methods timed (default: all four)")
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--ckpt", help="an HF-layout checkpoint folder (checkpoints/NAME or a path); default: --shape")
+    p.add_argument("--shape", choices=SHAPES, default="tiny",
+                   help="random weights of this shape when no --ckpt is given (default: tiny)")
+    p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+                   help="tokenizer for a --shape (default: the LLaMA-2 one in tests/assets)")
+    p.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS, help="the methods timed (default: all)")
     p.add_argument("--precision", choices=list(llama.PRECISIONS),
-                   help="bf16: the recipe's autocast; fp32: everything in fp32 (default: bf16 on cuda, fp32 elsewhere)")
+                   help="bf16: the recipe's autocast; fp32 (default: bf16 on cuda, fp32 elsewhere)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="training records, comma-separated JSON files "
+                                                        "(default: the four training splits in tests/assets)")
     p.add_argument("--batch-size", type=int, default=16, help="records per training step (default: 16)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per record of the fixed workload (default: 256)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration, after warm-up (default: 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per configuration (default: 3)")
-    p.add_argument("--route-p", type=float, default=0.5,
-                   help="the echo methods' stochastic routing, METHOD.md item 5 (default: 0.5)")
-    p.add_argument("--data", help="commonsense JSON (comma-separated files): also time the real-record workload "
-                                    "(default: none)")
-    p.add_argument("--tokenizer", help="tokenizer.model for --data and --test-sets (its vocabulary must fit the shape) "
-                                         "(default: none)")
-    p.add_argument("--test-sets", type=Path, help="folder of <benchmark>/test.json: time eval.py's decoding on them "
-                                                    "(default: none)")
-    p.add_argument("--questions-per-set", type=int, default=64, help="test prompts timed per benchmark (default: 64)")
-    p.add_argument("--no-peft", action="store_true",
-                   help="skip the transformers + peft peer (default: time it, when installed)")
-    p.add_argument("--out", default="bench.json", help="the result file, and its table beside it as .md "
-                                                        "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per configuration (default: 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
+    p.add_argument("--test-sets", type=Path, default=ASSETS / "data" / "commonsense",
+                   help="folder of <benchmark>/test.json for the evaluation rows (default: tests/assets')")
+    p.add_argument("--questions", type=int, default=64, help="test prompts timed per benchmark (default: 64)")
+    p.add_argument("--eval-sets", nargs="+", default=["ARC-Easy"], metavar="NAME",
+                   help="benchmarks whose prompts are timed (default: ARC-Easy)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="the longest reply (default: 32, the protocol's)")
+    p.add_argument("--no-peft", action="store_true", help="skip the transformers + peft peer")
+    p.add_argument("--out", type=Path, default=Path("bench.json"), help="the JSON written (default: bench.json)")
     a = p.parse_args(argv)
-    for flag, ok, allowed in (("batch_size", a.batch_size >= 1, ">= 1"), ("steps", a.steps >= 1, ">= 1"),
-                              ("seq_len", ANSWER_TOKENS < a.seq_len <= 2 * SHAPES[a.shape].max_seq_len,
-                               f"in ({ANSWER_TOKENS}, {2 * SHAPES[a.shape].max_seq_len}]"),
-                              ("warmup", a.warmup >= 0, ">= 0"), ("route_p", 0 <= a.route_p <= 1, "in [0, 1]"),
-                              ("questions_per_set", a.questions_per_set >= 1, ">= 1")):
-        if not ok:  # a bad value is one line here, not a traceback (or a division by zero) later
-            p.error(f"--{flag.replace('_', '-')} must be {allowed}, found {getattr(a, flag)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("batch_size", "steps", "questions", "max_new_tokens"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, found {getattr(a, name)}")
+    if a.warmup < 0:
+        p.error(f"--warmup must be >= 0, found {a.warmup}")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    device = llama.resolve_device(None)
     precision = a.precision or llama.default_precision(device)
-    return measure_speed(a, p, device, precision, Path(a.out))
-
-
-def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def write_json(path: Path, result: dict):
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-
-
-def measure_speed(a, p, device, precision, out: Path) -> dict:
-    """Training steps, decoding, evaluation and the ceiling; `out` is rewritten after each."""
     dtype = llama.PRECISIONS[precision]
-    args = SHAPES[a.shape]
-    with_peft = not a.no_peft and peft_available()
-    mean_tokens = tokenizer = None
-    if a.data or a.test_sets:
-        if not a.tokenizer:
-            p.error("--data and --test-sets need --tokenizer")
-        if not Path(a.tokenizer).is_file():
-            p.error(f"--tokenizer {a.tokenizer}: no such file")
-        tokenizer = Tokenizer(a.tokenizer)
-        if tokenizer.n_words > args.vocab_size:
-            p.error(f"{a.tokenizer}: {tokenizer.n_words} tokens do not fit the {a.shape} shape's {args.vocab_size}")
-    workloads = {"fixed 16x256": (fixed_workload(args, a.batch_size, a.seq_len, a.warmup + a.steps),) * 2}
-    if a.data:
-        try:
-            ours, theirs, mean_tokens = data_workloads(a.data, tokenizer, a.batch_size, 256, a.warmup + a.steps)
-        except (OSError, ValueError) as e:
-            p.error(f"--data {e}")
-        workloads["real records"] = (ours, theirs)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = hf_folder(a, Path(scratch))
+        model, tokenizer = our_model(folder, device, dtype, a.tokenizer)
+        args = model.args
+        del model
+        records = [r for path in a.data.split(",") for r in load_records(path)]
+        batches = recipe_batches(records, tokenizer, a.batch_size, a.warmup + a.steps)
+        tflops = matmul_tflops(device, torch.bfloat16)
+        result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "torch": torch.__version__, "model": a.ckpt or f"{a.shape} (random weights)",
+                  "precision": precision, "threads": torch.get_num_threads(), "bf16_matmul_tflops": tflops,
+                  "ceiling_tokens_per_s": ceiling_tokens_per_s(args, tflops), "train": [], "evaluation": {},
+                  "date": time.strftime("%Y-%m-%d")}
 
-    # The ceiling first, so every row can state its fraction of it as soon as it is measured.
-    tflops = matmul_tflops(device, dtype)
-    ceiling = lora_ceiling_tokens_per_s(args, tflops)
-    result = {"device": device_name(device), "torch": torch.__version__, "shape": a.shape, "dtype": str(dtype),
-              "train": [], "decode": {}, "evaluation": None, "matmul_tflops": tflops,
-              "lora_ceiling_tokens_per_s": ceiling, "mean_record_tokens": mean_tokens}
-    rows = result["train"]
+        def write(row=None):
+            if row is not None:
+                result["train"].append(row)
+            add_ratios(result)
+            write_atomically(a.out, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
 
-    def record(row):
-        rows.append(row)
-        if "tokens_per_s" in row:
-            row["of_ceiling"] = row["tokens_per_s"] / ceiling
-        add_ratios([r for r in rows if "tokens_per_s" in r])
-        write_json(out, result)
-
-    for workload, (ours, theirs) in workloads.items():
         for method in a.method:
-            passes = ("suffix", "full") if method.startswith("echo") else ("-",)
-            for echo_pass in passes:
-                row = {"workload": workload, "impl": "ours", "method": method, "echo_pass": echo_pass}
-                record(row | out_of_memory_guard(device, lambda: time_steps(
-                    our_step_fn(random_model(args, device, dtype), method,
-                                echo_pass if echo_pass != "-" else "suffix", device, a.route_p, precision),
-                    ours, a.warmup, device)))
-            if with_peft and method in ("lora", "dora"):
-                row = {"workload": workload, "impl": "peft", "method": method, "echo_pass": "-"}
-                record(row | out_of_memory_guard(device, lambda: time_steps(
-                    peft_step_fn(args, method, device, precision), theirs, a.warmup, device)))
+            model, _ = our_model(folder, device, dtype, a.tokenizer)
+            write({"impl": "ours", "method": method} | time_training(
+                our_step(model, tokenizer, method, device, precision, a.batch_size), batches, a.warmup, device))
+            del model
+            if not a.no_peft and method in ("lora", "dora"):
+                write({"impl": "peft", "method": method} | time_training(
+                    peft_step(peft_model(folder, method, device, dtype), device, precision), batches, a.warmup, device))
 
-    prompts = decode_prompts(args, 32, 120)
-    model = random_model(args, device, dtype)
-    result["decode"]["ours"] = time_our_decode(model, prompts, 32, device)
-    write_json(out, result)
-    if a.test_sets:
-        result["evaluation"] = time_evaluation(model, tokenizer, a.test_sets, a.questions_per_set, device)
-        write_json(out, result)
-    del model
-    if with_peft:
-        result["decode"]["transformers"] = time_hf_decode(args, prompts, 32, device, dtype)
-        write_json(out, result)
-    table = format_table(result, mean_tokens)
+        test_sets = {k: v for k, v in test_prompts(a.test_sets, a.questions).items() if k in a.eval_sets}
+        model, _ = our_model(folder, device, dtype, a.tokenizer)
+        result["evaluation"]["ours"], _ = time_our_evaluation(model, tokenizer, test_sets, 32, a.max_new_tokens, device)
+        del model
+        if not a.no_peft:
+            result["evaluation"]["transformers"] = time_hf_evaluation(folder, tokenizer, test_sets, 32,
+                                                                      a.max_new_tokens, device, dtype)
+        result["evaluation"]["questions"] = sum(map(len, test_sets.values()))
+        write()
+    table = format_table(result)
     print(table)
-    if out.suffix == ".json":
-        write_atomically(out.with_suffix(".md"), lambda tmp: tmp.write_text(table + "\n"))
+    write_atomically(a.out.with_suffix(".md"), lambda tmp: tmp.write_text(table + "\n"))
     return result
 
 
-def out_of_memory_guard(device, measure) -> dict:
-    """`measure()`, or {"error": "out of memory"}: one configuration that does not fit is a row of
-    the table, not the end of a GPU call."""
-    gc.collect()  # the last configuration's model must be gone before this one's is built
-    reset_peak(device)
-    try:
-        return measure()
-    except torch.cuda.OutOfMemoryError:
-        reset_peak(device)
-        return {"error": "out of memory"}
-
-
-def peft_available() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(name) is not None for name in ("peft", "transformers"))
-
-
-def add_ratios(rows):
-    """Each row's tokens/s over its peer's in the same workload: peft's same method for ours
-    (echo methods compare with peft's base method), our own base method's step for echo."""
-    index = {(r["workload"], r["impl"], r["method"], r["echo_pass"]): r for r in rows}
-    for r in rows:
-        base = r["method"].removeprefix("echo-")
-        peer = index.get((r["workload"], "peft", base, "-"))
-        if r["impl"] == "ours" and peer:
+def add_ratios(result: dict):
+    """Each row's fraction of the ceiling; ours over peft's same method; an Echo step over ours."""
+    rows = {(r["impl"], r["method"]): r for r in result["train"]}
+    for (impl, method), r in rows.items():
+        r["of_ceiling"] = r["tokens_per_s"] / result["ceiling_tokens_per_s"]
+        peer, own = rows.get(("peft", method)), rows.get(("ours", method.removeprefix("echo-")))
+        if impl == "ours" and peer:
             r["vs_peft"] = r["tokens_per_s"] / peer["tokens_per_s"]
-        own = index.get((r["workload"], "ours", base, "-"))
-        if r["method"].startswith("echo") and own:
-            r["step_vs_own_base"] = r["step_s"] / own["step_s"]
+        if impl == "ours" and method.startswith("echo-") and own:
+            r["step_vs_base"] = r["step_s"] / own["step_s"]
 
 
-def format_table(result, mean_tokens):
-    lines = [f"device: {result['device']}, shape {result['shape']}, {result['dtype']}",
-             "| workload | impl | method | echo pass | tokens/s | step ms | peak GiB | vs peft | step / own base | recipe hours | of ceiling |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+def format_table(result: dict) -> str:
+    def cell(value, spec, suffix=""):
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
+    lines = [f"{result['model']} on {result['device']} ({result['threads']} threads), {result['precision']}, "
+             f"torch {result['torch']}, {result['date']}",
+             f"bf16 matmul {result['bf16_matmul_tflops'] * 1000:.0f} GFLOP/s -> ceiling "
+             f"{result['ceiling_tokens_per_s']:,.0f} real tokens/s (4N FLOP per token)", "",
+             "| impl | method | real tokens/s | of ceiling | vs peft | step / base method | step s | peak GiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["train"]:
-        if "error" in r:
-            lines.append("| " + " | ".join([r["workload"], r["impl"], r["method"], r["echo_pass"], r["error"]]
-                                           + ["-"] * 6) + " |")
-            continue
-        hours = (RECIPE_EPOCHS * RECIPE_RECORDS * mean_tokens / r["tokens_per_s"] / 3600
-                 if mean_tokens and r["workload"] == "real records" else None)
-        cells = [r["workload"], r["impl"], r["method"], r["echo_pass"], f"{r['tokens_per_s']:,.0f}",
-                 f"{1000 * r['step_s']:.1f}", fmt(r["peak_gib"], ".1f"), fmt(r.get("vs_peft"), ".2f", "x"),
-                 fmt(r.get("step_vs_own_base"), ".2f", "x"), fmt(hours, ".2f"), fmt(r.get("of_ceiling"), ".1%")]
-        lines.append("| " + " | ".join(cells) + " |")
-    for impl, d in result["decode"].items():
-        lines.append(f"greedy decode, 32 prompts x ~120 tokens, 32 new: {impl} {d['new_tokens_per_s']:,.0f} new tokens/s")
-    if len(result["decode"]) == 2:
-        lines.append(f"decode ratio ours / transformers: "
-                     f"{result['decode']['ours']['new_tokens_per_s'] / result['decode']['transformers']['new_tokens_per_s']:.2f}x")
-    for decoding, e in (result["evaluation"] or {}).items():
-        lines.append(f"evaluation, {decoding.replace('_', ' ')}: {e['questions_per_s']:.1f} questions/s on "
-                     f"{e['questions']} real test prompts -> {e['minutes_for_8_benchmarks']:.1f} min for the 8 benchmarks")
-    lines.append(f"matmul {result['matmul_tflops']:.1f} TFLOP/s -> LoRA training ceiling "
-                 f"{result['lora_ceiling_tokens_per_s']:,.0f} tokens/s (4 x block matmul parameters per token)")
+        lines.append(f"| {r['impl']} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['of_ceiling']:.1%} | "
+                     f"{cell(r.get('vs_peft'), '.2f', 'x')} | {cell(r.get('step_vs_base'), '.2f', 'x')} | "
+                     f"{r['step_s']:.2f} | {cell(r['peak_gib'], '.1f')} |")
+    e = result["evaluation"]
+    for impl in ("ours", "transformers"):
+        if impl in e:
+            lines.append(f"greedy evaluation, {e['questions']} real test prompts: {impl} "
+                         f"{e[impl]['questions_per_s']:.1f} questions/s")
+    if "transformers" in e:
+        lines.append(f"evaluation ratio ours / transformers: "
+                     f"{e['ours']['questions_per_s'] / e['transformers']['questions_per_s']:.2f}x")
     return "\n".join(lines)
-
-
-def fmt(value, spec, suffix=""):
-    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ After training the Echo path is discarded (item 8): the saved adapter is a plain
 
 The file in reading order: the adapter (a frozen linear layer plus a trainable low-rank update,
 attached to the model and merged into its weights); the Echo path, item by item, ending in
-`loss_terms`; then saving and loading, in this project's format and HF peft's.
+`loss_terms`; then saving and loading (peft's format: scripts/convert_peft.py).
 
     Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1:
         h = W0 x + (alpha / r) B A x, B zero at the start so training begins at the base model.
@@ -57,21 +57,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors_bytes, load_file, save as safetensors_bytes, save_file
+from safetensors.torch import load as load_safetensors_bytes, load_file, save as safetensors_bytes
 
 from data.commonsense import IGNORE_INDEX
 from data.files import check_json_types, read_json, write_atomically
-from llama import HF_TO_META_LAYER_NAMES, KVCache, hf_to_meta_rows, meta_to_hf_rows
+from llama import HF_TO_META_LAYER_NAMES, KVCache
 
 # The block linears an adapter can wrap: Meta's short name -> its path inside a block.
 BLOCK_LINEARS = {path.split(".")[1]: path for path in HF_TO_META_LAYER_NAMES.values() if "." in path}
-META_TO_HF_LINEARS = {meta: hf for hf, meta in HF_TO_META_LAYER_NAMES.items() if "." in meta}
-TARGET_HF_NAMES = {target: META_TO_HF_LINEARS[path].split(".")[1] for target, path in BLOCK_LINEARS.items()}
 # q, k, v, up, down: the commonsense recipe of LLM-Adapters and the DoRA paper.
 DEFAULT_TARGETS = ("wq", "wk", "wv", "w3", "w2")
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
-PEFT_ADAPTER_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # peft's wrapper around LlamaForCausalLM, in every saved key
 # A row of W + s B A whose norm is zero has a zero direction, so its output is 0 whatever it is
 # divided by; the floor only keeps that 0 / 0 from becoming NaN.
 NORM_FLOOR = 1e-12
@@ -710,7 +706,7 @@ def loss_terms(model, batch: Batch, echo_path: EchoPath | None = None, routed: t
 
 
 # --------------------------------------------------------------------------------------------
-# Saving and loading: this project's format, and peft's
+# Saving and loading, this project's format (peft's: scripts/convert_peft.py)
 
 
 # The types of adapter_config.json's settings (load_adapter checks them before using them).
@@ -780,116 +776,6 @@ def check_base_model(saved: dict | None, model: nn.Module, file: Path):
     if None not in (saved.get("fingerprint"), mine["fingerprint"]) and saved["fingerprint"] != mine["fingerprint"]:
         raise ValueError(f"{file}: the adapter was trained on other base weights (fingerprint {saved['fingerprint']}, "
                          f"the model loaded has {mine['fingerprint']}): wrong --ckpt?")
-
-
-def export_peft(path, model: nn.Module, config: dict | None = None):
-    """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors) for
-    an HF-format LLaMA: `PeftModel.from_pretrained(hf_model, path)` then computes what `model`
-    computes. `config` adds peft config fields, e.g. {"base_model_name_or_path": ...}.
-
-    HF stores q and k with their rows permuted (rotate-half rotary layout), so the output rows
-    of lora_B and the magnitude of wq/wk are permuted the same way; lora_A acts on the input
-    side and is unchanged.
-    """
-    ours = adapter_config(model)
-    peft_config = {
-        "base_model_name_or_path": None, **(config or {}),
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ours["r"], "lora_alpha": ours["alpha"],
-        "lora_dropout": ours["dropout"], "use_dora": ours["dora"], "use_rslora": False, "bias": "none",
-        "target_modules": [TARGET_HF_NAMES[t] for t in ours["targets"]],
-        "layers_to_transform": ours["layers"], "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    tensors = {}
-    for name, tensor in adapter_state(model).items():
-        key = peft_key(name)
-        tensors[key] = permute_qk_rows(model, name, tensor, meta_to_hf_rows).contiguous()
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    # peft writes this metadata; transformers' safetensors readers expect it.
-    write_atomically(folder / PEFT_ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    write_atomically(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(peft_config, indent=2)))
-
-
-def import_peft(path, model: nn.Module) -> dict:
-    """Load a peft LoRA/DoRA adapter of an HF LLaMA (the folder `save_pretrained` writes) into
-    `model`, adding the adapters first if it has none; returns the adapter's settings in this
-    project's terms (the add_adapters arguments)."""
-    folder = Path(path)
-    config_file, tensor_file = folder / CONFIG_FILE, folder / PEFT_ADAPTER_FILE
-    config = config_from_peft(read_json(config_file), config_file)
-    fit_adapters(model, config, config_file)
-    tensors = {}
-    for key, tensor in read_safetensors(tensor_file).items():
-        try:
-            name = name_from_peft_key(key)
-        except ValueError as e:
-            raise ValueError(f"{tensor_file}: {e}") from None
-        tensors[name] = permute_qk_rows(model, name, tensor, hf_to_meta_rows)
-    copy_adapter_tensors(model, tensors, tensor_file)
-    return config
-
-
-def config_from_peft(peft_config: dict, file: Path) -> dict:
-    """add_adapters arguments from a peft LoraConfig; anything this adapter cannot compute
-    exactly (rsLoRA scaling, per-module ranks, biases, extra trained modules) is an error."""
-    unsupported = {
-        "peft_type": lambda v: v != "LORA", "bias": lambda v: v not in (None, "none"),
-        "use_rslora": bool, "rank_pattern": bool, "alpha_pattern": bool, "modules_to_save": bool,
-        "fan_in_fan_out": bool, "lora_bias": bool, "exclude_modules": bool, "layer_replication": bool,
-        "trainable_token_indices": bool, "target_parameters": bool, "alora_invocation_tokens": bool,
-        "target_modules": lambda v: not isinstance(v, list),
-        "layers_pattern": lambda v: v not in (None, "layers", ["layers"]),
-    }
-    missing = [k for k in ("peft_type", "r", "lora_alpha", "target_modules") if k not in peft_config]
-    if missing:
-        raise ValueError(f"{file}: missing peft settings {missing}")
-    check_json_types(file, peft_config, {"r": int, "lora_alpha": float, "lora_dropout": float, "use_dora": bool,
-                                         "layers_to_transform": int | list | None})
-    for field, is_unsupported in unsupported.items():
-        if field in peft_config and is_unsupported(peft_config[field]):
-            raise ValueError(f"{file}: unsupported peft setting {field}={peft_config[field]!r}")
-    hf_to_target = {hf: target for target, hf in TARGET_HF_NAMES.items()}
-    unknown = [m for m in peft_config["target_modules"] if m not in hf_to_target]
-    if unknown:
-        raise ValueError(f"{file}: target_modules {unknown} are not LLaMA block linears {list(hf_to_target)}")
-    layers = peft_config.get("layers_to_transform")
-    return dict(
-        r=peft_config["r"], alpha=peft_config["lora_alpha"], dropout=peft_config.get("lora_dropout", 0.0),
-        dora=bool(peft_config.get("use_dora", False)),
-        targets=[t for t in BLOCK_LINEARS if TARGET_HF_NAMES[t] in peft_config["target_modules"]],
-        layers=[layers] if isinstance(layers, int) else layers,
-    )
-
-
-PEFT_SUFFIXES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
-
-
-def peft_key(name: str) -> str:
-    """'layers.0.attention.wq.lora_A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
-    path, _, tensor = name.rpartition(".")
-    i, target = block_and_target(path)
-    return f"{PEFT_PREFIX}model.layers.{i}.{META_TO_HF_LINEARS[BLOCK_LINEARS[target]]}.{PEFT_SUFFIXES[tensor]}"
-
-
-def name_from_peft_key(key: str) -> str:
-    """The inverse of peft_key."""
-    suffixes = {v: k for k, v in PEFT_SUFFIXES.items()}
-    m = re.fullmatch(re.escape(PEFT_PREFIX) + r"model\.layers\.(\d+)\.(\w+\.\w+)\.(.+)", key)
-    if not m or m.group(2) not in HF_TO_META_LAYER_NAMES or m.group(3) not in suffixes:
-        raise ValueError(f"unexpected peft adapter key {key!r}")
-    return f"layers.{m.group(1)}.{HF_TO_META_LAYER_NAMES[m.group(2)]}.{suffixes[m.group(3)]}"
-
-
-def permute_qk_rows(model: nn.Module, name: str, tensor: torch.Tensor, permute) -> torch.Tensor:
-    """Apply `permute` (meta_to_hf_rows or hf_to_meta_rows) to the output rows of a wq/wk
-    lora_B or magnitude; every other tensor is returned as is."""
-    path, _, kind = name.rpartition(".")
-    _, target = block_and_target(path)
-    heads = {"wq": model.args.n_heads, "wk": model.args.kv_heads}.get(target)
-    if heads is None or kind == "lora_A":
-        return tensor
-    return permute(tensor, heads)
 
 
 def fit_adapters(model: nn.Module, config: dict, file: Path):

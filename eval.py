@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.commonsense import eval_prompt, load_records
+from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
 from data.files import code_version, read_json, write_atomically
 from echo_lora import load_adapter, merge
 from llama import (PRECISIONS, Transformer, default_precision, generate, load, prefill, resolve_checkpoint,
@@ -84,7 +84,8 @@ PUBLISHED_LR = {"LoRA r=32": {"llama-7b": 3e-4, "llama2-7b": 3e-4, "llama3-8b": 
                 "DoRA r=32": {"llama-7b": 1e-4, "llama2-7b": 2e-4, "llama3-8b": 1e-4}}
 # train.py's departures from the recipe (all off in the recipe), as they read in a results note.
 TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "loss averaged over the step's tokens",
-                    "group_by_length": "length-grouped batches", "adapter_only_dropout": "adapter-only DoRA dropout"}
+                    "group_by_length": "length-grouped batches", "adapter_only_dropout": "adapter-only DoRA dropout",
+                    "cloze": "cloze-form training"}
 
 # The weights' dtypes eval.py offers: train.py's, plus fp16, the one the protocol evaluates in
 # (LLM-Adapters' and DoRA's commonsense_evaluate.py load with torch_dtype=torch.float16, then
@@ -276,40 +277,62 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, dataset: str, records: li
 
 
 @torch.no_grad()
-def label_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, record: dict) -> dict[str, float]:
-    """Summed log-probability of "the correct answer is <label>" after the evaluation prompt,
-    for each of the question's labels, from one forward over all of them.
+def continuation_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, prompt: str,
+                          continuations: list[str]) -> list[tuple[float, int]]:
+    """(summed log-probability, tokens) of each continuation after `prompt`, from one forward over
+    all of them.
 
-    The prompt and the answer are tokenised as one text (as the model read them in training),
-    and the answer is every token after the first len(tokens of the prompt alone): the rule
-    data.commonsense.encode_record masks the training labels by, so the scored tokens are the
-    ones answer-only training taught.
+    The prompt and the continuation are tokenised as one text (as the model read them in training),
+    and the continuation is every token after the first len(tokens of the prompt alone): the rule
+    data.commonsense.encode_record masks the training labels by, so the scored tokens are the ones
+    answer-only training taught.
     """
     device = model.output.weight.device
-    prompt = eval_prompt(record)
     n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
-    labels = candidate_labels(dataset, record)
-    texts = [tokenizer.encode(prompt + ANSWER_TEMPLATE.format(label), bos=True, eos=False) for label in labels]
+    texts = [tokenizer.encode(prompt + text, bos=True, eos=False) for text in continuations]
     longest = max(len(ids) for ids in texts)
     if longest > model.max_positions:
         raise ValueError(f"{dataset}: a prompt + answer of {longest} tokens, beyond the {model.max_positions} "
                          "positions of the model's rotary table")
     # Right padding: causal attention keeps every real token away from the padding after it.
     tokens = torch.tensor([ids + [tokenizer.pad_id] * (longest - len(ids)) for ids in texts], device=device)
-    logprobs = F.log_softmax(model(tokens)[:, :-1].float(), dim=-1)  # (C, T - 1, vocab): predicts token t + 1
-    token_logprobs = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (C, T - 1)
     position = torch.arange(1, longest, device=device)
     lengths = torch.tensor([len(ids) for ids in texts], device=device)[:, None]
-    scored = (position >= n_prompt) & (position < lengths)  # the answer's tokens, (C, T - 1)
-    sums = torch.where(scored, token_logprobs, 0.0).sum(1)
-    return dict(zip(labels, sums.tolist()))
+    scored = (position >= n_prompt) & (position < lengths)  # the continuation's tokens, (C, T - 1)
+    hidden, _ = model.trunk(tokens)
+    # the head only where a token is scored: the state at t - 1 predicts token t
+    logprobs = F.log_softmax(model.output(hidden[:, :-1][scored]).float(), dim=-1)  # (N_scored, vocab)
+    token_logprobs = torch.zeros(scored.shape, device=device)
+    token_logprobs[scored] = logprobs.gather(-1, tokens[:, 1:][scored][:, None]).squeeze(-1)
+    return list(zip(token_logprobs.sum(1).tolist(), scored.sum(1).tolist()))
 
 
-def rank_by_likelihood(model: Transformer, tokenizer: Tokenizer, dataset: str, records: list[dict]) -> list[dict]:
-    """Predictions whose answer is the most likely label; no text is generated."""
+def label_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, record: dict) -> dict[str, float]:
+    """--scoring likelihood: the summed log-probability of "the correct answer is <label>" after the
+    evaluation prompt, for each of the question's labels."""
+    labels = candidate_labels(dataset, record)
+    scores = continuation_logprobs(model, tokenizer, dataset, eval_prompt(record),
+                                   [ANSWER_TEMPLATE.format(label) for label in labels])
+    return {label: total for label, (total, _) in zip(labels, scores)}
+
+
+def cloze_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, record: dict) -> dict[str, float]:
+    """--scoring cloze (with train.py --cloze, a departure): each choice's text after "Question: q
+    / Answer:", its log-probability divided by its length in UTF-8 bytes (the length normalisation
+    small models are usually scored with), by label."""
+    question, choices, labels = cloze_choices(record)
+    scores = continuation_logprobs(model, tokenizer, dataset, cloze_prompt(question), [" " + c for c in choices])
+    return {label: total / len(choice.encode()) for label, choice, (total, _) in zip(labels, choices, scores)}
+
+
+def rank_by_likelihood(model: Transformer, tokenizer: Tokenizer, dataset: str, records: list[dict],
+                       scoring: str = "likelihood") -> list[dict]:
+    """Predictions whose answer is the most likely label (--scoring likelihood) or choice (cloze);
+    no text is generated."""
+    label_scores = cloze_logprobs if scoring == "cloze" else label_logprobs
     predictions = []
-    for i, record in enumerate(tqdm(records, desc=f"{dataset} (likelihood)", unit="q")):
-        logprobs = label_logprobs(model, tokenizer, dataset, record)
+    for i, record in enumerate(tqdm(records, desc=f"{dataset} ({scoring})", unit="q")):
+        logprobs = label_scores(model, tokenizer, dataset, record)
         pred = prediction(dataset, i, record, None, max(logprobs, key=logprobs.get))
         predictions.append(pred | {"label_logprobs": logprobs})
     return predictions
@@ -413,9 +436,10 @@ def arg_parser() -> argparse.ArgumentParser:
                         help="folder holding <dataset>/test.json (default: this repo's data/)")
     parser.add_argument("--out", type=Path, help="output folder (default: the adapter folder, "
                                                  "or out/eval-<ckpt> for the base model)")
-    parser.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
+    parser.add_argument("--scoring", choices=["generate", "likelihood", "cloze"], default="generate",
                         help="generate a reply and extract its label (the protocol), or rank the labels "
-                             "by log-likelihood (default: generate)")
+                             "by log-likelihood, or (cloze, for train.py --cloze) rank each choice's text by its "
+                             "length-normalised log-likelihood (default: generate)")
     parser.add_argument("--num-beams", type=positive_int, default=4,
                         help="4: the protocol's beam search (default); 1: greedy, faster, not the protocol")
     parser.add_argument("--beam-rule", choices=BEAM_RULES, default=BEAM_RULES[0],
@@ -479,7 +503,7 @@ def protocol_differences(args, trained: dict | None, row_lr: float) -> list[str]
     row's protocol (PUBLISHED_PROTOCOL and the row's lr); [] when they match."""
     differs = []
     if args.scoring != "generate":
-        differs.append("likelihood ranking instead of generation")
+        differs.append(f"{args.scoring} ranking instead of generation")
     for name in ("num_beams", "max_new_tokens", "beam_rule"):
         if getattr(args, name) != PUBLISHED_PROTOCOL[name]:
             differs.append(f"{name.replace('_', '-')} {getattr(args, name)} (row: {PUBLISHED_PROTOCOL[name]})")
@@ -518,6 +542,9 @@ def published_rows(args, trained: dict | None) -> tuple[dict[str, tuple], list[s
 def scoring_description(args) -> str:
     if args.scoring == "likelihood":
         return "Log-likelihood ranking of the labels (not the published protocol)."
+    if args.scoring == "cloze":
+        return ("Cloze ranking: each choice's text after 'Question: q / Answer:', by log-likelihood per UTF-8 byte "
+                "(not the published protocol).")
     decoding = "Greedy decoding" if args.num_beams == 1 else f"{args.num_beams}-beam search ({args.beam_rule}'s rule)"
     return f"{decoding}, at most {args.max_new_tokens} new tokens."
 
@@ -548,7 +575,7 @@ def report(args, predictions: dict[str, list[dict]], missing: dict[str, str], se
 
 
 def results_suffix(args) -> str:
-    return "-likelihood" if args.scoring == "likelihood" else ""
+    return "" if args.scoring == "generate" else f"-{args.scoring}"
 
 
 def run(args) -> str:
@@ -564,8 +591,8 @@ def run(args) -> str:
     predictions, seconds = {}, {}
     for name, records in test_sets.items():
         start = time.perf_counter()
-        if args.scoring == "likelihood":
-            predictions[name] = rank_by_likelihood(model, tokenizer, name, records)
+        if args.scoring != "generate":
+            predictions[name] = rank_by_likelihood(model, tokenizer, name, records, args.scoring)
         else:
             predictions[name] = evaluate(model, tokenizer, name, records, args.batch_size, args.num_beams,
                                          args.max_new_tokens, args.beam_rule)

@@ -355,19 +355,37 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return tokens, valid
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """The number of leading ids every prompt shares, leaving each at least one id of its own."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
 @torch.no_grad()
 def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0):
     """Run left-padded prompts through the model once, filling fresh KV caches with room for
     `max_new_tokens` more positions.
 
-    Left padding puts every sample's next token in the last column; positions count only real
-    tokens and the mask hides the padding, so a batch decodes exactly like one prompt at a time.
+    The ids every prompt starts with (the template's first lines, a third of an evaluation prompt)
+    are computed once, as a batch of one, and their keys and values shared by every row; the rest
+    of each prompt follows, left-padded after that shared prefix. Positions count only real tokens
+    and the mask hides the padding, so a batch decodes exactly like one prompt at a time.
     Returns the last position's logits (B, vocab) (never the (B, T, vocab) of every position),
     the caches, the key mask (B, T) and each sample's next position (B,).
     """
-    tokens, valid = left_pad(prompts, pad_id, model.output.weight.device)
-    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    device = model.output.weight.device
+    n_shared = shared_prefix_length(prompts)
     caches = model.new_caches()
+    if n_shared:
+        model.trunk(torch.tensor([prompts[0][:n_shared]], device=device), caches=caches)
+        for cache in caches:  # one row's keys and values, seen by every row (expand: no copy)
+            cache.k, cache.v = (t.expand(len(prompts), -1, -1, -1) for t in (cache.k, cache.v))
+    tokens, rest_valid = left_pad([p[n_shared:] for p in prompts], pad_id, device)
+    positions = n_shared + (rest_valid.cumsum(1) - 1).clamp(min=0)
+    valid = torch.cat([rest_valid.new_ones(len(prompts), n_shared), rest_valid], dim=1)  # every key
     hidden, _ = model.trunk(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
     for cache in caches:
         cache.reserve(max_new_tokens)

@@ -9,9 +9,9 @@ commonsense recipe (LLM-Adapters / DoRA): r 32, alpha 64, dropout 0.05 on q, k, 
 batch 16, 3 epochs, cutoff 256, 120 validation records, 100 warmup steps then linear decay,
 AdamW without weight decay, random batches, the loss on the whole text (prompt and answer), each
 micro-batch's loss its own mean, the same 120 validation records as upstream's `datasets` split,
-DoRA's dropout as peft computes it. Every departure is an opt-in flag (README, "Departures from
-the recipe"). Every run writes, beside its adapter, config.json (every flag, library versions,
-the checkpoint's params) and metrics.jsonl.
+DoRA's dropout as peft computes it. Every departure is an opt-in flag (docs/recipe.md,
+"Departures from the recipe"). Every run writes, beside its adapter, config.json (every flag,
+library versions, the checkpoint's params) and metrics.jsonl.
 """
 
 import argparse
@@ -23,7 +23,6 @@ import os
 import sys
 import time
 import contextlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import llama
-from data.commonsense import IGNORE_INDEX, encode_record, load_records, train_prompt
+from data.commonsense import IGNORE_INDEX, encode_cloze_record, encode_record, load_records, train_prompt
 from data.files import code_version, read_json, write_atomically
 from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters,
                        copy_adapter_tensors, loss_terms, route, save_adapter, trainable_parameters)
@@ -97,11 +96,13 @@ class Config:
     warmup_steps: int = flag(100, "steps of linear warm-up, then linear decay to 0", allowed=NOT_NEGATIVE)
     grad_clip: float = flag(1.0, "largest gradient norm",
                             allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"))
-    # departures from the recipe, all off by default (README, "Departures from the recipe")
+    # departures from the recipe, all off by default (docs/recipe.md)
     answer_only_loss: bool = flag(False, "departure: the plain cross-entropy on answer tokens only")
     token_mean_loss: bool = flag(False, "departure: one mean over the step's tokens, not a mean of micro-batch means")
     group_by_length: bool = flag(False, "departure (speed): batches of similar lengths, less padding, less random")
     adapter_only_dropout: bool = flag(False, "departure (speed, DoRA): dropout on the adapter path only")
+    cloze: bool = flag(False, "departure (small models): train on 'Question: q / Answer: <the correct choice's "
+                       "text>'; evaluate with eval.py --scoring cloze")
     val_size: int = flag(120, "validation records held out (0: none, the last adapter is kept)",
                          allowed=NOT_NEGATIVE)
     val_seed: int = flag(42, "seed of the validation split, apart from --seed: every run validates on the same records",
@@ -372,7 +373,7 @@ class TrainingData:
     batch of training examples."""
 
     def __init__(self, records, tokenizer, cfg: Config, max_positions: int):
-        examples = encode_examples(records, tokenizer, cfg.cutoff)
+        examples = encode_examples(records, tokenizer, cfg.cutoff, cfg.cloze)
         train_idx, val_idx = split_validation(len(examples), cfg.val_size, cfg.val_seed)
         check_examples(examples, train_idx, val_idx, cfg, max_positions)
         self.train, self.val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
@@ -409,9 +410,13 @@ def check_examples(examples, train_idx: list[int], val_idx: list[int], cfg: Conf
                          f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
 
 
-def encode_examples(records, tokenizer, cutoff: int) -> list[tuple[list[int], list[int]]]:
-    """(ids, answer-only labels) per record."""
-    return [encode_record(tokenizer, r, cutoff) for r in records]
+def encode_examples(records, tokenizer, cutoff: int, cloze: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(ids, answer-only labels) per record, in the protocol's template or the cloze form."""
+    encode = encode_cloze_record if cloze else encode_record
+    try:
+        return [encode(tokenizer, r, cutoff) for r in records]
+    except ValueError as e:
+        raise SystemExit(f"--cloze: {e}") from None
 
 
 def split_validation(n: int, val_size: int, val_seed: int) -> tuple[list[int], list[int]]:
@@ -661,62 +666,14 @@ def metrics_lines(path: Path, up_to_step: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Speed and logging
-
-
-class Timer:
-    """Wall time of a region: CUDA events on the GPU (they time the device, not the launch
-    queue), perf_counter on the CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    @contextmanager
-    def region(self):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            torch.cuda.synchronize()
-            self.seconds = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.seconds = time.perf_counter() - t0
-
-
-def matmul_tflops(device, dtype, n=None, reps=10):
-    """The measured rate of an n x n matmul (8192 on CUDA, 1024 on a CPU), in TFLOP/s."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    timer = Timer(device)
-    with timer.region():
-        for _ in range(reps):
-            a @ b
-    return 2 * n ** 3 * reps / timer.seconds / 1e12
-
-
-def lora_ceiling_tokens_per_s(args, tflops):
-    """4 FLOPs per block matmul parameter per token: forward (2) and input gradients (2); the
-    frozen weights need no weight gradients. Attention scores and the adapters are left out, and
-    so is the output head, which our step applies only at the labelled positions."""
-    with torch.device("meta"):
-        model = llama.Transformer(args)
-    n = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
-    return tflops * 1e12 / (4 * n)
+# Logging
 
 
 class Progress:
-    """The progress bar (rank 0's): loss, lr, tokens/s over the last --log-every steps and, in a bf16
-    run, their fraction of the bf16 ceiling (lora_ceiling_tokens_per_s at the device's measured
-    bf16 matmul rate; an fp32 run has another ceiling, so none is shown)."""
+    """The progress bar (rank 0's): loss, lr and real tokens/s over the last --log-every steps."""
 
-    def __init__(self, cfg: Config, model_args, device, step: int, total_steps: int, rank: int, world: int):
+    def __init__(self, cfg: Config, step: int, total_steps: int, rank: int, world: int):
         self.bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-        self.ceiling = (world * lora_ceiling_tokens_per_s(model_args, matmul_tflops(device, torch.bfloat16))
-                        if rank == 0 and cfg.precision == "bf16" else None)  # every process on its own device
         self.log_every, self.world = cfg.log_every, world
         self.tokens, self.t_last = 0, time.perf_counter()
 
@@ -730,10 +687,7 @@ class Progress:
         if step % self.log_every == 0:
             entry["tokens_per_s"] = self.tokens * self.world / (time.perf_counter() - self.t_last)
             self.tokens, self.t_last = 0, time.perf_counter()
-            shown = dict(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
-            if self.ceiling:
-                shown["of_bf16_ceiling"] = f"{entry['tokens_per_s'] / self.ceiling:.1%}"
-            self.bar.set_postfix(ordered_dict=shown)  # in this order: the fraction beside tokens/s
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         return entry
 
 
@@ -810,7 +764,7 @@ def main(argv=None):
             append_metrics(out, {"step": 0, "val_loss": val_loss})
 
     # ---- the loop
-    progress = Progress(cfg, model.args, device, step, data.total_steps, rank, world)
+    progress = Progress(cfg, step, data.total_steps, rank, world)
     while step < data.total_steps:
         # batch: the step's examples (every process sees them all) and those routed to the Echo pass
         examples = data.batch(step)

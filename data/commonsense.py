@@ -13,6 +13,7 @@ numbers were produced with exactly these bytes, so they are reproduced, quirks i
 """
 
 import json
+import re
 from pathlib import Path
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips (torch's default ignore_index)
@@ -157,3 +158,45 @@ def encode_record(tokenizer, record: dict, cutoff: int = 256) -> tuple[list[int]
 def answer_start(labels: list[int]) -> int | None:
     """Index of the first trained-on label; None when truncation cut the whole answer off."""
     return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+
+
+# --------------------------------------------------------------------------------------------
+# The cloze form (a departure: train.py --cloze, eval.py --scoring cloze)
+#
+# Small models rarely learn to bind the protocol's symbols (answer1, answer2, ...) to the choices
+# listed before them; the usual way to train and score them is the cloze form, the question then
+# the text of a choice, each choice ranked by its log-likelihood. The records stay the protocol's:
+# the question and the choices are read off their instruction.
+
+CHOICE_NAME = re.compile(r"(?:^|\s)[A-Z][a-z]+\d+: ")  # "Answer1: ", " Solution2: ", " Option1: ", ...
+
+
+def cloze_choices(record: dict) -> tuple[str, list[str], list[str]]:
+    """(question, the choices' texts, their labels) of a record. The instruction is "<request>:
+    <question>\n\n<Name1>: <text> <Name2>: <text> ... Answer format: <label1>/<label2>/..."
+    (the choices' separators vary by benchmark); BoolQ's has no choices: they are its labels."""
+    head, _, rest = record["instruction"].partition("\n\n")
+    listed, _, answer_format = rest.rpartition("Answer format:")
+    labels = answer_format.strip().split("/")
+    choices = [c.strip() for c in CHOICE_NAME.split(listed.strip())[1:]]
+    return head.split(": ", 1)[-1], choices or labels, labels
+
+
+def cloze_prompt(question: str) -> str:
+    """The cloze prompt; a choice continues it as " " + its text."""
+    return f"Question: {question}\nAnswer:"
+
+
+def encode_cloze_record(tokenizer, record: dict, cutoff: int = 256) -> tuple[list[int], list[int]]:
+    """Token ids and answer-only labels of a record in the cloze form: BOS, the cloze prompt, the
+    correct choice's text, EOS (when the cutoff leaves room)."""
+    question, choices, labels = cloze_choices(record)
+    if record["answer"] not in labels or len(labels) != len(choices):
+        raise ValueError(f"a record with answer {record['answer']!r} has no cloze form: choices {choices}, "
+                         f"labels {labels}")
+    prompt = cloze_prompt(question)
+    ids = tokenizer.encode(prompt + " " + choices[labels.index(record["answer"])], bos=True, eos=False)[:cutoff]
+    if len(ids) < cutoff:
+        ids.append(tokenizer.eos_id)
+    n_prompt = min(len(tokenizer.encode(prompt, bos=True, eos=False)), len(ids))
+    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]

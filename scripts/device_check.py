@@ -27,14 +27,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # convert_peft.py beside this file
 
 import torch  # noqa: E402
 
 import llama  # noqa: E402
 from bench import SHAPES, hf_random_model  # noqa: E402
+from convert_peft import export_peft, name_from_peft_key, permute_qk_rows  # noqa: E402
 from data.files import write_atomically  # noqa: E402
-from echo_lora import (DEFAULT_TARGETS, adapted_linears, adapter_parameters, add_adapters, export_peft,  # noqa: E402
-                       name_from_peft_key, permute_qk_rows)
+from echo_lora import DEFAULT_TARGETS, adapted_linears, adapter_parameters, add_adapters  # noqa: E402
 from train import autocast  # noqa: E402
 
 # Relative error ||ours - theirs|| / ||theirs|| of the logits, and of all adapter gradients

@@ -2,6 +2,8 @@
 # The instrument tries on SmolLM2-135M-Instruct (docs/experiment.md): can LoRA lift ARC-Easy
 # accuracy clearly above chance and the untouched model at this scale? One try per argument:
 #   bash scripts/instrument.sh protocol-4splits      # the protocol, the four training splits
+#   bash scripts/instrument.sh untouched-cloze       # the untouched model, cloze scoring
+#   bash scripts/instrument.sh cloze-arc             # LoRA in the cloze form (train.py --cloze)
 # Each writes results/smollm2-cpu/instrument/<try>/ (config.json, metrics.jsonl, results.*,
 # predictions.jsonl); adapters and checkpoints stay out of git (.gitignore).
 set -euo pipefail
@@ -16,5 +18,11 @@ case "$1" in
     python train.py --ckpt smollm2-135m --method lora --data "$SPLITS" --precision bf16 --seed 1 \
         --max-steps 450 --out "$OUT/$1"
     python eval.py "${EVAL[@]}" --adapter "$OUT/$1" ;;
+  untouched-cloze)  # the untouched model in the cloze form: every choice's text ranked
+    python eval.py "${EVAL[@]}" --scoring cloze --out "$OUT/untouched" ;;
+  cloze-arc)  # the cloze form on the experiment's training records, one epoch, answer-only loss
+    python train.py --ckpt smollm2-135m --method lora --cloze --answer-only-loss --epochs 1 --precision bf16 \
+        --seed 1 --data data/ARC-Easy/train.json,data/ARC-Challenge/train.json --out "$OUT/$1"
+    python eval.py "${EVAL[@]}" --scoring cloze --adapter "$OUT/$1" ;;
   *) echo "unknown try $1" >&2; exit 2 ;;
 esac

@@ -235,3 +235,29 @@ def test_assets_match_their_sources():
     for name, (size, digest) in listed.items():
         content = (ASSETS / name).read_bytes()
         assert (len(content), hashlib.sha256(content).hexdigest()) == (size, digest), name
+
+
+def test_every_real_record_has_a_cloze_form():
+    """The cloze departure reads each record's question and choices off its instruction: on every
+    real record here (seven benchmarks' test slices, four training splits) the choices are as many
+    as the answer format's labels, none empty, the gold label among them."""
+    from data.commonsense import cloze_choices
+
+    files = sorted((ASSETS / "data" / "commonsense").glob("*/*.json"))
+    assert len(files) == 11
+    for path in files:
+        for record in load_records(path):
+            question, choices, labels = cloze_choices(record)
+            assert question and all(choices) and len(choices) == len(labels) and record["answer"] in labels, path
+
+
+def test_cloze_record_trains_on_the_correct_choice_text():
+    from data.commonsense import encode_cloze_record
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model")
+    record = load_records(ASSETS / "data" / "commonsense" / "ARC-Easy" / "train.json")[0]
+    ids, labels = encode_cloze_record(tokenizer, record)
+    trained = [t for t in labels if t != -100]
+    assert trained[-1] == tokenizer.eos_id and tokenizer.decode(trained[:-1]).strip() in record["instruction"]
+    assert tokenizer.decode(ids[:len(ids) - len(trained)]).startswith("Question: ")

@@ -265,6 +265,34 @@ def test_likelihood_scoring_matches_a_plain_forward_per_candidate(tiny_checkpoin
         assert pred["answer"] == max(expected, key=expected.get)
 
 
+def test_cloze_scoring_ranks_choice_texts_by_log_likelihood_per_byte(tiny_checkpoint, tiny_model, tokenizer,
+                                                                     tmp_path, capsys):
+    """--scoring cloze against the written-out definition: each ARC choice's text (read off the
+    instruction here by its own pattern), after "Question: q\nAnswer:", scored by a plain forward
+    of that one text, summed over the choice's tokens, divided by its UTF-8 bytes."""
+    code, _ = run_main(capsys, "--ckpt", tiny_checkpoint, "--data-dir", DATA, "--out", tmp_path, "--limit", 3,
+                       "--datasets", "ARC-Easy", "--scoring", "cloze", "--device", "cpu")
+    assert code == 0
+    predictions = read_jsonl(tmp_path / "predictions-cloze.jsonl")
+    for record, pred in zip(real_records("ARC-Easy", 3), predictions):
+        question = record["instruction"].split("question: ", 1)[1].split("\n\n")[0]
+        listed = record["instruction"].split("\n\n")[1]
+        choices = re.findall(r"Answer(\d): (.*?)(?= Answer\d: |$)", listed)
+        prompt = f"Question: {question}\nAnswer:"
+        n_prompt = len(tokenizer.encode(prompt, bos=True))
+        expected = {}
+        for number, text in choices:
+            ids = tokenizer.encode(prompt + " " + text, bos=True)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(tiny_model(torch.tensor([ids]))[0].float(), dim=-1)
+            total = sum(logprobs[t - 1, ids[t]].item() for t in range(n_prompt, len(ids)))
+            expected[f"answer{number}"] = total / len(text.encode())
+        assert pred["label_logprobs"].keys() == expected.keys()
+        for label, value in expected.items():
+            assert abs(pred["label_logprobs"][label] - value) < 1e-5
+        assert pred["answer"] == max(expected, key=expected.get)
+
+
 def test_unknown_dataset_is_one_line_and_a_failure(tiny_checkpoint, capsys):
     code, printed = run_main(capsys, "--ckpt", tiny_checkpoint, "--data-dir", DATA, "--datasets", "boolq", "siqa")
     assert code == 1

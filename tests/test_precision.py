@@ -8,7 +8,6 @@ difference in its assertion message.
 
 import json
 import math
-import re
 import shutil
 
 import pytest
@@ -105,7 +104,7 @@ def test_bf16_step_equals_fp32_step_within_bf16_rounding(bf16_exact_ckpt, method
     assert overall < OVERALL_TOLERANCE, f"{method}: all gradients together, relative error {overall:.1e}"
 
 
-def test_bf16_step_at_lr_1e4_moves_dora_magnitude_and_b_by_lr(tmp_path, bf16_exact_ckpt, capsys):
+def test_bf16_step_at_lr_1e4_moves_dora_magnitude_and_b_by_lr(tmp_path, bf16_exact_ckpt):
     """train.py --precision bf16, one AdamW step at lr 1e-4 (no warm-up): Adam's first step is
     lr * g / (|g| + eps), so every parameter with a gradient moves by lr. In bf16 a DoRA magnitude
     near 0.4 has a spacing of 2e-3 and a 1e-4 step would round away (trl #7268); fp32 keeps it."""
@@ -115,10 +114,6 @@ def test_bf16_step_at_lr_1e4_moves_dora_magnitude_and_b_by_lr(tmp_path, bf16_exa
                 "--precision", "bf16", "--method", "dora", "--lr", str(lr), "--max-steps", "1", "--warmup-steps",
                 "0", "--val-size", "0", "--batch-size", "4", "--micro-batch-size", "4", "--cutoff", "160"])
     assert json.loads((out / "config.json").read_text())["config"]["precision"] == "bf16"
-    # The progress line's fraction of the bf16 ceiling: the ceiling counts only the frozen matmuls'
-    # forward and input-gradient FLOPs, so a real step stays below it.
-    fractions = re.findall(r"of_bf16_ceiling=([0-9.]+)%", capsys.readouterr().err)
-    assert fractions and 0 < float(fractions[-1]) < 100, fractions
     adapter = load_file(str(out / "adapter.safetensors"))
     assert {t.dtype for t in adapter.values()} == {torch.float32}
     weights = torch.load(bf16_exact_ckpt / "consolidated.00.pth", weights_only=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import eval as evaluator
 import llama
 import train
-from echo_lora import LoRALinear, add_adapters, loss_terms
+from echo_lora import LoRALinear, add_adapters
 from reference import hf_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

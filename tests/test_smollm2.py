@@ -20,7 +20,8 @@ import llama
 import train
 from conftest import ASSETS
 from data.commonsense import eval_prompt, load_records, train_prompt
-from echo_lora import add_adapters, adapted_linears, export_peft
+from echo_lora import add_adapters, adapted_linears
+from scripts.convert_peft import export_peft
 from tokenizer import LLAMA3_SPLIT_PATTERN, Tokenizer
 
 GOLDEN = ASSETS / "models" / "smollm2-135m" / "golden.json"
