@@ -59,7 +59,7 @@ import eval as evaluator
 import llama
 import train
 from data.commonsense import IGNORE_INDEX, load_records
-from data.files import read_json, write_atomically
+from data.files import inside, read_json, write_atomically
 from echo_lora import (DEFAULT_TARGETS, TARGET_HF_NAMES, EchoConfig, EchoPath, adapter_parameters, adapted_linears,
                        add_adapters, export_peft, loss_terms, name_from_peft_key, permute_qk_rows, route,
                        trainable_parameters)
@@ -736,6 +736,11 @@ def open_experiment(out: Path, settings: dict | None) -> dict:
         return {"settings": settings, "calls": [], "runs": {}}
     try:
         manifest = read_json(file)
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("settings"), dict)
+                and isinstance(manifest.get("calls"), list) and isinstance(manifest.get("runs"), dict)):
+            raise ValueError(f"{file}: not an experiment manifest (settings, calls, runs)")
+        for name in manifest["runs"]:  # each run's folder, inside the experiment's
+            inside(out, name, file)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if settings is not None:

@@ -8,17 +8,57 @@ scripts use them without importing the model or torch.
 
 import json
 import os
+import stat
 import subprocess
 import types
 from pathlib import Path
 
+# ---- reading: only regular files, only names inside the folder that names them
 
-def read_json(path: Path) -> dict:
-    """The JSON in `path`; an unreadable file or bad JSON is a ValueError naming the file."""
+
+def regular_file(path) -> Path:
+    """`path`, checked to be a regular file (after symlinks) before anything opens it: a FIFO
+    or a device would block or stream forever, a folder fails obscurely. Missing: a
+    FileNotFoundError; anything else: a ValueError naming the file."""
+    path = Path(path)
+    mode = path.stat().st_mode  # FileNotFoundError (an OSError) for a missing file
+    if not stat.S_ISREG(mode):
+        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
+        raise ValueError(f"{path}: a {kind}, not a regular file: not read")
+    return path
+
+
+def read_bytes(path) -> bytes:
+    return regular_file(path).read_bytes()
+
+
+def read_json(path) -> dict:
+    """The JSON in `path`; an unreadable or non-regular file, or bad JSON (NaN or Infinity,
+    nesting too deep, a number of thousands of digits included), is a ValueError naming the file."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = regular_file(path).read_text(encoding="utf-8")
+        return json.loads(text, parse_constant=refuse_constant)
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: cannot read JSON: {e}") from None
+    except ValueError as e:  # JSONDecodeError, the digit limit of int(), refuse_constant; regular_file's own
+        raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: cannot read JSON: {e}") from None
+
+
+def refuse_constant(name: str):
+    """json.loads takes NaN and Infinity, which JSON has not: no file of ours holds them."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def inside(folder, name, source) -> Path:
+    """folder/name, for a file name that `source` (a file) gives: relative, and inside `folder`
+    once `..` is resolved, or a ValueError naming `source`. Checked on the name, not through
+    symlinks: a link the folder's owner put there (as HF's cache does) is the folder's own."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise ValueError(f"{source}: {json.dumps(name)} is not a file name")
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] in (os.pardir, os.curdir):
+        raise ValueError(f"{source}: {name!r} is not a name inside {folder}: refused")
+    return Path(folder) / os.path.normpath(name)
 
 
 def check_json_types(path: Path, values: dict, expected: dict):

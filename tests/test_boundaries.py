@@ -1,0 +1,284 @@
+"""Safe at the boundaries (issue 24): one mechanism per class of hostile input, each where files
+and flags enter (data/files.py, llama.py's loading, the command lines), and each fed here the
+real inputs of the issue's table and one more of the same class."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import sentencepiece
+import torch
+from safetensors.torch import load_file, save_file
+
+import bench
+import echo_lora
+import eval as evaluator
+import llama
+import train
+from conftest import ROOT
+from data import download, prepare_smollm2
+from data.commonsense import load_records
+from data.files import inside, read_json
+from reference import write_hf_folder
+from test_safety import DATA, SHAPE, meta_ckpt, train_args
+from tokenizer import Tokenizer
+
+SMALL = dict(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)  # no tokenizer needed
+
+
+def small_model(seed=0) -> llama.Transformer:
+    torch.manual_seed(seed)
+    return llama.Transformer(llama.ModelArgs(**SMALL))
+
+
+def meta_folder(folder, model=None):
+    """A Meta-layout folder of SMALL's shape (params.json, consolidated.00.pth)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(SMALL))
+    torch.save((model or small_model()).state_dict(), folder / "consolidated.00.pth")
+    return folder
+
+
+def same_weights(model, reference) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail, rather than hang the suite, if the block blocks (a FIFO opened for reading)."""
+    def blocked(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return meta_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "arc.json"
+    path.write_text(json.dumps(load_records(DATA / "ARC-Easy" / "train.json")[:24]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(ckpt, records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    train.main(train_args(ckpt, records, out))
+    return out
+
+
+def eval_args(ckpt, out, *extra):
+    return ["--ckpt", str(ckpt), "--data-dir", str(DATA), "--datasets", "piqa", "--limit", "2", "--device", "cpu",
+            "--num-beams", "1", "--max-new-tokens", "2", "--out", str(out), *extra]
+
+
+# ---- 1. a name read from a file stays inside that file's folder
+
+
+@pytest.mark.parametrize("name", ["../elsewhere/x.safetensors", "ABSOLUTE", "shards/../../elsewhere/x.safetensors"])
+def test_an_hf_index_naming_files_outside_its_folder_is_refused(tmp_path, name):
+    write_hf_folder(small_model(1), tmp_path / "elsewhere")  # weights a loader could be led to
+    (tmp_path / "elsewhere" / "model.safetensors").rename(tmp_path / "elsewhere" / "x.safetensors")
+    folder = write_hf_folder(small_model(), tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    name = str(tmp_path / "elsewhere" / "x.safetensors") if name == "ABSOLUTE" else name
+    keys = load_file(str(tmp_path / "elsewhere" / "x.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: .* is not a name inside"):
+        llama.load(folder)
+
+
+def test_a_parts_manifest_never_writes_outside_its_folder(tmp_path):
+    source = tmp_path / "file.bin"
+    source.write_bytes(bytes(range(256)) * 4)
+    manifest = prepare_smollm2.split_file(source, tmp_path / "parts", part_bytes=600)
+    content = json.loads(manifest.read_text())
+    (tmp_path / "site-packages").mkdir()
+    manifest.write_text(json.dumps({**content, "name": "../site-packages/evil.pth"}))  # imported at Python's start
+    with pytest.raises(ValueError, match=r"file\.bin\.parts\.json: '\.\./site-packages/evil\.pth' is not a name inside"):
+        prepare_smollm2.join_parts(manifest)
+    assert not list((tmp_path / "site-packages").iterdir())
+    # a part read from outside the folder, by an absolute name
+    content["parts"][0]["name"] = str(source)
+    manifest.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="is not a name inside"):
+        prepare_smollm2.join_parts(manifest)
+    assert inside(tmp_path, "a/../b.json", manifest) == tmp_path / "b.json"
+
+
+@pytest.mark.parametrize("name", ["../outside/run", "lora-s1/../../outside"])
+def test_an_experiment_manifest_naming_runs_outside_its_folder_is_refused(tmp_path, name):
+    out = tmp_path / "experiment"
+    out.mkdir()
+    (out / "experiment.json").write_text(json.dumps({"settings": {}, "calls": [],
+                                                     "runs": {name: {"method": "lora", "seed": 1}}}))
+    with pytest.raises(SystemExit, match=r"experiment\.json: .* is not a name inside"):
+        bench.main(["--suite", "experiment", "--out", str(out), "--budget-minutes", "0"])
+
+
+# ---- 2. Meta shards: exactly consolidated.NN.pth, numbered 00 to K-1
+
+
+def test_a_stray_file_the_loose_pattern_takes_is_ignored(tmp_path):
+    real = small_model()
+    folder = meta_folder(tmp_path, real)
+    torch.save(small_model(1).state_dict(), folder / "consolidated.00.backup.pth")  # sorts first
+    torch.save(small_model(2).state_dict(), folder / "consolidated.0.pth")
+    assert same_weights(llama.load(folder, dtype=torch.float32)[0], real)
+
+
+def test_a_gap_in_the_shard_numbers_or_a_stray_whole_copy_is_an_error(tmp_path):
+    folder = meta_folder(tmp_path / "gap")
+    torch.save(small_model(1).state_dict(), folder / "consolidated.02.pth")
+    with pytest.raises(ValueError, match=r"shards 00, 02 but no consolidated\.01\.pth"):
+        llama.load(folder)
+    folder = meta_folder(tmp_path / "copy")
+    torch.save(small_model(1).state_dict(), folder / "consolidated.01.pth")  # a whole model, not a shard
+    with pytest.raises(ValueError, match=r"x 2 shards, which does not make"):
+        llama.load(folder)
+    (folder / "consolidated.00.pth").rename(folder / "consolidated.1.pth")
+    (folder / "consolidated.01.pth").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no consolidated\.NN\.pth shards"):
+        llama.load(folder)
+
+
+# ---- 3. weights are floating point
+
+
+def test_integer_and_bool_weights_are_an_error_naming_the_file_and_key(tmp_path):
+    state = small_model().state_dict()
+    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"].to(torch.int8)
+    folder = meta_folder(tmp_path / "meta")
+    torch.save(state, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth: layers\.0\.attention\.wq\.weight is int8"):
+        llama.load(folder)
+    folder = write_hf_folder(small_model(), tmp_path / "hf")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"] > 0
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: model\.layers\.0\.mlp\.up_proj\.weight is bool"):
+        llama.load(folder)
+    # an adapter's tensors too
+    model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
+    echo_lora.save_adapter(tmp_path / "adapter", model)
+    tensors = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    tensors["layers.0.attention.wq.lora_A"] = tensors["layers.0.attention.wq.lora_A"].to(torch.int64)
+    save_file(tensors, str(tmp_path / "adapter" / "adapter.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter\.safetensors: layers\.0\.attention\.wq\.lora_A is int64"):
+        echo_lora.load_adapter(tmp_path / "adapter", small_model())
+
+
+# ---- 8. a model description checked once, where ModelArgs is made
+
+
+@pytest.mark.parametrize("change, key, allowed", [
+    ({"dim": -128}, "dim", "> 0"), ({"n_heads": 0}, "n_heads", "> 0"), ({"multiple_of": 0}, "multiple_of", ">= 1"),
+    ({"max_seq_len": -5}, "max_seq_len", ">= 1"), ({"ffn_dim_multiplier": -1}, "ffn_dim_multiplier", "> 0"),
+    ({"n_kv_heads": 3}, "n_kv_heads", "> 0 and a divisor of the 4 query heads"), ({"norm_eps": -1}, "norm_eps", "> 0"),
+    ({"rope_theta": 0}, "rope_theta", "> 0"), ({"n_layers": 0}, "n_layers", "> 0"),
+    ({"dim": 66}, "dim", "a multiple of 2 x 4 heads"), ({"vocab_size": 0}, "vocab_size", "> 0"),
+])
+def test_params_json_values_that_build_no_model_are_one_line(tmp_path, change, key, allowed):
+    (tmp_path / "params.json").write_text(json.dumps({**SHAPE, **change}))
+    with pytest.raises(ValueError, match=rf"params\.json: '{key}' is {list(change.values())[0]}, expected {allowed}") as e:
+        llama.ModelArgs.from_params_json(tmp_path / "params.json")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"num_attention_heads": 0}, "num_attention_heads"), ({"rms_norm_eps": -1}, "rms_norm_eps"),
+    ({"rope_parameters": {"rope_theta": 0, "rope_type": "default"}}, "rope_theta"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings"), ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"intermediate_size": 0}, "intermediate_size"),
+])
+def test_hf_config_values_that_build_no_model_name_the_hf_key(tmp_path, change, key):
+    folder = write_hf_folder(llama.Transformer(llama.ModelArgs(**SHAPE)), tmp_path)
+    (folder / "config.json").write_text(json.dumps({**read_json(folder / "config.json"), **change}))
+    with pytest.raises(ValueError, match=rf"config\.json: '{key}' is "):
+        llama.read_hf_config(folder / "config.json")
+
+
+def test_json_nan_huge_numbers_and_deep_nesting_are_one_line(tmp_path):
+    params = tmp_path / "params.json"
+    for text, why in [('{"dim": 64, "norm_eps": NaN}', "NaN is not a JSON number"),
+                      ('{"dim": 1' + "0" * 100_000 + "}", "digits"), ("[" * 100_000 + "]" * 100_000, "")]:
+        params.write_text(text)
+        with pytest.raises(ValueError, match=rf"params\.json: cannot read JSON: .*{why}"):
+            llama.ModelArgs.from_params_json(params)
+    data = tmp_path / "records.json"
+    data.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"records\.json: not valid JSON"):
+        load_records(data)
+
+
+# ---- 9. files and text the program cannot use: one line, before any work
+
+
+@pytest.mark.parametrize("what", ["shard", "params", "adapter config", "adapter tensors", "data"])
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, what):
+    folder = meta_folder(tmp_path / "ckpt")
+    model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
+    echo_lora.save_adapter(tmp_path / "adapter", model)
+    fifo = {"shard": folder / "consolidated.00.pth", "params": folder / "params.json",
+            "adapter config": tmp_path / "adapter" / "adapter_config.json",
+            "adapter tensors": tmp_path / "adapter" / "adapter.safetensors", "data": tmp_path / "data.json"}[what]
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    with within(5), pytest.raises(ValueError, match=rf"{fifo.name}: a FIFO, not a regular file"):
+        if what == "data":
+            load_records(fifo)
+        elif what.startswith("adapter"):
+            echo_lora.load_adapter(tmp_path / "adapter", small_model())
+        else:
+            llama.load(folder)
+
+
+def test_a_lone_surrogate_in_a_record_is_one_line_naming_the_file_and_record(ckpt, records, tmp_path, capsys):
+    rows = json.loads(records.read_text())
+    text = json.dumps(rows[:3]).replace(json.dumps(rows[1]["instruction"])[1:-1], "Which one? \\ud800", 1)
+    bad = tmp_path / "surrogate.json"
+    bad.write_text(text)
+    with pytest.raises(SystemExit, match=r"surrogate\.json: record 1: key 'instruction' is not text") as e:
+        train.main(train_args(ckpt, bad, tmp_path / "run"))
+    assert "\n" not in str(e.value)
+    tests = tmp_path / "tests" / "piqa"  # and in a test question
+    tests.mkdir(parents=True)
+    questions = load_records(DATA / "piqa" / "test.json")[:2]
+    questions[0]["instruction"] = "Goal: \ud83d"
+    (tests / "test.json").write_text(json.dumps(questions))
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--data-dir", str(tmp_path / "tests"))) == 1
+    assert "test.json: record 0: key 'instruction' is not text" in one_line(capsys)
+
+
+def test_a_sentencepiece_model_without_bos_or_eos_is_refused(tmp_path):
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 20), model_writer=model,
+        vocab_size=30, model_type="bpe", bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, minloglevel=2,
+        hard_vocab_limit=False)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match=r"tokenizer\.model: a SentencePiece model without a BOS or EOS"):
+        Tokenizer(tmp_path / "tokenizer.model")
