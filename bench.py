@@ -287,7 +287,7 @@ def time_evaluation(model, tokenizer, test_dir, per_set, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--suite", choices=["speed", "device", "experiment"], default="speed",
                    help="speed: the measurements below; device: parity, a torchrun smoke run, then speed (one GPU "
                         "call); experiment: Echo vs its base method on a real model, over seeds (default: speed)")

@@ -489,7 +489,7 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder (required, unless --compare)")
     parser.add_argument("--compare", nargs="+", type=Path, metavar="RUN",
                         help="instead of evaluating: compare evaluated runs (folders with results.json), "

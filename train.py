@@ -49,11 +49,21 @@ POSITIVE, NOT_NEGATIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
 SEED = (lambda v: 0 <= v < 2**32, "in [0, 2^32)")  # numpy's and torch's seeds
 
 
-def flag(default, help: str, *, choices=None, allowed=None, default_text: str = ""):
+def flag(default, help: str, *, choices=None, allowed=None, default_text: str = "", infinite: bool = False):
     """A Config field that is also a command-line flag: its default, its one-line meaning, the values
-    it may take (`choices`, or `allowed`: a test and its wording), and how `--help` states a default
-    that means more than its value (`default_text`)."""
-    return field(default=default, metadata=dict(help=help, choices=choices, allowed=allowed, default_text=default_text))
+    it may take (`choices`, or `allowed`: a test and its wording; a float is finite unless
+    `infinite`), and how `--help` states a default that means more than its value (`default_text`)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, allowed=allowed, default_text=default_text,
+                                                infinite=infinite))
+
+
+def finite(text: str) -> float:
+    """A float flag's value: NaN and infinity are parse errors naming the flag, not a NaN loss
+    blamed on --lr steps later."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def echo_flag(name: str, help: str, **kw):
@@ -96,7 +106,7 @@ class Config:
                        allowed=(lambda v: v >= 2, ">= 2 (BOS and at least one more token)"))
     warmup_steps: int = flag(100, "steps of linear warm-up, then linear decay to 0", allowed=NOT_NEGATIVE)
     grad_clip: float = flag(1.0, "largest gradient norm",
-                            allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"))
+                            allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"), infinite=True)
     # departures from the recipe, all off by default (README, "Departures from the recipe")
     answer_only_loss: bool = flag(False, "departure: the plain cross-entropy on answer tokens only")
     token_mean_loss: bool = flag(False, "departure: one mean over the step's tokens, not a mean of micro-batch means")
@@ -181,13 +191,14 @@ def flag_help(f: dataclasses.Field) -> str:
 def config_parser() -> argparse.ArgumentParser:
     """One flag per Config field: --name-with-dashes. Unset flags parse to None (False for a
     switch), so that what was given can be told apart from the defaults and PRESETS."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     for f in dataclasses.fields(Config):
         flag_name, help = "--" + f.name.replace("_", "-"), flag_help(f)
         if f.type is bool:
             parser.add_argument(flag_name, action="store_true", help=help)
         else:
-            parser.add_argument(flag_name, type=f.type, default=None, choices=f.metadata["choices"], help=help)
+            kind = finite if f.type is float and not f.metadata["infinite"] else f.type
+            parser.add_argument(flag_name, type=kind, default=None, choices=f.metadata["choices"], help=help)
     return parser
 
 

@@ -191,6 +191,37 @@ def test_integer_and_bool_weights_are_an_error_naming_the_file_and_key(tmp_path)
         echo_lora.load_adapter(tmp_path / "adapter", small_model())
 
 
+# ---- 6. no abbreviated flags, in any parser
+
+
+@pytest.mark.parametrize("entry_point, argv, flag", [
+    (train.parse_config, ["--see", "7"], "--see"), (evaluator.parse_args, ["--ckpt", "x", "--data-d", "y"], "--data-d"),
+    (bench.main, ["--ste", "3"], "--ste"), (download.main, ["--on", "boolq"], "--on"),
+    (prepare_smollm2.main, ["--from-p", "x"], "--from-p"),
+    # the experiment runner hands these to train.py's and eval.py's parsers: every seed 7, other test files
+    (bench.main, ["--suite", "experiment", "--train-flags=--see 7"], "--see"),
+    (bench.main, ["--suite", "experiment", "--eval-flags=--data-d OTHER"], "--data-d"),
+], ids=["train", "eval", "bench", "download", "prepare_smollm2", "experiment-train", "experiment-eval"])
+def test_an_abbreviated_flag_is_a_parse_error(capsys, entry_point, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        entry_point(argv)
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+# ---- 7. float flags are finite when parsed
+
+
+@pytest.mark.parametrize("argv", [["--echo-distill", "nan"], ["--echo-tau", "inf"], ["--echo-route-p", "nan"],
+                                  ["--alpha", "inf"], ["--lr", "inf"], ["--dropout", "nan"]])
+def test_a_float_flag_that_is_not_finite_is_a_parse_error_naming_it(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(argv)
+    assert e.value.code == 2
+    assert f"argument {argv[0]}: {argv[1]} is not a finite number" in capsys.readouterr().err
+    assert train.parse_config(["--grad-clip", "inf"]).grad_clip == float("inf")  # documented: no clipping
+
+
 # ---- 8. a model description checked once, where ModelArgs is made
 
 
