@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.commonsense import eval_prompt, load_records
-from data.files import code_version, read_json, write_atomically
+from data.files import code_version, read_json, read_run_record, write_atomically
 from echo_lora import load_adapter, merge
 from llama import (PRECISIONS, Transformer, default_precision, generate, load, prefill, resolve_checkpoint,
                    resolve_device)
@@ -92,6 +92,16 @@ TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "
 # model.half()): the default on CUDA.
 EVAL_PRECISIONS = {**PRECISIONS, "fp16": torch.float16}
 PROTOCOL_PRECISION = "fp16"
+
+
+def output_files(suffix: str) -> tuple[str, str, str]:
+    """eval.py's files for a scoring (suffix "" or "-likelihood"), in the order they are written:
+    predictions, results.md, then results.json, which records the predictions' SHA-256 and, being
+    last, marks the evaluation finished."""
+    return f"predictions{suffix}.jsonl", f"results{suffix}.md", f"results{suffix}.json"
+
+
+EVAL_FILES = output_files("") + output_files("-likelihood")  # train.py --overwrite removes these by name
 
 RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
 ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the text training taught
@@ -555,9 +565,10 @@ def load_model(args) -> tuple[Transformer, Tokenizer]:
 
 
 def read_train_config(adapter: Path | None) -> dict | None:
-    """train.py's flags for the adapter (its config.json), or None when there is none to read."""
-    config = adapter / "config.json" if adapter is not None else None
-    return read_json(config)["config"] if config is not None and config.is_file() else None
+    """train.py's flags for the adapter (its run record, config.json), or None when there is none
+    (another program's config.json, an HF model's, is none)."""
+    record = read_run_record(adapter) if adapter is not None else None
+    return record.get("config") if record is not None else None
 
 
 def protocol_differences(args, trained: dict | None, row_lr: float) -> list[str]:

@@ -6,11 +6,14 @@ Every module above reads its JSON and writes its outputs through these helpers, 
 scripts use them without importing the model or torch.
 """
 
+import fcntl
 import json
 import os
 import stat
 import subprocess
+import tempfile
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 # ---- reading: only regular files, only names inside the folder that names them
@@ -78,17 +81,78 @@ def check_json_types(path: Path, values: dict, expected: dict):
             raise ValueError(f"{path}: {key!r} is {json.dumps(value)}, expected {names}")
 
 
+# ---- writing: atomic files, output folders checked first, a run folder one process's
+
+
 def write_atomically(file: Path, write):
     """Write through a temporary file and rename it over `file`, so an interrupted save never
-    leaves a half-written file where a good one was."""
+    leaves a half-written file where a good one was. The temporary file is created exclusively
+    under a fresh name (never a fixed one, where a planted symlink would redirect the write),
+    with the permissions a plain new file gets."""
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
+    fd, name = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        os.close(fd)
         write(tmp)
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)  # only left over when the write failed
+
+
+def output_folder(path, flag: str = "--out") -> Path:
+    """`path` as an output folder, checked before any work is done: an existing file there (or
+    above it), or a place this process may not write, is a ValueError naming the flag."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def locked_folder(folder: Path):
+    """`folder` (made if missing) held by this process alone while the block runs: an exclusive
+    flock on folder/.lock, which the system drops when the process ends however it ends, so a
+    killed run leaves no stale lock. Held by another process: a ValueError naming the folder."""
+    folder = output_folder(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{folder}: another process is writing a run there (it holds {folder / LOCK_FILE}); "
+                             "wait for it to end, or give another --out") from None
+        yield folder
+    finally:
+        os.close(fd)
+
+
+# ---- train.py's run record: what makes a folder a run
+
+# The key only train.py's config.json holds: a folder is a run when its config.json has it (an HF
+# model folder's config.json, or any other, does not make it one).
+RUN_MARKER = "echo_lora_run"
+
+
+def read_run_record(folder) -> dict | None:
+    """train.py's record of the run in `folder` (its config.json), or None when there is none or
+    the config.json there is another program's; one that cannot be read is read_json's error."""
+    file = Path(folder) / "config.json"
+    if not file.exists():
+        return None
+    record = read_json(file)
+    return record if isinstance(record, dict) and record.get(RUN_MARKER) == 1 else None
 
 
 def code_version() -> dict:

@@ -25,7 +25,7 @@ import train
 from conftest import ROOT
 from data import download, prepare_smollm2
 from data.commonsense import load_records
-from data.files import inside, read_json
+from data.files import RUN_MARKER, inside, locked_folder, read_json, write_atomically
 from reference import write_hf_folder
 from test_safety import DATA, SHAPE, meta_ckpt, train_args
 from tokenizer import Tokenizer
@@ -189,6 +189,85 @@ def test_integer_and_bool_weights_are_an_error_naming_the_file_and_key(tmp_path)
     save_file(tensors, str(tmp_path / "adapter" / "adapter.safetensors"))
     with pytest.raises(ValueError, match=r"adapter\.safetensors: layers\.0\.attention\.wq\.lora_A is int64"):
         echo_lora.load_adapter(tmp_path / "adapter", small_model())
+
+
+# ---- 5. run folders: recognised by train.py's record, one process's, removed only by name
+
+
+def test_an_hf_model_folder_is_not_a_run_and_is_never_written_over(ckpt, records, tmp_path):
+    folder = write_hf_folder(small_model(), tmp_path / "hf-model")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    for flags in ((), ("--overwrite",), ("--resume",)):
+        with pytest.raises(SystemExit, match=r"holds config\.json but no train\.py run record") as e:
+            train.main(train_args(ckpt, records, folder, *flags))
+        assert "\n" not in str(e.value)
+    assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != ".lock"} == before
+    assert not train.holds_run(folder)
+
+
+def test_overwrite_removes_only_the_files_train_and_eval_write(finished_run, ckpt, records, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    eval_files = {"results.json": "{}", "results.md": "#", "predictions.jsonl": ""}
+    mine = {"results_notes.md": "mine", "results-by-hand.json": "{}", "predictions-old.jsonl": "", "notes.txt": "x"}
+    for name, text in {**eval_files, **mine}.items():
+        (run / name).write_text(text)
+    train.main(train_args(ckpt, records, run, "--overwrite", "--max-steps", "1"))
+    assert not any((run / name).exists() for name in eval_files)
+    assert all((run / name).read_text() == text for name, text in mine.items())
+    assert read_json(run / "config.json")[RUN_MARKER] == 1
+
+
+def test_a_second_train_into_the_same_out_fails_with_one_line(ckpt, records, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from data.files import locked_folder\n"
+         f"with locked_folder({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit, match=r"another process is writing a run there") as e:
+            train.main(train_args(ckpt, records, out, "--max-steps", "1"))
+        assert "\n" not in str(e.value) and not (out / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train.main(train_args(ckpt, records, out, "--max-steps", "1"))  # a killed holder leaves no stale lock
+    assert train.holds_run(out)
+    with locked_folder(out):  # in-process too: the lock is the folder's, not the process's
+        with pytest.raises(SystemExit, match="another process is writing a run there"):
+            train.main(train_args(ckpt, records, out, "--resume", "--max-steps", "2"))
+
+
+def test_temporary_files_are_fresh_names_never_a_planted_symlink(finished_run, ckpt, records, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    victims = {}
+    for name in train.RUN_FILES:
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("keep")
+        (run / f".{name}.tmp").symlink_to(victims[name])  # the old fixed temporary names
+    train.main(train_args(ckpt, records, run, "--overwrite", "--max-steps", "1"))
+    assert all(v.read_text() == "keep" for v in victims.values())
+    names = []
+    write_atomically(tmp_path / "a.json", lambda tmp: names.append(tmp) or tmp.write_text("1"))
+    write_atomically(tmp_path / "a.json", lambda tmp: names.append(tmp) or tmp.write_text("2"))
+    assert names[0] != names[1] and all(n.name.startswith(".a.json.") and n.suffix == ".tmp" for n in names)
+    assert (tmp_path / "a.json").read_text() == "2" and (tmp_path / "a.json").stat().st_mode & 0o777 != 0o600
+
+
+def test_resume_needs_the_run_record(finished_run, ckpt, records, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "config.json").unlink()
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    with pytest.raises(SystemExit, match=r"holds .*checkpoint\.pt.* but no train\.py run record .*not a run to resume"):
+        train.main(train_args(ckpt, records, run, "--resume", "--lr", "1e-3", "--seed", "7"))
+    with pytest.raises(SystemExit, match="not a run to replace"):  # nor written over without --resume
+        train.main(train_args(ckpt, records, run))
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    with pytest.raises(SystemExit, match="--resume given but there is no run there to resume"):
+        train.main(train_args(ckpt, records, tmp_path / "empty", "--resume"))
 
 
 # ---- 6. no abbreviated flags, in any parser
