@@ -191,6 +191,29 @@ def test_integer_and_bool_weights_are_an_error_naming_the_file_and_key(tmp_path)
         echo_lora.load_adapter(tmp_path / "adapter", small_model())
 
 
+# ---- 4. a model that computes NaN is never scored
+
+
+@pytest.mark.parametrize("weight, value", [("layers.0.feed_forward.w2.weight", float("nan")),
+                                           ("output.weight", float("inf"))])
+def test_non_finite_logits_stop_eval_with_one_line(tmp_path, capsys, weight, value):
+    folder = meta_ckpt(tmp_path / "broken")
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    state[weight][3, 1] = value
+    torch.save(state, folder / "consolidated.00.pth")
+    assert evaluator.main(eval_args(folder, tmp_path / "eval")) == 1
+    assert f"{folder}: the model's logits on piqa item 0 are not finite" in one_line(capsys)
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+@pytest.mark.parametrize("change", [{"norm_eps": -1}, {"rope_theta": 0}])
+def test_a_model_description_that_computes_nan_is_refused_by_eval(tmp_path, capsys, change):
+    folder = meta_ckpt(tmp_path / "bad", **change)
+    assert evaluator.main(eval_args(folder, tmp_path / "eval")) == 1
+    key = next(iter(change))
+    assert f"params.json: '{key}' is {change[key]}, expected > 0 and finite" in one_line(capsys)
+
+
 # ---- 5. run folders: recognised by train.py's record, one process's, removed only by name
 
 
@@ -392,3 +415,96 @@ def test_a_sentencepiece_model_without_bos_or_eos_is_refused(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
     with pytest.raises(ValueError, match=r"tokenizer\.model: a SentencePiece model without a BOS or EOS"):
         Tokenizer(tmp_path / "tokenizer.model")
+
+
+def test_out_is_checked_before_the_model_loads(ckpt, records, tmp_path, capsys, monkeypatch):
+    def loaded(*_):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(evaluator, "load_model", loaded)
+    monkeypatch.setattr(train, "load_model", loaded)
+    taken = tmp_path / "results.txt"
+    taken.write_text("a file")
+    for out in (taken, taken / "sub"):
+        assert evaluator.main(eval_args(ckpt, out)) == 1
+        assert f"--out {out}: {taken} is a file, not a folder" in one_line(capsys)
+        with pytest.raises(SystemExit, match=f"--out {out}: {taken} is a file, not a folder"):
+            train.main(train_args(ckpt, records, out))
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        assert evaluator.main(eval_args(ckpt, tmp_path / "read-only" / "eval")) == 1
+        assert "is not writable" in one_line(capsys)
+
+
+def test_a_broken_train_config_beside_the_adapter_fails_before_the_model_loads(ckpt, tmp_path, capsys, monkeypatch):
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    (tmp_path / "adapter" / "config.json").write_text('{"echo_lora_run": 1, "config": ')  # cut short
+
+    def loaded(*_):
+        raise AssertionError("the model was loaded before the train config was read")
+
+    monkeypatch.setattr(evaluator, "load_model", loaded)
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
+    assert "adapter/config.json: cannot read JSON" in one_line(capsys)
+
+
+# ---- 10. --compare: each folder once, table and flips from one source
+
+
+def evaluated_run(folder, method, seed, correct, results=None, sealed=True):
+    """A folder as eval.py (and train.py) leave it; `results` stands in for a results.json that
+    says otherwise than its predictions; `sealed`: results.json records the predictions' SHA-256."""
+    folder.mkdir(parents=True)
+    lines = "".join(json.dumps({"dataset": "boolq", "index": i, "correct": c}) + "\n" for i, c in enumerate(correct))
+    (folder / "predictions.jsonl").write_text(lines)
+    summary = {"results": results or {"boolq": {"accuracy": sum(correct) / len(correct)}},
+               "args": {"scoring": "generate", "num_beams": 1, "max_new_tokens": 32, "limit": None}}
+    if sealed:
+        summary["predictions_sha256"] = hashlib.sha256(lines.encode()).hexdigest()
+    (folder / "results.json").write_text(json.dumps(summary))
+    (folder / "config.json").write_text(json.dumps({RUN_MARKER: 1, "config": {"method": method, "seed": seed}}))
+    return folder
+
+
+def test_compare_counts_a_folder_given_twice_once(tmp_path):
+    lora = evaluated_run(tmp_path / "lora", "lora", 1, [True, False, False, False])
+    echo = evaluated_run(tmp_path / "echo", "echo-lora", 1, [True, True, True, False])
+    (tmp_path / "link").symlink_to(echo)
+    text = evaluator.compare_runs([lora, lora, echo, tmp_path / "link"])
+    assert "| lora | 1 |" in text and "| echo-lora | 1 |" in text and "over 1 paired seeds" in text
+    assert "right only with Echo: 2, right only without: 0." in text
+    assert f"{lora} is {lora} given again: counted once." in text
+    assert f"{tmp_path / 'link'} is {echo} given again: counted once." in text
+    shutil.copytree(echo, tmp_path / "echo-copy")  # a copy is the same run under another name
+    with pytest.raises(ValueError, match=r"are both echo-lora seed 1"):
+        evaluator.compare_runs([lora, echo, tmp_path / "echo-copy"])
+
+
+def test_compare_takes_table_and_flips_from_the_predictions(tmp_path, capsys):
+    lora = evaluated_run(tmp_path / "lora", "lora", 1, [True, False], results={"boolq": {"accuracy": 1.0}},
+                         sealed=False)  # an old results.json that disagrees with its predictions
+    echo = evaluated_run(tmp_path / "echo", "echo-lora", 1, [True, True])
+    assert "| lora | 1 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in evaluator.compare_runs([lora, echo])
+    lines = (echo / "predictions.jsonl").read_text().replace("true", "false", 1)
+    (echo / "predictions.jsonl").write_text(lines)  # edited after eval.py wrote results.json
+    assert evaluator.main(["--compare", str(lora), str(echo)]) == 1
+    assert "predictions.jsonl: not the predictions" in one_line(capsys)
+
+
+def test_an_overwrite_cut_short_leaves_no_results_beside_old_predictions(ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    assert evaluator.main(eval_args(ckpt, out)) == 0
+    summary = read_json(out / "results.json")
+    assert summary["predictions_sha256"] == hashlib.sha256((out / "predictions.jsonl").read_bytes()).hexdigest()
+    original = evaluator.write_text
+
+    def killed_after_the_predictions(path, text):
+        if path.name == "results.md":
+            raise KeyboardInterrupt("killed")
+        original(path, text)
+
+    monkeypatch.setattr(evaluator, "write_text", killed_after_the_predictions)
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.main(eval_args(ckpt, out, "--overwrite", "--max-new-tokens", "3"))
+    assert not (out / "results.json").exists() and not bench.evaluated(out)
