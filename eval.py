@@ -21,6 +21,7 @@ different measurement, written to its own files.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
-from data.files import code_version, read_json, write_atomically
+from data.files import code_version, output_files, output_folder, read_bytes, read_json, read_run_record, write_atomically
 from echo_lora import load_adapter, merge
 from llama import (PRECISIONS, Transformer, default_precision, generate, load, prefill, resolve_checkpoint,
                    resolve_device)
@@ -93,6 +94,8 @@ TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "
 # model.half()): the default on CUDA.
 EVAL_PRECISIONS = {**PRECISIONS, "fp16": torch.float16}
 PROTOCOL_PRECISION = "fp16"
+
+
 
 RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
 ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the text training taught
@@ -387,20 +390,76 @@ def format_table(results: dict[str, dict], published: dict[str, tuple] | None) -
 
 
 def read_run(folder: Path) -> dict:
-    """An evaluated run: eval.py's results.json and predictions.jsonl, and, for a trained adapter,
-    train.py's config.json beside them (the method and the seed). No config.json: the base model."""
-    summary = json.loads((folder / "results.json").read_text())
-    results = summary["results"]
-    predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    """An evaluated run: its predictions.jsonl, the one source of both its accuracies and its
+    flips; results.json for the settings it was evaluated with (and the SHA-256 of the predictions
+    written with it, which must match); and train.py's run record beside them (method and seed;
+    none: the base model)."""
+    summary_file, predictions_file = folder / "results.json", folder / "predictions.jsonl"
+    summary, data = read_json(summary_file), read_bytes(predictions_file)
+    if not isinstance(summary, dict):
+        raise ValueError(f"{summary_file}: not eval.py's results")
+    if summary.get("predictions_sha256", hashlib.sha256(data).hexdigest()) != hashlib.sha256(data).hexdigest():
+        raise ValueError(f"{predictions_file}: not the predictions {summary_file} was written with "
+                         "(edited since, or an evaluation cut short)")
+    correct = read_predictions(predictions_file, data)
+    by_dataset = {}
+    for (dataset, _), right in correct.items():
+        by_dataset.setdefault(dataset, []).append(right)
+    results = {d: {"accuracy": sum(flags) / len(flags), "n": len(flags)} for d, flags in by_dataset.items()}
     trained = read_train_config(folder) or {"method": "none", "seed": None}
-    correct = {(p["dataset"], p["index"]): p["correct"] for p in predictions}
-    settings = {k: summary.get("args", {}).get(k) for k in COMPARED_SETTINGS}
-    return dict(folder=folder, method=trained["method"], seed=trained["seed"], results=results, correct=correct,
-                settings=settings)
+    settings = {k: (summary.get("args") or {}).get(k) for k in COMPARED_SETTINGS}
+    return dict(folder=folder, method=trained.get("method"), seed=trained.get("seed"), results=results,
+                correct=correct, settings=settings)
+
+
+def read_predictions(file: Path, data: bytes) -> dict[tuple[str, int], bool]:
+    """{(dataset, index): correct} of a predictions.jsonl; a malformed or repeated line is an error."""
+    correct = {}
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            p = json.loads(line)
+            key, right = (p["dataset"], p["index"]), p["correct"]
+        except (ValueError, RecursionError, TypeError, KeyError):
+            raise ValueError(f"{file}: line {n} is not a prediction (dataset, index, correct)") from None
+        if key[0] not in BENCHMARKS or type(key[1]) is not int or type(right) is not bool:
+            raise ValueError(f"{file}: line {n}: {key[0]!r} item {key[1]!r} correct {right!r} is not a prediction")
+        if key in correct:
+            raise ValueError(f"{file}: line {n}: {key[0]} item {key[1]} is predicted twice")
+        correct[key] = right
+    return correct
 
 
 # The evaluation settings runs must share to be compared: they change what the accuracy measures.
 COMPARED_SETTINGS = ("scoring", "num_beams", "max_new_tokens", "limit")
+
+
+def unique_folders(folders: list[Path]) -> tuple[list[Path], list[str]]:
+    """--compare's folders, each folder once by its real path (the same folder given twice, or
+    through a link, is one run, not two seeds), and a note for each one given again."""
+    first, unique, notes = {}, [], []
+    for folder in map(Path, folders):
+        real = folder.resolve()
+        if real in first:
+            notes.append(f"{folder} is {first[real]} given again: counted once.")
+        else:
+            first[real] = folder
+            unique.append(folder)
+    return unique, notes
+
+
+def check_distinct_runs(runs: list[dict]):
+    """One run per method and seed: two folders holding the same one (a copy) would count it twice."""
+    seen = {}
+    for run in runs:
+        key = (run["method"], run["seed"])
+        if key in seen:
+            raise ValueError(f"--compare: {seen[key]} and {run['folder']} are both {run['method']} seed {run['seed']}: "
+                             "compare one run per method and seed")
+        seen[key] = run["folder"]
 
 
 def check_same_settings(runs: list[dict]):
@@ -430,7 +489,9 @@ def compare_runs(folders: list[Path]) -> str:
     method whose base method was run with the same seeds, the paired difference of the averages
     and how many questions flip each way (right with Echo only vs right with the base only), with
     an exact McNemar test of the flips."""
-    runs = [read_run(Path(f)) for f in folders]
+    folders, notes = unique_folders(folders)
+    runs = [read_run(f) for f in folders]
+    check_distinct_runs(runs)
     check_same_settings(runs)
     methods = {}
     for run in runs:
@@ -464,6 +525,7 @@ def compare_runs(folders: list[Path]) -> str:
                      f"questions right only with Echo: {gained}, right only without: {lost}."
                      + (f" {unpaired} questions not in every run are left out of these counts." if unpaired else "")
                      + f" Exact McNemar test of these flips (seeds pooled): p = {mcnemar_exact_p(gained, lost):.3g}.")
+    lines += [f"\n{note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -485,7 +547,7 @@ def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tu
     test_sets, missing = {}, {}
     for name in datasets:
         path = data_dir / name / "test.json"
-        if not path.is_file():
+        if not path.exists():  # a FIFO or a folder there is load_records' error, not a skipped set
             missing[name] = f"no test set at {path} (python data/download.py fetches it)"
             continue
         records = load_records(path)[:limit]
@@ -512,7 +574,7 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder (required, unless --compare)")
     parser.add_argument("--compare", nargs="+", type=Path, metavar="RUN",
                         help="instead of evaluating: compare evaluated runs (folders with results.json), "
@@ -579,9 +641,10 @@ def load_model(args) -> tuple[Transformer, Tokenizer]:
 
 
 def read_train_config(adapter: Path | None) -> dict | None:
-    """train.py's flags for the adapter (its config.json), or None when there is none to read."""
-    config = adapter / "config.json" if adapter is not None else None
-    return read_json(config)["config"] if config is not None and config.is_file() else None
+    """train.py's flags for the adapter (its run record, config.json), or None when there is none
+    (another program's config.json, an HF model's, is none)."""
+    record = read_run_record(adapter) if adapter is not None else None
+    return record.get("config") if record is not None else None
 
 
 def protocol_differences(args, trained: dict | None, row_lr: float) -> list[str]:
@@ -639,24 +702,29 @@ def write_text(path: Path, text: str):
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def report(args, predictions: dict[str, list[dict]], missing: dict[str, str], seconds: dict[str, float]) -> str:
+def report(args, trained: dict | None, predictions: dict[str, list[dict]], missing: dict[str, str],
+           seconds: dict[str, float]) -> str:
     """Write results.md, results.json and predictions.jsonl (with a -likelihood suffix for
     likelihood ranking) under args.out; return the markdown."""
     results = {name: score(preds) for name, preds in predictions.items()}
-    published, notes = published_rows(args, read_train_config(args.adapter))
+    published, notes = published_rows(args, trained)
     lines = [f"# {args.ckpt}" + (f" + {args.adapter}" if args.adapter else " (base model)"),
              "", scoring_description(args), "", format_table(results, published)]
     lines += [f"- {name}: not run, {why}" for name, why in missing.items()] + notes
     markdown = "\n".join(lines) + "\n"
-    suffix = results_suffix(args)
+    predictions_file, markdown_file, results_file = (args.out / name for name in output_files(results_suffix(args)))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / f"results{suffix}.md", markdown)
+    # One unit: results.json goes first and comes back last, naming the predictions it was made
+    # with, so an --overwrite cut short never leaves new results beside old predictions.
+    results_file.unlink(missing_ok=True)
+    lines = "".join(json.dumps(p) + "\n" for preds in predictions.values() for p in preds)
+    write_text(predictions_file, lines)
+    write_text(markdown_file, markdown)
     summary = dict(results=results, average=average_accuracy(results), missing=missing, seconds=seconds,
                    published={args.published: published} if published else {},
-                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version())
-    write_text(args.out / f"results{suffix}.json", json.dumps(summary, indent=2) + "\n")
-    write_text(args.out / f"predictions{suffix}.jsonl",
-               "".join(json.dumps(p) + "\n" for preds in predictions.values() for p in preds))
+                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version(),
+                   predictions_sha256=hashlib.sha256(lines.encode("utf-8")).hexdigest())
+    write_text(results_file, json.dumps(summary, indent=2) + "\n")
     return markdown
 
 
@@ -665,15 +733,18 @@ def results_suffix(args) -> str:
 
 
 def run(args) -> str:
-    # Everything about the input is checked before the model (minutes at 7B) is loaded.
-    finished = args.out / f"results{results_suffix(args)}.json"
+    # Everything about the input and the output is checked before the model (minutes at 7B) is loaded.
+    output_folder(args.out)
+    finished = args.out / output_files(results_suffix(args))[2]
     if finished.exists() and not args.overwrite:
         raise FileExistsError(f"{finished}: an earlier evaluation's results; --overwrite replaces them, "
                               "--out writes elsewhere")
     test_sets, missing = read_test_sets(args.data_dir, dataset_names(args.datasets), args.limit)
+    trained = read_train_config(args.adapter)  # a broken one is an error now, not after the decoding
     for name, why in missing.items():
         print(f"eval.py: {name}: {why}; skipped", file=sys.stderr)
     model, tokenizer = load_model(args)
+    check_logits(model, tokenizer, test_sets, args)
     predictions, seconds = {}, {}
     for name, records in test_sets.items():
         start = time.perf_counter()
@@ -683,7 +754,22 @@ def run(args) -> str:
             predictions[name] = evaluate(model, tokenizer, name, records, args.batch_size, args.num_beams,
                                          args.max_new_tokens, args.beam_rule)
         seconds[name] = time.perf_counter() - start
-    return report(args, predictions, missing, seconds)
+    return report(args, trained, predictions, missing, seconds)
+
+
+@torch.no_grad()
+def check_logits(model: Transformer, tokenizer: Tokenizer, test_sets: dict[str, list[dict]], args):
+    """One forward of the first question before any is scored: a model that computes NaN or
+    infinity (a NaN weight, fp16 overflow) stops the evaluation, rather than scoring 0% and
+    exiting 0."""
+    name, records = next(iter(test_sets.items()))
+    prompt = tokenizer.encode(eval_prompt(records[0]), bos=True, eos=False)[-model.max_positions:]
+    logits = model(torch.tensor([prompt], device=model.output.weight.device))
+    if not torch.isfinite(logits).all():
+        adapter = f" + {args.adapter}" if args.adapter is not None else ""
+        raise ValueError(f"{args.ckpt}{adapter}: the model's logits on {name} item 0 are not finite (NaN or inf) in "
+                         f"{args.precision}: a broken checkpoint" + (" or fp16 overflow" if args.precision == "fp16" else "")
+                         + "; nothing evaluated")
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ import eval as evaluator
 import llama
 from conftest import ASSETS
 from data.commonsense import eval_prompt
+from data.files import RUN_MARKER
 from reference import hf_llama, write_meta_folder
 from tokenizer import Tokenizer
 
@@ -348,7 +349,7 @@ def write_run(folder, method, seed, correct_by_dataset):
     (folder / "results.json").write_text(json.dumps({"results": results}))
     (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
     if method != "none":
-        (folder / "config.json").write_text(json.dumps({"config": {"method": method, "seed": seed}}))
+        (folder / "config.json").write_text(json.dumps({RUN_MARKER: 1, "config": {"method": method, "seed": seed}}))
 
 
 def test_mcnemar_p_is_the_exact_binomial_test_by_its_definition():

@@ -20,6 +20,7 @@ import llama
 import train
 from conftest import ASSETS
 from data.commonsense import load_records
+from data.files import RUN_MARKER
 from reference import write_hf_folder, write_meta_folder
 
 DATA = ASSETS / "data" / "commonsense"
@@ -90,9 +91,9 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_resume_never_unpickles_a_checkpoint_that_would_run_code(ckpt, records, tmp_path):
+def test_resume_never_unpickles_a_checkpoint_that_would_run_code(finished_run, ckpt, records, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
-    out.mkdir()
+    shutil.copytree(finished_run, out)  # a run, its record included, whose checkpoint was replaced
     torch.save({"step": 1, "adapter": RunsCode(marker)}, out / "checkpoint.pt")
     with pytest.raises(SystemExit, match=r"checkpoint\.pt: not a checkpoint this run can resume from") as e:
         train.main(train_args(ckpt, records, out, "--resume"))
@@ -376,7 +377,7 @@ def evaluated_run(folder, method, seed, correct, **settings):
     (folder / "results.json").write_text(json.dumps({"results": results, "args": args}))
     (folder / "predictions.jsonl").write_text("".join(
         json.dumps({"dataset": "boolq", "index": i, "correct": c}) + "\n" for i, c in enumerate(correct)))
-    (folder / "config.json").write_text(json.dumps({"config": {"method": method, "seed": seed}}))
+    (folder / "config.json").write_text(json.dumps({RUN_MARKER: 1, "config": {"method": method, "seed": seed}}))
     return folder
 
 
