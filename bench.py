@@ -258,6 +258,11 @@ def time_hf_evaluation(folder: Path, tokenizer, test_sets, batch_size: int, max_
 # --------------------------------------------------------------------------------------------
 
 
+def parser_error(message: str):
+    """A bad input found after parsing, reported as argparse reports its own: one line, exit 2."""
+    argparse.ArgumentParser(prog="bench.py").error(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--ckpt", help="an HF-layout checkpoint folder (checkpoints/NAME or a path); default: --shape")
@@ -279,7 +284,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-sets", nargs="+", default=["ARC-Easy"], metavar="NAME",
                    help="benchmarks whose prompts are timed (default: ARC-Easy)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="the longest reply (default: 32, the protocol's)")
-    p.add_argument("--no-peft", action="store_true", help="skip the transformers + peft peer")
+    p.add_argument("--no-peft", action="store_true", help="skip the transformers + peft peer (default: time it)")
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="the JSON written (default: bench.json)")
     a = p.parse_args(argv)
     for name in ("batch_size", "steps", "questions", "max_new_tokens"):
@@ -295,12 +300,17 @@ def main(argv=None) -> dict:
     device = llama.resolve_device(None)
     precision = a.precision or llama.default_precision(device)
     dtype = llama.PRECISIONS[precision]
+    if not a.ckpt and not a.tokenizer.is_file():  # bad input is one line before any model is built
+        parser_error(f"--tokenizer {a.tokenizer}: no such file")
+    try:
+        records = [r for path in a.data.split(",") for r in load_records(path)]
+    except (OSError, ValueError) as e:
+        parser_error(f"--data {e}")
     with tempfile.TemporaryDirectory() as scratch:
         folder = hf_folder(a, Path(scratch))
         model, tokenizer = our_model(folder, device, dtype, a.tokenizer)
         args = model.args
         del model
-        records = [r for path in a.data.split(",") for r in load_records(path)]
         batches = recipe_batches(records, tokenizer, a.batch_size, a.warmup + a.steps)
         tflops = matmul_tflops(device, torch.bfloat16)
         result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

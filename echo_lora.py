@@ -57,11 +57,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors_bytes, load_file, save as safetensors_bytes
+from safetensors.torch import save as safetensors_bytes
 
 from data.commonsense import IGNORE_INDEX
-from data.files import check_json_types, read_json, write_atomically
-from llama import HF_TO_META_LAYER_NAMES, KVCache
+from data.files import check_json_types, read_bytes, read_json, write_atomically
+from llama import HF_TO_META_LAYER_NAMES, KVCache, read_tensor_file
 
 # The block linears an adapter can wrap: Meta's short name -> its path inside a block.
 BLOCK_LINEARS = {path.split(".")[1]: path for path in HF_TO_META_LAYER_NAMES.values() if "." in path}
@@ -751,10 +751,10 @@ def load_adapter(path, model: nn.Module) -> dict:
     check_json_types(config_file, config, ADAPTER_CONFIG_TYPES)
     fit_adapters(model, config, config_file)
     try:
-        data = tensor_file.read_bytes()
+        data = read_bytes(tensor_file)
     except OSError as e:
         raise ValueError(f"{tensor_file}: cannot read adapter tensors: {e}") from None
-    copy_adapter_tensors(model, read_safetensors(tensor_file, data), tensor_file)
+    copy_adapter_tensors(model, read_tensor_file(tensor_file, data), tensor_file)
     # After the fit checks, so a tensor file that does not fit says how; an adapter written
     # before checksums were recorded has none to check.
     digest = hashlib.sha256(data).hexdigest()
@@ -815,11 +815,3 @@ def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], fil
             raise ValueError(f"{file}: {name} holds NaN or infinite values")
     for name, tensor in tensors.items():
         params[name].copy_(tensor)
-
-
-def read_safetensors(file: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of `file` (or of `data`, its bytes already read)."""
-    try:
-        return load_file(str(file)) if data is None else load_safetensors_bytes(data)
-    except Exception as e:  # safetensors raises several types; the user needs the file name
-        raise ValueError(f"{file}: cannot read adapter tensors: {e}") from None

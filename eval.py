@@ -20,6 +20,7 @@ different measurement, written to its own files.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
-from data.files import code_version, read_json, write_atomically
+from data.files import code_version, output_files, output_folder, read_run_record, write_atomically
 from echo_lora import load_adapter, merge
 from llama import (PRECISIONS, Transformer, default_precision, generate, load, prefill, resolve_checkpoint,
                    resolve_device)
@@ -92,6 +93,8 @@ TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "
 # model.half()): the default on CUDA.
 EVAL_PRECISIONS = {**PRECISIONS, "fp16": torch.float16}
 PROTOCOL_PRECISION = "fp16"
+
+
 
 RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
 ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the text training taught
@@ -399,7 +402,7 @@ def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tu
     test_sets, missing = {}, {}
     for name in datasets:
         path = data_dir / name / "test.json"
-        if not path.is_file():
+        if not path.exists():  # a FIFO or a folder there is load_records' error, not a skipped set
             missing[name] = f"no test set at {path} (python data/download.py fetches it)"
             continue
         records = load_records(path)[:limit]
@@ -426,7 +429,7 @@ def positive_int(text: str) -> int:
 
 
 def arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder (required)")
     parser.add_argument("--adapter", type=Path, help="adapter folder from train.py, merged into the weights "
                                                      "(default: evaluate the base model)")
@@ -493,9 +496,10 @@ def load_model(args) -> tuple[Transformer, Tokenizer]:
 
 
 def read_train_config(adapter: Path | None) -> dict | None:
-    """train.py's flags for the adapter (its config.json), or None when there is none to read."""
-    config = adapter / "config.json" if adapter is not None else None
-    return read_json(config)["config"] if config is not None and config.is_file() else None
+    """train.py's flags for the adapter (its run record, config.json), or None when there is none
+    (another program's config.json, an HF model's, is none)."""
+    record = read_run_record(adapter) if adapter is not None else None
+    return record.get("config") if record is not None else None
 
 
 def protocol_differences(args, trained: dict | None, row_lr: float) -> list[str]:
@@ -553,24 +557,29 @@ def write_text(path: Path, text: str):
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def report(args, predictions: dict[str, list[dict]], missing: dict[str, str], seconds: dict[str, float]) -> str:
+def report(args, trained: dict | None, predictions: dict[str, list[dict]], missing: dict[str, str],
+           seconds: dict[str, float]) -> str:
     """Write results.md, results.json and predictions.jsonl (with a -likelihood suffix for
     likelihood ranking) under args.out; return the markdown."""
     results = {name: score(preds) for name, preds in predictions.items()}
-    published, notes = published_rows(args, read_train_config(args.adapter))
+    published, notes = published_rows(args, trained)
     lines = [f"# {args.ckpt}" + (f" + {args.adapter}" if args.adapter else " (base model)"),
              "", scoring_description(args), "", format_table(results, published)]
     lines += [f"- {name}: not run, {why}" for name, why in missing.items()] + notes
     markdown = "\n".join(lines) + "\n"
-    suffix = results_suffix(args)
+    predictions_file, markdown_file, results_file = (args.out / name for name in output_files(results_suffix(args)))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / f"results{suffix}.md", markdown)
+    # One unit: results.json goes first and comes back last, naming the predictions it was made
+    # with, so an --overwrite cut short never leaves new results beside old predictions.
+    results_file.unlink(missing_ok=True)
+    lines = "".join(json.dumps(p) + "\n" for preds in predictions.values() for p in preds)
+    write_text(predictions_file, lines)
+    write_text(markdown_file, markdown)
     summary = dict(results=results, average=average_accuracy(results), missing=missing, seconds=seconds,
                    published={args.published: published} if published else {},
-                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version())
-    write_text(args.out / f"results{suffix}.json", json.dumps(summary, indent=2) + "\n")
-    write_text(args.out / f"predictions{suffix}.jsonl",
-               "".join(json.dumps(p) + "\n" for preds in predictions.values() for p in preds))
+                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version(),
+                   predictions_sha256=hashlib.sha256(lines.encode("utf-8")).hexdigest())
+    write_text(results_file, json.dumps(summary, indent=2) + "\n")
     return markdown
 
 
@@ -579,15 +588,18 @@ def results_suffix(args) -> str:
 
 
 def run(args) -> str:
-    # Everything about the input is checked before the model (minutes at 7B) is loaded.
-    finished = args.out / f"results{results_suffix(args)}.json"
+    # Everything about the input and the output is checked before the model (minutes at 7B) is loaded.
+    output_folder(args.out)
+    finished = args.out / output_files(results_suffix(args))[2]
     if finished.exists() and not args.overwrite:
         raise FileExistsError(f"{finished}: an earlier evaluation's results; --overwrite replaces them, "
                               "--out writes elsewhere")
     test_sets, missing = read_test_sets(args.data_dir, dataset_names(args.datasets), args.limit)
+    trained = read_train_config(args.adapter)  # a broken one is an error now, not after the decoding
     for name, why in missing.items():
         print(f"eval.py: {name}: {why}; skipped", file=sys.stderr)
     model, tokenizer = load_model(args)
+    check_logits(model, tokenizer, test_sets, args)
     predictions, seconds = {}, {}
     for name, records in test_sets.items():
         start = time.perf_counter()
@@ -597,7 +609,22 @@ def run(args) -> str:
             predictions[name] = evaluate(model, tokenizer, name, records, args.batch_size, args.num_beams,
                                          args.max_new_tokens, args.beam_rule)
         seconds[name] = time.perf_counter() - start
-    return report(args, predictions, missing, seconds)
+    return report(args, trained, predictions, missing, seconds)
+
+
+@torch.no_grad()
+def check_logits(model: Transformer, tokenizer: Tokenizer, test_sets: dict[str, list[dict]], args):
+    """One forward of the first question before any is scored: a model that computes NaN or
+    infinity (a NaN weight, fp16 overflow) stops the evaluation, rather than scoring 0% and
+    exiting 0."""
+    name, records = next(iter(test_sets.items()))
+    prompt = tokenizer.encode(eval_prompt(records[0]), bos=True, eos=False)[-model.max_positions:]
+    logits = model(torch.tensor([prompt], device=model.output.weight.device))
+    if not torch.isfinite(logits).all():
+        adapter = f" + {args.adapter}" if args.adapter is not None else ""
+        raise ValueError(f"{args.ckpt}{adapter}: the model's logits on {name} item 0 are not finite (NaN or inf) in "
+                         f"{args.precision}: a broken checkpoint" + (" or fp16 overflow" if args.precision == "fp16" else "")
+                         + "; nothing evaluated")
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.files import check_json_types, read_json
+from data.files import check_json_types, inside, read_json, regular_file
 from tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"{path}: unknown params.json keys {unknown}; expected a subset of {sorted(known)}")
         check_json_types(path, params, {f.name: f.type for f in fields(cls)})
-        return cls(**params)
+        return check_model_args(cls(**params), path)
 
 
 class RMSNorm(nn.Module):
@@ -419,7 +419,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tokenizer | None]:
-    """A Meta checkpoint folder (params.json + consolidated.*.pth) or an HF LLaMA folder
+    """A Meta checkpoint folder (params.json + consolidated.NN.pth) or an HF LLaMA folder
     (config.json + *.safetensors), as (model in eval mode, tokenizer or None).
 
     The model is built on the meta device and takes the loaded tensors as its parameters, so no
@@ -429,10 +429,10 @@ def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tok
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: checkpoint folder not found")
     tokenizer = find_tokenizer(ckpt_dir)
-    meta_layout = (ckpt_dir / "params.json").is_file()
+    meta_layout = (ckpt_dir / "params.json").exists()  # a FIFO or folder there is refused by read_json
     if meta_layout:
         args = ModelArgs.from_params_json(ckpt_dir / "params.json")
-    elif (ckpt_dir / "config.json").is_file():
+    elif (ckpt_dir / "config.json").exists():
         args, tied = read_hf_config(ckpt_dir / "config.json")
     else:
         raise FileNotFoundError(f"{ckpt_dir}: no params.json (Meta layout) or config.json (HF layout)")
@@ -446,6 +446,43 @@ def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tok
     model.rope = rope_frequencies(args, device=device)  # built on the meta device above
     model.fingerprint = weights_fingerprint(state)  # of the file's values, before the cast to `dtype`
     return model.eval(), tokenizer
+
+
+# The HF config.json key of each ModelArgs field read_hf_config fills, for check_model_args' errors.
+HF_CONFIG_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                  "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps",
+                  "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings",
+                  "ffn_hidden_dim": "intermediate_size"}
+
+
+def check_model_args(args: ModelArgs, path: Path, keys: dict[str, str] | None = None) -> ModelArgs:
+    """`args` as read from `path`, checked once, before any model is built from them: a value that
+    builds no model or one that computes NaN (norm_eps -1, rope_theta 0) is a ValueError naming
+    the file and its key (`keys`: the file's name for each field, an HF config.json's)."""
+    inf = math.inf
+    rules = [  # (field, test, the values it may take), in order: later tests rely on earlier ones
+        ("dim", lambda a: a.dim > 0, "> 0"), ("n_layers", lambda a: a.n_layers > 0, "> 0"),
+        ("n_heads", lambda a: a.n_heads > 0, "> 0"),
+        ("n_kv_heads", lambda a: a.n_kv_heads is None or a.n_kv_heads > 0 and a.n_heads % a.n_kv_heads == 0,
+         f"> 0 and a divisor of the {args.n_heads} query heads"),
+        ("dim", lambda a: a.dim % (2 * a.n_heads) == 0, f"a multiple of 2 x {args.n_heads} heads (heads of "
+         "one even size: rotary pairs)"),
+        ("vocab_size", lambda a: a.vocab_size > 0 or a.vocab_size == -1, "> 0 (or -1: the tokenizer's)"),
+        ("multiple_of", lambda a: a.multiple_of >= 1, ">= 1"),
+        ("ffn_dim_multiplier", lambda a: a.ffn_dim_multiplier is None or 0 < a.ffn_dim_multiplier < inf,
+         "> 0 and finite"),
+        ("ffn_hidden_dim", lambda a: a.ffn_hidden_dim is None or a.ffn_hidden_dim > 0, "> 0"),
+        ("norm_eps", lambda a: 0 < a.norm_eps < inf, "> 0 and finite"),
+        ("rope_theta", lambda a: 0 < a.rope_theta < inf, "> 0 and finite"),
+        ("max_seq_len", lambda a: a.max_seq_len >= 1, ">= 1"),
+    ]
+    for name, ok, allowed in rules:
+        if not ok(args):
+            key = (keys or {}).get(name, name)
+            raise ValueError(f"{path}: {key!r} is {getattr(args, name)}, expected {allowed}")
+    if args.hidden_dim < 1:
+        raise ValueError(f"{path}: the FFN width from dim, multiple_of and ffn_dim_multiplier is {args.hidden_dim}")
+    return args
 
 
 def match_vocabulary(args: ModelArgs, tokenizer: Tokenizer | None, ckpt_dir: Path):
@@ -485,16 +522,14 @@ def find_tokenizer(ckpt_dir: Path) -> Tokenizer | None:
 
 
 def read_meta_weights(ckpt_dir: Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Every consolidated.*.pth, model-parallel shards merged per weight.
+    """Every shard of `meta_shards`, model-parallel shards merged per weight.
 
     Meta splits wq, wk, wv, w1, w3 and output along dim 0, wo and w2 along dim 1, the embedding
     along dim 1 (LLaMA 1/2) or dim 0 (Llama 3), and replicates the norms. The split dimension is
     therefore the one dimension where a shard is smaller than the full weight, which is how it
     is found here; anything else is a shard count or shape that does not fit params.json.
     """
-    shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
-    if not shards:
-        raise FileNotFoundError(f"{ckpt_dir}: params.json but no consolidated.*.pth shards")
+    shards = meta_shards(ckpt_dir)
     parts = [read_tensor_file(s) for s in shards]
     state = {}
     for name, full in expected.items():
@@ -511,10 +546,27 @@ def read_meta_weights(ckpt_dir: Path, expected: dict[str, torch.Size]) -> dict[s
     return state
 
 
+def meta_shards(ckpt_dir: Path) -> list[Path]:
+    """The shards: files named exactly consolidated.NN.pth, numbered 00 to K-1 without a gap.
+    Other names the loose pattern consolidated.*.pth would take (consolidated.00.backup.pth, a
+    copy) are ignored; a gap in the numbers is an error."""
+    numbered = {int(m.group(1)): f for f in ckpt_dir.glob("consolidated.*.pth")
+                if (m := re.fullmatch(r"consolidated\.(\d\d)\.pth", f.name))}
+    if not numbered:
+        raise FileNotFoundError(f"{ckpt_dir}: params.json but no consolidated.NN.pth shards")
+    gaps = sorted(set(range(max(numbered) + 1)) - set(numbered))
+    if gaps:
+        raise ValueError(f"{ckpt_dir}: shards {', '.join(f'{i:02d}' for i in sorted(numbered))} but no "
+                         f"consolidated.{gaps[0]:02d}.pth: Meta's shards are numbered 00 to K-1 without a gap")
+    return [numbered[i] for i in range(len(numbered))]
+
+
 def merge_shards(name, pieces, full: torch.Size, shards) -> torch.Tensor:
     shape = pieces[0].shape
-    if shape == full:
-        return pieces[0]  # replicated (norms), or a single shard
+    if shape == full and (len(pieces) == 1 or len(full) == 1):  # a single shard, or the replicated norms
+        if any(not torch.equal(p, pieces[0]) for p in pieces[1:]):
+            raise ValueError(f"{shards[0].parent}: {name} is replicated in every shard but the shards differ")
+        return pieces[0]
     split = [d for d in range(len(full)) if shape[d] * len(pieces) == full[d]
              and all(shape[o] == full[o] for o in range(len(full)) if o != d)]
     if len(shape) != len(full) or not split or any(p.shape != shape for p in pieces):
@@ -552,9 +604,6 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r}, expected 'silu'")
     rope_theta, use_scaled_rope = read_hf_rope(cfg, path)
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
-        raise ValueError(f"{path}: head_dim {head_dim} x heads != hidden_size; not implemented")
     args = ModelArgs(
         dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
         n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
@@ -562,6 +611,9 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
         use_scaled_rope=use_scaled_rope, max_seq_len=cfg.get("max_position_embeddings", 2048),
         ffn_hidden_dim=cfg["intermediate_size"],
     )
+    check_model_args(args, path, HF_CONFIG_KEYS)
+    if cfg.get("head_dim") not in (None, args.head_dim):
+        raise ValueError(f"{path}: head_dim {cfg['head_dim']} x heads != hidden_size; not implemented")
     return args, bool(cfg.get("tie_word_embeddings", False))
 
 
@@ -588,12 +640,12 @@ def hf_weight_files(ckpt_dir: Path) -> list[Path]:
     folder, where a stray copy would silently replace the real weights."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (ckpt_dir / index).is_file():
+        if (ckpt_dir / index).exists():
             weight_map = read_json(ckpt_dir / index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise ValueError(f"{ckpt_dir / index}: 'weight_map' is not a mapping of weight names to file names")
-            files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
-            absent = [f.name for f in files if not f.is_file()]
+            files = [inside(ckpt_dir, name, ckpt_dir / index) for name in sorted(set(weight_map.values()))]
+            absent = [f.name for f in files if not f.exists()]
             if absent:
                 raise FileNotFoundError(f"{ckpt_dir / index}: lists {absent} but they are not in the folder")
             return files
@@ -665,17 +717,28 @@ def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # Both layouts.
 
 
-def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, or of a .pth/.bin file read with weights_only (never
-    unpickling anything that could run code)."""
+def read_tensor_file(file: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a regular .safetensors file (or of `data`, its bytes already read), or of a
+    .pth/.bin file read with weights_only (never unpickling anything that could run code). Only
+    floating-point tensors: weights are never int8, bool or int64, and cast to float they would
+    compute something silently wrong."""
+    if data is None:
+        regular_file(file)
     try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        if data is not None or file.suffix == ".safetensors":
+            tensors = load_file(str(file)) if data is None else load(data)
+        else:
+            tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # the libraries raise many types; the user needs the file name
         raise ValueError(f"{file}: cannot read weights: {e}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{file}: not a file of named tensors")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{file}: {key} is {str(tensor.dtype).removeprefix('torch.')}; weights are floating point")
+    return tensors
 
 
 def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -726,4 +789,4 @@ def resolve_checkpoint(name) -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"checkpoint {name!r}: neither checkpoints/{name}/ nor {name}/ is a folder "
-                            f"(put params.json, consolidated.*.pth and tokenizer.model there)")
+                            f"(put params.json, consolidated.NN.pth and tokenizer.model there)")

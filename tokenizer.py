@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from data.files import read_json
+from data.files import read_json, regular_file
 
 # Llama 3's pre-tokenizer split pattern (Meta's release).
 LLAMA3_SPLIT_PATTERN = (
@@ -54,7 +54,7 @@ class Tokenizer:
     def __init__(self, path):
         self.path = Path(path)
         try:
-            head = self.path.open("rb").read(256)
+            head = regular_file(self.path).open("rb").read(256)
         except OSError as e:
             raise FileNotFoundError(f"{self.path}: cannot read tokenizer: {e}") from None
         self.add_bos = True
@@ -75,6 +75,9 @@ class Tokenizer:
                              f"{e}") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if min(self.bos_id, self.eos_id) < 0:  # -1: the model has none; every prompt starts with BOS
+            raise ValueError(f"{self.path}: a SentencePiece model without a BOS or EOS piece "
+                             f"(bos_id {self.bos_id}, eos_id {self.eos_id}): not a LLaMA tokenizer")
         # SentencePiece LLaMA has no pad token; id 0 (<unk>) is what the commonsense recipe pads with.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         self.stop_ids = {self.eos_id}

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import llama
 from data.commonsense import IGNORE_INDEX, encode_cloze_record, encode_record, load_records, train_prompt
-from data.files import code_version, read_json, write_atomically
+from data.files import EVAL_FILES, RUN_MARKER, code_version, locked_folder, output_folder, read_run_record, write_atomically
 from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, Batch, EchoConfig, EchoPath, add_adapters, adapter_parameters,
                        copy_adapter_tensors, loss_terms, route, save_adapter, trainable_parameters)
 
@@ -48,11 +48,21 @@ POSITIVE, NOT_NEGATIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
 SEED = (lambda v: 0 <= v < 2**32, "in [0, 2^32)")  # numpy's and torch's seeds
 
 
-def flag(default, help: str, *, choices=None, allowed=None, default_text: str = ""):
+def flag(default, help: str, *, choices=None, allowed=None, default_text: str = "", infinite: bool = False):
     """A Config field that is also a command-line flag: its default, its one-line meaning, the values
-    it may take (`choices`, or `allowed`: a test and its wording), and how `--help` states a default
-    that means more than its value (`default_text`)."""
-    return field(default=default, metadata=dict(help=help, choices=choices, allowed=allowed, default_text=default_text))
+    it may take (`choices`, or `allowed`: a test and its wording; a float is finite unless
+    `infinite`), and how `--help` states a default that means more than its value (`default_text`)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, allowed=allowed, default_text=default_text,
+                                                infinite=infinite))
+
+
+def finite(text: str) -> float:
+    """A float flag's value: NaN and infinity are parse errors naming the flag, not a NaN loss
+    blamed on --lr steps later."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def echo_flag(name: str, help: str, **kw):
@@ -95,7 +105,7 @@ class Config:
                        allowed=(lambda v: v >= 2, ">= 2 (BOS and at least one more token)"))
     warmup_steps: int = flag(100, "steps of linear warm-up, then linear decay to 0", allowed=NOT_NEGATIVE)
     grad_clip: float = flag(1.0, "largest gradient norm",
-                            allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"))
+                            allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"), infinite=True)
     # departures from the recipe, all off by default (docs/recipe.md)
     answer_only_loss: bool = flag(False, "departure: the plain cross-entropy on answer tokens only")
     token_mean_loss: bool = flag(False, "departure: one mean over the step's tokens, not a mean of micro-batch means")
@@ -149,7 +159,9 @@ PRESETS = {
 }
 
 
-# The files that make a folder a run: train.py refuses to write over them unless asked.
+# The files train.py writes in a run folder: it refuses to write over them unless asked, and
+# --overwrite removes exactly these and eval.py's (EVAL_FILES), by name. What makes the folder a
+# run is its config.json with train.py's RUN_MARKER (data.files.read_run_record).
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors", "adapter_config.json")
 # Flags a resumed run may change, because they cannot change what it computes (--out: the run
 # folder was moved; a larger --max-steps is checked apart: it continues the run further).
@@ -184,13 +196,14 @@ def flag_help(f: dataclasses.Field) -> str:
 def config_parser() -> argparse.ArgumentParser:
     """One flag per Config field: --name-with-dashes. Unset flags parse to None (False for a
     switch), so that what was given can be told apart from the defaults and PRESETS."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     for f in dataclasses.fields(Config):
         flag_name, help = "--" + f.name.replace("_", "-"), flag_help(f)
         if f.type is bool:
             parser.add_argument(flag_name, action="store_true", help=help)
         else:
-            parser.add_argument(flag_name, type=f.type, default=None, choices=f.metadata["choices"], help=help)
+            kind = finite if f.type is float and not f.metadata["infinite"] else f.type
+            parser.add_argument(flag_name, type=kind, default=None, choices=f.metadata["choices"], help=help)
     return parser
 
 
@@ -210,7 +223,7 @@ def parse_config(argv=None) -> Config:
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out, --overwrite replaces it: give one")
     try:
-        llama.resolve_device(cfg.device)
+        cfg.precision = cfg.precision or llama.default_precision(llama.resolve_device(cfg.device))
     except ValueError as e:
         parser.error(str(e))
     if cfg.batch_size % cfg.micro_batch_size:
@@ -221,30 +234,66 @@ def parse_config(argv=None) -> Config:
 
 
 def holds_run(folder: Path) -> bool:
-    return any((folder / name).exists() for name in RUN_FILES)
+    """Whether `folder` holds a run: train.py's record (config.json with RUN_MARKER) is there."""
+    try:
+        return read_run_record(folder) is not None
+    except ValueError:  # unreadable: no run to continue or replace (check_out_folder says why)
+        return False
+
+
+def taken(folder: Path) -> list[str]:
+    """The names of the files train.py would write that `folder` holds already."""
+    return [name for name in RUN_FILES if (folder / name).exists()]
 
 
 def default_out(base: str, resume: bool) -> str:
-    """`--out` not given: `base`, or when a run is already there (and this is no --resume) the
-    first free `base`-2, -3, ...: running the same command twice never overwrites a run."""
-    if resume or not holds_run(Path(base)):
+    """`--out` not given: `base`, or when files a run writes are already there (and this is no
+    --resume) the first free `base`-2, -3, ...: running the same command twice never overwrites a run."""
+    if resume or not taken(Path(base)):
         return base
     n = 2
-    while holds_run(Path(f"{base}-{n}")):
+    while taken(Path(f"{base}-{n}")):
         n += 1
     return f"{base}-{n}"
 
 
+@contextlib.contextmanager
+def run_folder(cfg: Config, rank: int):
+    """--out for the run's life: checked before anything is loaded, and (rank 0's, which alone
+    writes there) held by this process alone, so a second train.py into it fails at once."""
+    out = Path(cfg.out)
+    with contextlib.ExitStack() as held:
+        try:
+            output_folder(out)
+            if rank == 0:
+                held.enter_context(locked_folder(out))
+            check_out_folder(cfg)
+        except OSError as e:  # made and locked before the model loads: a read-only or full disk
+            raise SystemExit(f"--out {out}: cannot write a run there: {e.strerror or e}") from None
+        except ValueError as e:  # a file in the way, another train.py's, an unreadable config.json
+            raise SystemExit(str(e)) from None
+        yield out
+
+
 def check_out_folder(cfg: Config):
     """A folder holding a run is continued (--resume) or replaced (--overwrite), never silently
-    written over; a resumed run must not change what the run computes."""
+    written over; a resumed run must not change what the run computes, and needs the run's record
+    to tell. A folder holding files of train.py's names but no run record (an HF model folder's
+    config.json, a run whose config.json is gone) is never written into."""
     out = Path(cfg.out)
-    if not holds_run(out) or cfg.overwrite:
+    record, names = read_run_record(out), taken(out)
+    if record is None and names:
+        raise SystemExit(f"{out}: holds {', '.join(names)} but no train.py run record (a config.json with "
+                         f"{RUN_MARKER!r}): not a run to " + ("resume" if cfg.resume else "replace")
+                         + "; give another --out")
+    if record is None and cfg.resume:
+        raise SystemExit(f"{out}: --resume given but there is no run there to resume")
+    if record is None or cfg.overwrite:
         return
     if not cfg.resume:
         raise SystemExit(f"{out}: holds a run already; --resume continues it, --overwrite replaces it, "
                          "or give another --out")
-    saved = read_json(out / "config.json").get("config", {}) if (out / "config.json").is_file() else {}
+    saved = record.get("config", {})
     now = dataclasses.asdict(cfg)
     changed = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
     if "max_steps" in saved and (now["max_steps"] or math.inf) < (saved["max_steps"] or math.inf):  # 0: all epochs
@@ -302,11 +351,10 @@ def build_embedded_checkpoint(folder: Path, sample: Path):
 
 
 def start_device(cfg: Config, world: int) -> tuple[torch.device, bool]:
-    """The run's device (and its default --precision); under torchrun, its process group, joined
+    """The run's device; under torchrun, its process group, joined
     even as its only process, so one GPU runs the multi-GPU code path (NCCL included). Returns
     (device, whether distributed)."""
     device = llama.resolve_device(cfg.device)
-    cfg.precision = cfg.precision or llama.default_precision(device)
     distributed = "LOCAL_RANK" in os.environ
     if distributed:
         if device.type == "cuda":
@@ -694,9 +742,9 @@ class Progress:
 def prepare_run_folder(cfg: Config, out: Path, step: int, record: dict):
     """--overwrite's old run removed (and eval.py's results of its adapter), config.json written,
     metrics.jsonl started or, on --resume, cut back to the checkpoint's step."""
-    if cfg.overwrite:
-        for file in [out / name for name in RUN_FILES] + [*out.glob("results*.*"), *out.glob("predictions*.jsonl")]:
-            file.unlink(missing_ok=True)
+    if cfg.overwrite:  # exactly the files train.py and eval.py write: the user's own stay
+        for name in RUN_FILES + EVAL_FILES:
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
     metrics_file = out / "metrics.jsonl"
@@ -714,7 +762,7 @@ def run_record(cfg: Config, args: llama.ModelArgs, n_train: int, n_echo_params: 
     import sentencepiece
     import tiktoken
 
-    return {"config": dataclasses.asdict(cfg), "model_args": dataclasses.asdict(args), "train_records": n_train,
+    return {RUN_MARKER: 1, "config": dataclasses.asdict(cfg), "model_args": dataclasses.asdict(args), "train_records": n_train,
             "echo_parameters": n_echo_params, "command": " ".join(sys.argv), "code": code_version(),
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
                          "sentencepiece": sentencepiece.__version__, "tiktoken": tiktoken.__version__,
@@ -729,14 +777,18 @@ def run_summary(cfg: Config, model, echo, n_train: int, total_steps: int, device
 
 
 def main(argv=None):
-    # ---- config: flags, device, process group, the run folder
     cfg = parse_config(argv)
+    with run_folder(cfg, int(os.environ.get("RANK", 0))):
+        run(cfg)
+
+
+def run(cfg: Config):
+    # ---- config: flags, device, process group (the run folder is checked and held by main)
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, distributed = start_device(cfg, world)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    check_out_folder(cfg)
 
     # ---- data, read first: a malformed file is reported before minutes of loading a 7B model
     records = read_records(cfg.data)

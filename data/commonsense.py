@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+from data.files import refuse_constant, regular_file
+
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips (torch's default ignore_index)
 FIELDS = ("instruction", "input", "output", "answer")
 
@@ -106,9 +108,11 @@ def eval_prompt(record: dict) -> str:
 def parse_records(text: str, source: str) -> list[dict]:
     """Parse and check a commonsense-format JSON array; `source` names it in every error."""
     try:
-        records = json.loads(text)
+        records = json.loads(text, parse_constant=refuse_constant)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (ValueError, RecursionError) as e:  # NaN, a number of thousands of digits, nesting too deep
+        raise ValueError(f"{source}: not valid JSON: {e}") from None
     if not isinstance(records, list):
         raise ValueError(f"{source}: expected a JSON array of records, found {type(records).__name__}")
     for i, record in enumerate(records):
@@ -121,16 +125,23 @@ def parse_records(text: str, source: str) -> list[dict]:
             if not isinstance(record[key], str):
                 raise ValueError(f"{source}: record {i}: key {key!r} must be a string, "
                                  f"found {type(record[key]).__name__}")
+            try:
+                record[key].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate (a \ud800 escape): no tokenizer takes it
+                raise ValueError(f"{source}: record {i}: key {key!r} is not text: {e.reason} "
+                                 f"{record[key][e.start:e.end]!r} at character {e.start}") from None
     return records
 
 
 def load_records(path) -> list[dict]:
     """Read a commonsense-format file (commonsense_170k.json or a <benchmark>/test.json)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (python data/download.py fetches the public sets)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = regular_file(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (python data/download.py fetches the public sets)") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return parse_records(text, str(path))

@@ -112,7 +112,7 @@ def fetch(name: str, base_url: str, dest: Path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent,
                         help="folder to write into (default: this data/ folder)")
     parser.add_argument("--only", nargs="+", choices=list(SOURCES), default=list(SOURCES), metavar="NAME",

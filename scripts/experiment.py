@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
 import train  # noqa: E402
-from data.files import read_json, write_atomically  # noqa: E402
+from data.files import inside, read_bytes, read_json, read_run_record, write_atomically  # noqa: E402
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
 ARMS = {"none": None,
@@ -218,13 +218,17 @@ def experiment_settings(a, flags: dict, files: dict) -> dict:
             "data_sha256": {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items()}}
 
 
-def run_folder(out: Path, name: str) -> Path:
-    """<out>/<name> for a run's name, refused unless it is one and the folder lies in `out` itself
-    (no `../x`, no link leading out)."""
-    folder = out / name
-    if not RUN_NAME.fullmatch(name) or folder.resolve().parent != out.resolve():
-        raise SystemExit(f"{out}: {name!r} is not a run folder inside it (a run is <arm>-s<seed>, or none)")
-    return folder
+def check_run_names(out: Path, names):
+    """The run names an experiment.json gives: each a folder inside `out` (data.files.inside: no
+    `../x`) and a run's name, <arm>-s<seed> or none."""
+    source = out / "experiment.json"
+    for name in names:
+        try:
+            inside(out, name, source)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if not RUN_NAME.fullmatch(name):
+            raise SystemExit(f"{source}: {name!r} is not a run's name (<arm>-s<seed>, or none)")
 
 
 def open_experiment(out: Path, settings: dict) -> dict:
@@ -242,8 +246,7 @@ def open_experiment(out: Path, settings: dict) -> dict:
         raise SystemExit(str(e)) from None
     if not isinstance(manifest, dict) or not {"settings", "calls", "runs"} <= set(manifest):
         raise SystemExit(f"{file}: not an experiment's manifest (settings, calls, runs)")
-    for name in manifest["runs"]:
-        run_folder(out, name)
+    check_run_names(out, manifest["runs"])
     saved = manifest["settings"]
     show = lambda v: shlex.join(v) if isinstance(v, list) else v  # noqa: E731
     changed = [f"{key}: {show(saved.get(key))} -> {show(value)}" if key != "data_sha256" else
@@ -311,7 +314,7 @@ def run_experiment(a, manifest: dict, call: dict, flags: dict, started: float):
     and ends."""
     runs, budget, waiting = manifest["runs"], 60 * a.budget_minutes, False
     for unit in experiment_units(a.arms, a.seeds):
-        folders = {(arm, seed): run_folder(a.out, run_name(arm, seed)) for arm, seed in unit}
+        folders = {(arm, seed): a.out / run_name(arm, seed) for arm, seed in unit}
         todo = [(arm, seed) for arm, seed in unit if not evaluated(folders[arm, seed])]
         for arm, seed in unit:
             if (arm, seed) not in todo:  # evaluated in an earlier call: kept as it is
@@ -392,44 +395,64 @@ def run_folders(out: Path) -> list[Path]:
     return sorted(folder for folder in out.iterdir() if folder.is_dir() and evaluated(folder))
 
 
-def read_predictions(path: Path) -> list[dict]:
-    predictions = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def read_predictions(file: Path, data: bytes) -> dict[tuple[str, int], bool]:
+    """{(dataset, index): correct} of a predictions.jsonl; a malformed or repeated line is an error."""
+    correct = {}
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
         try:
-            predictions.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: line {n} is not JSON") from None
-    return predictions
+            p = json.loads(line)
+            key, right = (p["dataset"], p["index"]), p["correct"]
+        except (ValueError, RecursionError, TypeError, KeyError):
+            raise ValueError(f"{file}: line {n} is not a prediction (dataset, index, correct)") from None
+        if key[0] not in evaluator.BENCHMARKS or type(key[1]) is not int or type(right) is not bool:
+            raise ValueError(f"{file}: line {n}: {key[0]!r} item {key[1]!r} correct {right!r} is not a prediction")
+        if key in correct:
+            raise ValueError(f"{file}: line {n}: {key[0]} item {key[1]} is predicted twice")
+        correct[key] = right
+    return correct
 
 
 def read_run(folder: Path) -> dict:
-    """An evaluated run: its arm and seed (from train.py's config.json; none there: the untouched
-    model), eval.py's settings, and each question's correctness from predictions.jsonl."""
-    summary = read_json(folder / "results.json")
-    record = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-    try:
-        config = record["config"] if record else None
-        arm = "none" if config is None else config["method"] + (CONTROL if config.get("echo_inject") == "zero" else "")
-        correct = {(p["dataset"], p["index"]): bool(p["correct"])
-                   for p in read_predictions(folder / "predictions.jsonl")}
-        return {"folder": folder, "arm": arm, "seed": config["seed"] if config else None, "record": record,
-                "eval": summary.get("args", {}), "correct": correct}
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{folder}: not the files of an evaluated run ({type(e).__name__}: {e})") from None
+    """An evaluated run: its predictions.jsonl, the one source of its accuracies and flips;
+    results.json for the settings it was evaluated with (and the SHA-256 of the predictions written
+    with it, which must match); train.py's run record beside them for the arm and seed (none: the
+    untouched model)."""
+    summary_file, predictions_file = folder / "results.json", folder / "predictions.jsonl"
+    summary, data = read_json(summary_file), read_bytes(predictions_file)
+    if not isinstance(summary, dict) or not isinstance(summary.get("args", {}), dict):
+        raise ValueError(f"{summary_file}: not eval.py's results")
+    if summary.get("predictions_sha256", hashlib.sha256(data).hexdigest()) != hashlib.sha256(data).hexdigest():
+        raise ValueError(f"{predictions_file}: not the predictions {summary_file} was written with "
+                         "(edited since, or an evaluation cut short)")
+    record = read_run_record(folder)
+    config = record.get("config") if record is not None else None
+    if record is not None and not (isinstance(config, dict) and isinstance(config.get("method"), str)):
+        raise ValueError(f"{folder / 'config.json'}: not train.py's run record (no config with a method)")
+    arm = "none" if config is None else config["method"] + (CONTROL if config.get("echo_inject") == "zero" else "")
+    return {"folder": folder, "arm": arm, "seed": config.get("seed") if config else None, "record": record,
+            "eval": summary.get("args", {}), "correct": read_predictions(predictions_file, data)}
 
 
 def arm_rank(arm: str) -> tuple:
     return (list(ARMS).index(arm), "") if arm in ARMS else (len(ARMS), arm)
 
 
-def load_runs(folders) -> list[dict]:
-    """The runs of these folders (the same folder given twice counts once) in arm and seed order,
-    after checking that they can be compared: the same evaluation settings, one run per arm and seed."""
-    runs, seen = [], set()
+def load_runs(folders) -> tuple[list[dict], list[str]]:
+    """The runs of these folders in arm and seed order, after checking that they can be compared
+    (the same evaluation settings, one run per arm and seed: a copy would count twice); and a note
+    for each folder given again (by its real path, so also through a link), which counts once."""
+    runs, first, notes = [], {}, []
     for folder in map(Path, folders):
-        if folder.resolve() not in seen:
-            seen.add(folder.resolve())
-            runs.append(read_run(folder))
+        real = folder.resolve()
+        if real in first:
+            notes.append(f"{folder} is {first[real]} given again: counted once")
+            continue
+        first[real] = folder
+        runs.append(read_run(folder))
     if not runs:
         raise ValueError("no evaluated run (results.json and predictions.jsonl) to tabulate")
     differ = [k for k in COMPARED_SETTINGS if len({str(r["eval"].get(k)) for r in runs}) > 1]
@@ -442,7 +465,7 @@ def load_runs(folders) -> list[dict]:
         other = by_key.setdefault((run["arm"], run["seed"]), run)
         if other is not run:
             raise ValueError(f"two runs of {run_name(run['arm'], run['seed'])}: {other['folder']} and {run['folder']}")
-    return sorted(runs, key=lambda r: (arm_rank(r["arm"]), -1 if r["seed"] is None else r["seed"]))
+    return sorted(runs, key=lambda r: (arm_rank(r["arm"]), -1 if r["seed"] is None else r["seed"])), notes
 
 
 def shared_sets(runs: list[dict]) -> list[str]:
@@ -529,7 +552,7 @@ def results_markdown(folders) -> str:
     """results.md: how the runs were made; per arm the accuracy (%) mean ± std over seeds per test
     set and averaged; each pair of arms seed by seed, with the questions that flip each way and
     the exact McNemar p of those flips (and the seeds pooled)."""
-    runs = load_runs(folders)
+    runs, given_again = load_runs(folders)
     sets = shared_sets(runs)
     arms = {}
     for run in runs:
@@ -583,6 +606,8 @@ def results_markdown(folders) -> str:
                              f"{statistics.stdev(diffs):.1f} | {gained} | {lost} | {mcnemar_exact_p(gained, lost):.3g} |")
         if notes:
             lines += [""] + notes
+    if given_again:
+        lines += [""] + [f"- {note}" for note in given_again]
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ def draw(folders, file: Path):
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
 
-    runs = experiment.load_runs(folders)
+    runs, _ = experiment.load_runs(folders)
     sets = experiment.shared_sets(runs)
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     colors = {arm: plt.get_cmap("tab10")(i) for i, arm in enumerate(arms)}

@@ -12,6 +12,7 @@
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -27,6 +28,7 @@ import eval as evaluator
 import llama
 import train
 from conftest import ASSETS, ROOT
+from data.files import RUN_MARKER
 from reference import write_meta_folder
 from tokenizer import Tokenizer
 
@@ -75,7 +77,7 @@ class StandIn:
         if out.name in self.stop:
             self.stop.remove(out.name)
             return 1
-        record = {"config": dataclasses.asdict(cfg), "train_records": 8}
+        record = {RUN_MARKER: 1, "config": dataclasses.asdict(cfg), "train_records": 8}
         (out / "config.json").write_text(json.dumps(record))
         (out / "adapter.safetensors").write_text("an adapter")
         return 0
@@ -176,7 +178,8 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
         return str(stopped.value.code) if stopped.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
 
     # the runner's own flags, also abbreviated as train.py's and eval.py's parsers read them
-    assert "--train-flags: --seed is given to each run by the experiment itself" in error("--train-flags=--see 3")
+    assert "--train-flags: --seed is given to each run by the experiment itself" in error("--train-flags=--seed 3")
+    assert "unrecognized arguments: --see" in error("--train-flags=--see 3")  # no abbreviation in train.py either
     assert "--echo-flags: --echo-inject is given" in error("--echo-flags=--echo-inject zero")
     assert "--eval-flags: --data-dir, --datasets is given" in error("--eval-flags=--datasets boolq --data-dir d")
     assert "--train-flags" in error("--train-flags=--no-such-flag")
@@ -194,23 +197,20 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
     assert "holds files but no experiment.json" in error()
     assert (out / "notes.txt").read_text() == "mine"
 
-    # a manifest naming a run outside --out (../x): refused before anything runs
+    # a manifest naming a run outside --out, or a name no run has: refused before anything runs
     (out / "notes.txt").unlink()
-    manifest = {"settings": {}, "calls": [], "runs": {"../victim": {"arm": "lora", "seed": 1, "status": "done"}}}
-    (out / "experiment.json").write_text(json.dumps(manifest))
-    assert "'../victim' is not a run folder inside it" in error()
-    assert scripts.commands == []
+    for name, why in (("../outside/run", "is not a name inside"), ("lora-s1/../../outside", "is not a name inside"),
+                      ("lora-s1/x", "is not a run's name")):
+        manifest = {"settings": {}, "calls": [], "runs": {name: {"arm": "lora", "seed": 1, "status": "done"}}}
+        (out / "experiment.json").write_text(json.dumps(manifest))
+        assert f"experiment.json: {name!r} {why}" in error()
+    assert scripts.commands == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "x"]
 
-    # another call with other settings into the same folder; a run folder that links out of it
+    # another call with other settings into the same folder
     stand_in_experiment(tmp_path, 60, "--arms", "none")
     with pytest.raises(SystemExit, match=r"its runs were made with other settings \(eval_flags: .* -> .*--limit 2"):
         stand_in_experiment(tmp_path, 60, "--arms", "none", "--eval-flags=--limit 2")
-    shutil.rmtree(tmp_path / "exp" / "none")
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "exp" / "none").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(SystemExit, match="'none' is not a run folder inside it"):
-        stand_in_experiment(tmp_path, 60, "--arms", "none")
-    assert len(scripts.commands) == 1 and list((tmp_path / "elsewhere").iterdir()) == []
+    assert len(scripts.commands) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_experiment_end_to_end_with_the_real_scripts(ckpt, tmp_path, monkeypatch
     for name in status(manifest):
         files = {"results.json", "predictions.jsonl"} | ({"config.json", "metrics.jsonl"} if name != "none" else set())
         assert all((out / name / f).is_file() for f in files), name
-        predictions = experiment.read_predictions(out / name / "predictions.jsonl")
+        predictions = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
         assert {d: [p["gold"] for p in predictions if p["dataset"] == d] for d in SETS} == gold
     control = json.loads((out / "echo-lora-control-s1" / "config.json").read_text())["config"]
     assert (control["method"], control["echo_inject"], control["echo_route_p"]) == ("echo-lora", "zero", 1.0)
@@ -300,8 +300,8 @@ def test_experiment_end_to_end_with_the_real_scripts(ckpt, tmp_path, monkeypatch
     # The table: from the run folders; each arm's row recomputed here from predictions.jsonl.
     assert (out / "results.md").read_text() == table == experiment.results_markdown(experiment.run_folders(out))
     for arm in ("none", "lora", "echo-lora", "echo-lora-control"):
-        predictions = experiment.read_predictions(out / experiment.run_name(arm, None if arm == "none" else 1)
-                                                  / "predictions.jsonl")
+        folder = out / experiment.run_name(arm, None if arm == "none" else 1)
+        predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
         per_set = [100 * sum(p["correct"] for p in predictions if p["dataset"] == d) / 3 for d in SETS]
         row = f"| {'none (untouched)' if arm == 'none' else arm} | {'-' if arm == 'none' else 1} | " + \
             " | ".join(f"{v:.1f}" for v in per_set + [sum(per_set) / 2]) + " |"
@@ -314,23 +314,29 @@ def test_experiment_end_to_end_with_the_real_scripts(ckpt, tmp_path, monkeypatch
 # The table and the figure, on fixture runs
 
 
-def write_run(folder, arm, seed, correct_by_set, write_config=True, metrics=(), **eval_args):
+def write_run(folder, arm, seed, correct_by_set, write_config=True, metrics=(), results=None, sealed=True,
+              **eval_args):
     """An evaluated run as train.py and eval.py leave it: config.json (not for the untouched
-    model), metrics.jsonl, results.json and predictions.jsonl."""
+    model), metrics.jsonl, predictions.jsonl and results.json; `results` stands in for a
+    results.json that says otherwise than its predictions; `sealed`: results.json records the
+    predictions' SHA-256, as eval.py writes it."""
     folder.mkdir(parents=True, exist_ok=True)
     predictions = [{"dataset": d, "index": i, "generated": "", "answer": "", "gold": "x", "correct": c}
                    for d, flags in correct_by_set.items() for i, c in enumerate(flags)]
     args = {"ckpt": "checkpoints/smollm2-135m", "scoring": "generate", "num_beams": 1, "max_new_tokens": 32,
             "limit": None, "precision": "fp32", **eval_args}
-    results = {d: {"accuracy": sum(f) / len(f), "correct": sum(f), "n": len(f), "unanswered": 0}
-               for d, f in correct_by_set.items()}
-    (folder / "results.json").write_text(json.dumps({"results": results, "args": args}))
-    (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    lines = "".join(json.dumps(p) + "\n" for p in predictions)
+    (folder / "predictions.jsonl").write_text(lines)
+    summary = {"results": results or {d: {"accuracy": sum(f) / len(f), "correct": sum(f), "n": len(f)}
+                                      for d, f in correct_by_set.items()}, "args": args}
+    if sealed:
+        summary["predictions_sha256"] = hashlib.sha256(lines.encode()).hexdigest()
+    (folder / "results.json").write_text(json.dumps(summary))
     if write_config and arm != "none":
         config = dataclasses.asdict(train.Config(method=arm.removesuffix("-control"), seed=seed, lr=3e-4, epochs=1,
                                                  data="data/ARC-Easy/train.json,data/ARC-Challenge/train.json",
                                                  echo_inject="zero" if arm.endswith("-control") else "echo"))
-        (folder / "config.json").write_text(json.dumps({"config": config, "train_records": 3250}))
+        (folder / "config.json").write_text(json.dumps({RUN_MARKER: 1, "config": config, "train_records": 3250}))
         (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return folder
 
@@ -383,8 +389,11 @@ def test_table_means_over_seeds_and_pairs_seed_by_seed(fixture_runs):
     assert "  - echo-lora-control: `--echo-inject=zero`" in text and "  - lora:" not in text
     assert "- evaluation: eval.py, greedy decoding, at most 32 new tokens, fp32 weights, every question of " \
            "ARC-Easy, ARC-Challenge" in text
-    # the same folder given twice counts once
-    assert experiment.results_markdown(folders + folders[:3] + [fixture_runs / "lora-s1" / "."]) == text
+    # the same folder given twice, or through a link, counts once, and the table says so
+    (fixture_runs.parent / "link").symlink_to(fixture_runs / "echo-lora-s1")
+    again = experiment.results_markdown(folders + folders[:1] + [fixture_runs.parent / "link"])
+    assert again == text + f"\n- {folders[0]} is {folders[0]} given again: counted once\n" \
+        f"- {fixture_runs.parent / 'link'} is {fixture_runs / 'echo-lora-s1'} given again: counted once\n"
 
 
 def test_table_only_writes_the_functions_table_from_the_raw_files(fixture_runs, capsys):
@@ -414,9 +423,29 @@ def test_table_refuses_runs_it_cannot_compare_and_counts_unpaired_questions(fixt
     text = experiment.results_markdown([fixture_runs / "lora-s1", fixture_runs / "short" / "echo-lora-s1"])
     assert "| echo-lora vs lora | 1 | 45.8 | 37.5 | +8.3 | 1 | 1 | 1 |" in text
     assert "- echo-lora vs lora, seed 1: 1 questions not in both runs are left out of the flips" in text
-    (fixture_runs / "none" / "predictions.jsonl").write_text("{not json\n")
-    with pytest.raises(SystemExit, match=r"none/predictions.jsonl: line 1 is not JSON"):
+    shutil.copytree(fixture_runs / "echo-lora-s1", fixture_runs / "echo-copy")  # the same run under another name
+    with pytest.raises(SystemExit, match=r"two runs of echo-lora-s1: .*echo-copy and .*exp/echo-lora-s1"):
         experiment.main(["--table-only", "--out", str(fixture_runs)])
+    shutil.rmtree(fixture_runs / "echo-copy")
+    (fixture_runs / "none" / "predictions.jsonl").write_text("{not json\n")
+    (fixture_runs / "none" / "results.json").write_text(json.dumps({"args": {"scoring": "generate"}}))  # unsealed
+    with pytest.raises(SystemExit, match=r"none/predictions.jsonl: line 1 is not a prediction"):
+        experiment.main(["--table-only", "--out", str(fixture_runs)])
+
+
+def test_table_takes_accuracies_and_flips_from_the_predictions_they_were_written_with(tmp_path):
+    lora = write_run(tmp_path / "lora-s1", "lora", 1, {"ARC-Easy": [T, F]}, results={"ARC-Easy": {"accuracy": 1.0}},
+                     sealed=False)  # an old results.json that disagrees with its predictions
+    echo = write_run(tmp_path / "echo-lora-s1", "echo-lora", 1, {"ARC-Easy": [T, T]})
+    assert "| lora | 1 | 50.0 | 50.0 |" in experiment.results_markdown([lora, echo])
+    (echo / "predictions.jsonl").write_text((echo / "predictions.jsonl").read_text().replace("true", "false", 1))
+    with pytest.raises(ValueError, match="echo-lora-s1/predictions.jsonl: not the predictions .*results.json was "
+                                         "written with"):
+        experiment.results_markdown([lora, echo])
+    (echo / "predictions.jsonl").write_text('{"dataset": "ARC-Easy", "index": 0, "correct": true}\n' * 2)
+    (echo / "results.json").write_text(json.dumps({"args": {}}))
+    with pytest.raises(ValueError, match="line 2: ARC-Easy item 0 is predicted twice"):
+        experiment.results_markdown([lora, echo])
 
 
 def test_mcnemar_p_is_the_exact_binomial_test_by_its_definition():

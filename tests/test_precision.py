@@ -19,7 +19,7 @@ import llama
 import train
 from conftest import ASSETS
 from data.commonsense import eval_prompt, load_records
-from echo_lora import EchoConfig, EchoPath, adapted_linears, add_adapters, loss_terms, trainable_parameters
+from echo_lora import EchoConfig, EchoPath, adapted_linears, add_adapters, loss_terms
 from reference import write_meta_folder
 
 ARC_TRAIN = ASSETS / "data" / "commonsense" / "ARC-Easy" / "train.json"

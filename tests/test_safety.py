@@ -90,9 +90,9 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_resume_never_unpickles_a_checkpoint_that_would_run_code(ckpt, records, tmp_path):
+def test_resume_never_unpickles_a_checkpoint_that_would_run_code(finished_run, ckpt, records, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
-    out.mkdir()
+    shutil.copytree(finished_run, out)  # a run, its record included, whose checkpoint was replaced
     torch.save({"step": 1, "adapter": RunsCode(marker)}, out / "checkpoint.pt")
     with pytest.raises(SystemExit, match=r"checkpoint\.pt: not a checkpoint this run can resume from") as e:
         train.main(train_args(ckpt, records, out, "--resume"))

@@ -1,0 +1,451 @@
+"""Safe at the boundaries (issue 24): one mechanism per class of hostile input, each where files
+and flags enter (data/files.py, llama.py's loading, the command lines), and each fed here the
+real inputs of the issue's table and one more of the same class."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import sentencepiece
+import torch
+from safetensors.torch import load_file, save_file
+
+import bench
+import echo_lora
+import eval as evaluator
+import llama
+import train
+from conftest import ROOT
+from data import download, prepare_smollm2
+from data.commonsense import load_records
+from data.files import RUN_MARKER, inside, locked_folder, read_json, write_atomically
+from reference import write_hf_folder
+from test_safety import DATA, SHAPE, meta_ckpt, train_args
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import experiment  # noqa: E402
+from tokenizer import Tokenizer
+
+SMALL = dict(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)  # no tokenizer needed
+
+
+def small_model(seed=0) -> llama.Transformer:
+    torch.manual_seed(seed)
+    return llama.Transformer(llama.ModelArgs(**SMALL))
+
+
+def meta_folder(folder, model=None):
+    """A Meta-layout folder of SMALL's shape (params.json, consolidated.00.pth)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(SMALL))
+    torch.save((model or small_model()).state_dict(), folder / "consolidated.00.pth")
+    return folder
+
+
+def same_weights(model, reference) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail, rather than hang the suite, if the block blocks (a FIFO opened for reading)."""
+    def blocked(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return meta_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "arc.json"
+    path.write_text(json.dumps(load_records(DATA / "ARC-Easy" / "train.json")[:24]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(ckpt, records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    train.main(train_args(ckpt, records, out))
+    return out
+
+
+def eval_args(ckpt, out, *extra):
+    return ["--ckpt", str(ckpt), "--data-dir", str(DATA), "--datasets", "piqa", "--limit", "2", "--device", "cpu",
+            "--num-beams", "1", "--max-new-tokens", "2", "--out", str(out), *extra]
+
+
+# ---- 1. a name read from a file stays inside that file's folder
+
+
+@pytest.mark.parametrize("name", ["../elsewhere/x.safetensors", "ABSOLUTE", "shards/../../elsewhere/x.safetensors"])
+def test_an_hf_index_naming_files_outside_its_folder_is_refused(tmp_path, name):
+    write_hf_folder(small_model(1), tmp_path / "elsewhere")  # weights a loader could be led to
+    (tmp_path / "elsewhere" / "model.safetensors").rename(tmp_path / "elsewhere" / "x.safetensors")
+    folder = write_hf_folder(small_model(), tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    name = str(tmp_path / "elsewhere" / "x.safetensors") if name == "ABSOLUTE" else name
+    keys = load_file(str(tmp_path / "elsewhere" / "x.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: .* is not a name inside"):
+        llama.load(folder)
+
+
+def test_inside_resolves_dot_dot_within_the_folder(tmp_path):
+    assert inside(tmp_path, "a/../b.json", tmp_path / "x.json") == tmp_path / "b.json"
+    with pytest.raises(ValueError, match="is not a name inside"):
+        inside(tmp_path, "../b.json", tmp_path / "x.json")
+
+
+# ---- 2. Meta shards: exactly consolidated.NN.pth, numbered 00 to K-1
+
+
+def test_a_stray_file_the_loose_pattern_takes_is_ignored(tmp_path):
+    real = small_model()
+    folder = meta_folder(tmp_path, real)
+    torch.save(small_model(1).state_dict(), folder / "consolidated.00.backup.pth")  # sorts first
+    torch.save(small_model(2).state_dict(), folder / "consolidated.0.pth")
+    assert same_weights(llama.load(folder, dtype=torch.float32)[0], real)
+
+
+def test_a_gap_in_the_shard_numbers_or_a_stray_whole_copy_is_an_error(tmp_path):
+    folder = meta_folder(tmp_path / "gap")
+    torch.save(small_model(1).state_dict(), folder / "consolidated.02.pth")
+    with pytest.raises(ValueError, match=r"shards 00, 02 but no consolidated\.01\.pth"):
+        llama.load(folder)
+    folder = meta_folder(tmp_path / "copy")
+    torch.save(small_model(1).state_dict(), folder / "consolidated.01.pth")  # a whole model, not a shard
+    with pytest.raises(ValueError, match=r"x 2 shards, which does not make"):
+        llama.load(folder)
+    (folder / "consolidated.00.pth").rename(folder / "consolidated.1.pth")
+    (folder / "consolidated.01.pth").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no consolidated\.NN\.pth shards"):
+        llama.load(folder)
+
+
+# ---- 3. weights are floating point
+
+
+def test_integer_and_bool_weights_are_an_error_naming_the_file_and_key(tmp_path):
+    state = small_model().state_dict()
+    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"].to(torch.int8)
+    folder = meta_folder(tmp_path / "meta")
+    torch.save(state, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth: layers\.0\.attention\.wq\.weight is int8"):
+        llama.load(folder)
+    folder = write_hf_folder(small_model(), tmp_path / "hf")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"] > 0
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: model\.layers\.0\.mlp\.up_proj\.weight is bool"):
+        llama.load(folder)
+    # an adapter's tensors too
+    model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
+    echo_lora.save_adapter(tmp_path / "adapter", model)
+    tensors = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    tensors["layers.0.attention.wq.lora_A"] = tensors["layers.0.attention.wq.lora_A"].to(torch.int64)
+    save_file(tensors, str(tmp_path / "adapter" / "adapter.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter\.safetensors: layers\.0\.attention\.wq\.lora_A is int64"):
+        echo_lora.load_adapter(tmp_path / "adapter", small_model())
+
+
+# ---- 4. a model that computes NaN is never scored
+
+
+@pytest.mark.parametrize("weight, value", [("layers.0.feed_forward.w2.weight", float("nan")),
+                                           ("output.weight", float("inf"))])
+def test_non_finite_logits_stop_eval_with_one_line(tmp_path, capsys, weight, value):
+    folder = meta_ckpt(tmp_path / "broken")
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    state[weight][3, 1] = value
+    torch.save(state, folder / "consolidated.00.pth")
+    assert evaluator.main(eval_args(folder, tmp_path / "eval")) == 1
+    assert f"{folder}: the model's logits on piqa item 0 are not finite" in one_line(capsys)
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+@pytest.mark.parametrize("change", [{"norm_eps": -1}, {"rope_theta": 0}])
+def test_a_model_description_that_computes_nan_is_refused_by_eval(tmp_path, capsys, change):
+    folder = meta_ckpt(tmp_path / "bad", **change)
+    assert evaluator.main(eval_args(folder, tmp_path / "eval")) == 1
+    key = next(iter(change))
+    assert f"params.json: '{key}' is {change[key]}, expected > 0 and finite" in one_line(capsys)
+
+
+# ---- 5. run folders: recognised by train.py's record, one process's, removed only by name
+
+
+def test_an_hf_model_folder_is_not_a_run_and_is_never_written_over(ckpt, records, tmp_path):
+    folder = write_hf_folder(small_model(), tmp_path / "hf-model")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    for flags in ((), ("--overwrite",), ("--resume",)):
+        with pytest.raises(SystemExit, match=r"holds config\.json but no train\.py run record") as e:
+            train.main(train_args(ckpt, records, folder, *flags))
+        assert "\n" not in str(e.value)
+    assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != ".lock"} == before
+    assert not train.holds_run(folder)
+
+
+def test_overwrite_removes_only_the_files_train_and_eval_write(finished_run, ckpt, records, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    eval_files = {"results.json": "{}", "results.md": "#", "predictions.jsonl": ""}
+    mine = {"results_notes.md": "mine", "results-by-hand.json": "{}", "predictions-old.jsonl": "", "notes.txt": "x"}
+    for name, text in {**eval_files, **mine}.items():
+        (run / name).write_text(text)
+    train.main(train_args(ckpt, records, run, "--overwrite", "--max-steps", "1"))
+    assert not any((run / name).exists() for name in eval_files)
+    assert all((run / name).read_text() == text for name, text in mine.items())
+    assert read_json(run / "config.json")[RUN_MARKER] == 1
+
+
+def test_a_second_train_into_the_same_out_fails_with_one_line(ckpt, records, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from data.files import locked_folder\n"
+         f"with locked_folder({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit, match=r"another process is writing a run there") as e:
+            train.main(train_args(ckpt, records, out, "--max-steps", "1"))
+        assert "\n" not in str(e.value) and not (out / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train.main(train_args(ckpt, records, out, "--max-steps", "1"))  # a killed holder leaves no stale lock
+    assert train.holds_run(out)
+    with locked_folder(out):  # in-process too: the lock is the folder's, not the process's
+        with pytest.raises(SystemExit, match="another process is writing a run there"):
+            train.main(train_args(ckpt, records, out, "--resume", "--max-steps", "2"))
+
+
+def test_temporary_files_are_fresh_names_never_a_planted_symlink(finished_run, ckpt, records, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    victims = {}
+    for name in train.RUN_FILES:
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("keep")
+        (run / f".{name}.tmp").symlink_to(victims[name])  # the old fixed temporary names
+    train.main(train_args(ckpt, records, run, "--overwrite", "--max-steps", "1"))
+    assert all(v.read_text() == "keep" for v in victims.values())
+    names = []
+    write_atomically(tmp_path / "a.json", lambda tmp: names.append(tmp) or tmp.write_text("1"))
+    write_atomically(tmp_path / "a.json", lambda tmp: names.append(tmp) or tmp.write_text("2"))
+    assert names[0] != names[1] and all(n.name.startswith(".a.json.") and n.suffix == ".tmp" for n in names)
+    assert (tmp_path / "a.json").read_text() == "2" and (tmp_path / "a.json").stat().st_mode & 0o777 != 0o600
+
+
+def test_resume_needs_the_run_record(finished_run, ckpt, records, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "config.json").unlink()
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    with pytest.raises(SystemExit, match=r"holds .*checkpoint\.pt.* but no train\.py run record .*not a run to resume"):
+        train.main(train_args(ckpt, records, run, "--resume", "--lr", "1e-3", "--seed", "7"))
+    with pytest.raises(SystemExit, match="not a run to replace"):  # nor written over without --resume
+        train.main(train_args(ckpt, records, run))
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    with pytest.raises(SystemExit, match="--resume given but there is no run there to resume"):
+        train.main(train_args(ckpt, records, tmp_path / "empty", "--resume"))
+
+
+# ---- 6. no abbreviated flags, in any parser
+
+
+@pytest.mark.parametrize("entry_point, argv, flag", [
+    (train.parse_config, ["--see", "7"], "--see"), (evaluator.parse_args, ["--ckpt", "x", "--data-d", "y"], "--data-d"),
+    (bench.main, ["--ste", "3"], "--ste"), (download.main, ["--on", "boolq"], "--on"),
+    (prepare_smollm2.main, ["--from-p", "x"], "--from-p"),
+    # the experiment runner hands these to train.py's and eval.py's parsers: every seed 7, other test files
+    (experiment.main, ["--out", "unused", "--train-flags=--see 7"], "--see"),
+    (experiment.main, ["--out", "unused", "--eval-flags=--data-d OTHER"], "--data-d"),
+], ids=["train", "eval", "bench", "download", "prepare_smollm2", "experiment-train", "experiment-eval"])
+def test_an_abbreviated_flag_is_a_parse_error(capsys, entry_point, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        entry_point(argv)
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+# ---- 7. float flags are finite when parsed
+
+
+@pytest.mark.parametrize("argv", [["--echo-distill", "nan"], ["--echo-tau", "inf"], ["--echo-route-p", "nan"],
+                                  ["--alpha", "inf"], ["--lr", "inf"], ["--dropout", "nan"]])
+def test_a_float_flag_that_is_not_finite_is_a_parse_error_naming_it(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(argv)
+    assert e.value.code == 2
+    assert f"argument {argv[0]}: {argv[1]} is not a finite number" in capsys.readouterr().err
+    assert train.parse_config(["--grad-clip", "inf"]).grad_clip == float("inf")  # documented: no clipping
+
+
+# ---- 8. a model description checked once, where ModelArgs is made
+
+
+@pytest.mark.parametrize("change, key, allowed", [
+    ({"dim": -128}, "dim", "> 0"), ({"n_heads": 0}, "n_heads", "> 0"), ({"multiple_of": 0}, "multiple_of", ">= 1"),
+    ({"max_seq_len": -5}, "max_seq_len", ">= 1"), ({"ffn_dim_multiplier": -1}, "ffn_dim_multiplier", "> 0"),
+    ({"n_kv_heads": 3}, "n_kv_heads", "> 0 and a divisor of the 4 query heads"), ({"norm_eps": -1}, "norm_eps", "> 0"),
+    ({"rope_theta": 0}, "rope_theta", "> 0"), ({"n_layers": 0}, "n_layers", "> 0"),
+    ({"dim": 66}, "dim", "a multiple of 2 x 4 heads"), ({"vocab_size": 0}, "vocab_size", "> 0"),
+])
+def test_params_json_values_that_build_no_model_are_one_line(tmp_path, change, key, allowed):
+    (tmp_path / "params.json").write_text(json.dumps({**SHAPE, **change}))
+    with pytest.raises(ValueError, match=rf"params\.json: '{key}' is {list(change.values())[0]}, expected {allowed}") as e:
+        llama.ModelArgs.from_params_json(tmp_path / "params.json")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"num_attention_heads": 0}, "num_attention_heads"), ({"rms_norm_eps": -1}, "rms_norm_eps"),
+    ({"rope_parameters": {"rope_theta": 0, "rope_type": "default"}}, "rope_theta"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings"), ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"intermediate_size": 0}, "intermediate_size"),
+])
+def test_hf_config_values_that_build_no_model_name_the_hf_key(tmp_path, change, key):
+    folder = write_hf_folder(llama.Transformer(llama.ModelArgs(**SHAPE)), tmp_path)
+    (folder / "config.json").write_text(json.dumps({**read_json(folder / "config.json"), **change}))
+    with pytest.raises(ValueError, match=rf"config\.json: '{key}' is "):
+        llama.read_hf_config(folder / "config.json")
+
+
+def test_json_nan_huge_numbers_and_deep_nesting_are_one_line(tmp_path):
+    params = tmp_path / "params.json"
+    for text, why in [('{"dim": 64, "norm_eps": NaN}', "NaN is not a JSON number"),
+                      ('{"dim": 1' + "0" * 100_000 + "}", "digits"), ("[" * 100_000 + "]" * 100_000, "")]:
+        params.write_text(text)
+        with pytest.raises(ValueError, match=rf"params\.json: cannot read JSON: .*{why}"):
+            llama.ModelArgs.from_params_json(params)
+    data = tmp_path / "records.json"
+    data.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"records\.json: not valid JSON"):
+        load_records(data)
+
+
+# ---- 9. files and text the program cannot use: one line, before any work
+
+
+@pytest.mark.parametrize("what", ["shard", "params", "adapter config", "adapter tensors", "data"])
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, what):
+    folder = meta_folder(tmp_path / "ckpt")
+    model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
+    echo_lora.save_adapter(tmp_path / "adapter", model)
+    fifo = {"shard": folder / "consolidated.00.pth", "params": folder / "params.json",
+            "adapter config": tmp_path / "adapter" / "adapter_config.json",
+            "adapter tensors": tmp_path / "adapter" / "adapter.safetensors", "data": tmp_path / "data.json"}[what]
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    with within(5), pytest.raises(ValueError, match=rf"{fifo.name}: a FIFO, not a regular file"):
+        if what == "data":
+            load_records(fifo)
+        elif what.startswith("adapter"):
+            echo_lora.load_adapter(tmp_path / "adapter", small_model())
+        else:
+            llama.load(folder)
+
+
+def test_a_lone_surrogate_in_a_record_is_one_line_naming_the_file_and_record(ckpt, records, tmp_path, capsys):
+    rows = json.loads(records.read_text())
+    text = json.dumps(rows[:3]).replace(json.dumps(rows[1]["instruction"])[1:-1], "Which one? \\ud800", 1)
+    bad = tmp_path / "surrogate.json"
+    bad.write_text(text)
+    with pytest.raises(SystemExit, match=r"surrogate\.json: record 1: key 'instruction' is not text") as e:
+        train.main(train_args(ckpt, bad, tmp_path / "run"))
+    assert "\n" not in str(e.value)
+    tests = tmp_path / "tests" / "piqa"  # and in a test question
+    tests.mkdir(parents=True)
+    questions = load_records(DATA / "piqa" / "test.json")[:2]
+    questions[0]["instruction"] = "Goal: \ud83d"
+    (tests / "test.json").write_text(json.dumps(questions))
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--data-dir", str(tmp_path / "tests"))) == 1
+    assert "test.json: record 0: key 'instruction' is not text" in one_line(capsys)
+
+
+def test_a_sentencepiece_model_without_bos_or_eos_is_refused(tmp_path):
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 20), model_writer=model,
+        vocab_size=30, model_type="bpe", bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, minloglevel=2,
+        hard_vocab_limit=False)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match=r"tokenizer\.model: a SentencePiece model without a BOS or EOS"):
+        Tokenizer(tmp_path / "tokenizer.model")
+
+
+def test_out_is_checked_before_the_model_loads(ckpt, records, tmp_path, capsys, monkeypatch):
+    def loaded(*_):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(evaluator, "load_model", loaded)
+    monkeypatch.setattr(train, "load_model", loaded)
+    taken = tmp_path / "results.txt"
+    taken.write_text("a file")
+    for out in (taken, taken / "sub"):
+        assert evaluator.main(eval_args(ckpt, out)) == 1
+        assert f"--out {out}: {taken} is a file, not a folder" in one_line(capsys)
+        with pytest.raises(SystemExit, match=f"--out {out}: {taken} is a file, not a folder"):
+            train.main(train_args(ckpt, records, out))
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        assert evaluator.main(eval_args(ckpt, tmp_path / "read-only" / "eval")) == 1
+        assert "is not writable" in one_line(capsys)
+
+
+def test_a_broken_train_config_beside_the_adapter_fails_before_the_model_loads(ckpt, tmp_path, capsys, monkeypatch):
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    (tmp_path / "adapter" / "config.json").write_text('{"echo_lora_run": 1, "config": ')  # cut short
+
+    def loaded(*_):
+        raise AssertionError("the model was loaded before the train config was read")
+
+    monkeypatch.setattr(evaluator, "load_model", loaded)
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
+    assert "adapter/config.json: cannot read JSON" in one_line(capsys)
+
+
+# ---- 10. eval.py's results and predictions: one unit (the experiment's table: tests/test_experiment.py)
+
+
+def test_an_overwrite_cut_short_leaves_no_results_beside_old_predictions(ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    assert evaluator.main(eval_args(ckpt, out)) == 0
+    summary = read_json(out / "results.json")
+    assert summary["predictions_sha256"] == hashlib.sha256((out / "predictions.jsonl").read_bytes()).hexdigest()
+    original = evaluator.write_text
+
+    def killed_after_the_predictions(path, text):
+        if path.name == "results.md":
+            raise KeyboardInterrupt("killed")
+        original(path, text)
+
+    monkeypatch.setattr(evaluator, "write_text", killed_after_the_predictions)
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.main(eval_args(ckpt, out, "--overwrite", "--max-new-tokens", "3"))
+    assert not (out / "results.json").exists()
