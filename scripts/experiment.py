@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
 import train  # noqa: E402
-from data.files import inside, read_bytes, read_json, read_run_record, write_atomically  # noqa: E402
+from data.files import inside, output_files, read_bytes, read_json, read_run_record, write_atomically  # noqa: E402
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
 ARMS = {"none": None,
@@ -108,6 +108,9 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", type=Path, metavar="RUN",
                    help="with --table-only: tabulate these evaluated run folders instead of those in --out "
                         "(default: --out's)")
+    p.add_argument("--scoring", help="with --table-only: which evaluation's files to read, a value of eval.py "
+                                     "--scoring (default: the experiment's, from <out>/experiment.json; generate "
+                                     "without one)")
     return p
 
 
@@ -116,9 +119,10 @@ def main(argv=None) -> str:
     p = arg_parser()
     a = p.parse_args(argv)
     if a.table_only:
-        return write_results(a.out, a.runs or run_folders(a.out))
-    if a.runs:
-        p.error("--runs goes with --table-only")
+        suffix = table_suffix(a.out, a.scoring)
+        return write_results(a.out, a.runs or run_folders(a.out, suffix), suffix)
+    if a.runs or a.scoring:
+        p.error("--runs and --scoring go with --table-only (the runs' scoring is --eval-flags')")
     if not 0 < a.budget_minutes < math.inf:
         p.error(f"--budget-minutes must be > 0 and finite, found {a.budget_minutes}")
     if not all(0 <= seed < 2**32 for seed in a.seeds) or len(set(a.seeds)) < len(a.seeds):
@@ -128,6 +132,7 @@ def main(argv=None) -> str:
         if len(set(values)) < len(values):
             p.error(f"--{name.replace('_', '-')} names one twice: {' '.join(values)}")
     flags = passed_flags(a, p)
+    suffix = evaluator.results_suffix(evaluator.parse_args(eval_command(a, "none", a.out / "none", flags)))
     files = experiment_files(a, p)
     manifest = open_experiment(a.out, experiment_settings(a, flags, files))
     started = clock()
@@ -137,11 +142,11 @@ def main(argv=None) -> str:
     manifest["calls"].append(call)
     print(f"experiment on {call['device']}, budget {a.budget_minutes:g} min: {a.out}/", flush=True)
     try:
-        run_experiment(a, manifest, call, flags, started)
+        run_experiment(a, manifest, call, flags, suffix, started)
     finally:  # a call stopped by a failed run or Ctrl-C still records what it did
         call["seconds"] = clock() - started
         write_json(a.out / "experiment.json", manifest)
-    return write_results(a.out, run_folders(a.out))
+    return write_results(a.out, run_folders(a.out, suffix), suffix)
 
 
 def device_name() -> str:
@@ -279,8 +284,11 @@ def run_name(arm: str, seed: int | None) -> str:
     return arm if seed is None else f"{arm}-s{seed}"
 
 
-def evaluated(folder: Path) -> bool:
-    return (folder / "results.json").is_file() and (folder / "predictions.jsonl").is_file()
+def evaluated(folder: Path, suffix: str = "") -> bool:
+    """Whether eval.py has finished in `folder` (its results.json, written last, is there); `suffix`:
+    its files' for a --scoring other than generate."""
+    predictions, _, results = output_files(suffix)
+    return (folder / results).is_file() and (folder / predictions).is_file()
 
 
 def estimate_seconds(arm: str, runs: dict) -> float | None:
@@ -308,14 +316,14 @@ class RunStopped(Exception):
     """train.py or eval.py exited with an error (it has printed why)."""
 
 
-def run_experiment(a, manifest: dict, call: dict, flags: dict, started: float):
+def run_experiment(a, manifest: dict, call: dict, flags: dict, suffix: str, started: float):
     """Every unit of experiment_units in order, each run only if it fits the budget; from the first
     that does not, every later one is skipped too. experiment.json is rewritten as each run starts
     and ends."""
     runs, budget, waiting = manifest["runs"], 60 * a.budget_minutes, False
     for unit in experiment_units(a.arms, a.seeds):
         folders = {(arm, seed): a.out / run_name(arm, seed) for arm, seed in unit}
-        todo = [(arm, seed) for arm, seed in unit if not evaluated(folders[arm, seed])]
+        todo = [(arm, seed) for arm, seed in unit if not evaluated(folders[arm, seed], suffix)]
         for arm, seed in unit:
             if (arm, seed) not in todo:  # evaluated in an earlier call: kept as it is
                 runs.setdefault(run_name(arm, seed), {"arm": arm, "seed": seed})["status"] = "done"
@@ -333,7 +341,7 @@ def run_experiment(a, manifest: dict, call: dict, flags: dict, started: float):
             runs[name] = {"arm": arm, "seed": seed, "status": "running", "call": len(manifest["calls"]) - 1}
             write_json(a.out / "experiment.json", manifest)
             try:
-                runs[name] |= train_and_evaluate(a, folders[arm, seed], arm, seed, flags)
+                runs[name] |= train_and_evaluate(a, folders[arm, seed], arm, seed, flags, suffix)
             except RunStopped as e:
                 runs[name] |= {"status": "stopped", "stopped_by": str(e)}
                 raise SystemExit(f"experiment.py: {name}: {e}; the same command continues the run") from None
@@ -363,7 +371,7 @@ def eval_command(a, arm: str, folder: Path, flags: dict) -> list[str]:
             "--out", str(folder)]
 
 
-def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict) -> dict:
+def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict, suffix: str) -> dict:
     """One run: train.py (the untouched model has nothing to train), then eval.py, into `folder`;
     the seconds of each. A run cut short in an earlier call continues from its checkpoint; one
     cut short before its first checkpoint holds nothing finished and starts again."""
@@ -376,7 +384,7 @@ def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict)
             raise RunStopped(f"train.py stopped with exit code {code}")
         # a resumed run's time is part of a run's: no estimate of a whole one
         timing |= {"train_seconds": None if resume else clock() - t0, "resumed": resume}
-    again = ["--overwrite"] if (folder / "results.json").is_file() else []  # cut short before predictions.jsonl
+    again = ["--overwrite"] if (folder / output_files(suffix)[2]).is_file() else []  # eval.py's own rule
     t0 = clock()
     if code := run_script("eval.py", eval_command(a, arm, folder, flags) + again):
         raise RunStopped(f"eval.py stopped with exit code {code}")
@@ -388,11 +396,23 @@ def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict)
 # The table, from the run folders alone
 
 
-def run_folders(out: Path) -> list[Path]:
+def run_folders(out: Path, suffix: str = "") -> list[Path]:
     """The evaluated run folders in `out`."""
     if not out.is_dir():
         raise SystemExit(f"{out}: no such folder")
-    return sorted(folder for folder in out.iterdir() if folder.is_dir() and evaluated(folder))
+    return sorted(folder for folder in out.iterdir() if folder.is_dir() and evaluated(folder, suffix))
+
+
+def table_suffix(out: Path, scoring: str | None) -> str:
+    """The evaluation files' suffix for --scoring, or for the scoring of the experiment in `out`."""
+    if scoring is None and (out / "experiment.json").is_file():
+        try:
+            eval_flags = read_json(out / "experiment.json")["settings"]["eval_flags"]
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit(f"{out / 'experiment.json'}: not an experiment's manifest; give --scoring") from None
+    else:
+        eval_flags = [] if scoring is None else ["--scoring", scoring]  # checked by eval.py's own parser
+    return evaluator.results_suffix(evaluator.arg_parser().parse_args(eval_flags))
 
 
 def read_predictions(file: Path, data: bytes) -> dict[tuple[str, int], bool]:
@@ -416,12 +436,13 @@ def read_predictions(file: Path, data: bytes) -> dict[tuple[str, int], bool]:
     return correct
 
 
-def read_run(folder: Path) -> dict:
+def read_run(folder: Path, suffix: str = "") -> dict:
     """An evaluated run: its predictions.jsonl, the one source of its accuracies and flips;
     results.json for the settings it was evaluated with (and the SHA-256 of the predictions written
     with it, which must match); train.py's run record beside them for the arm and seed (none: the
     untouched model)."""
-    summary_file, predictions_file = folder / "results.json", folder / "predictions.jsonl"
+    predictions_name, _, results_name = output_files(suffix)
+    summary_file, predictions_file = folder / results_name, folder / predictions_name
     summary, data = read_json(summary_file), read_bytes(predictions_file)
     if not isinstance(summary, dict) or not isinstance(summary.get("args", {}), dict):
         raise ValueError(f"{summary_file}: not eval.py's results")
@@ -441,7 +462,7 @@ def arm_rank(arm: str) -> tuple:
     return (list(ARMS).index(arm), "") if arm in ARMS else (len(ARMS), arm)
 
 
-def load_runs(folders) -> tuple[list[dict], list[str]]:
+def load_runs(folders, suffix: str = "") -> tuple[list[dict], list[str]]:
     """The runs of these folders in arm and seed order, after checking that they can be compared
     (the same evaluation settings, one run per arm and seed: a copy would count twice); and a note
     for each folder given again (by its real path, so also through a link), which counts once."""
@@ -452,7 +473,7 @@ def load_runs(folders) -> tuple[list[dict], list[str]]:
             notes.append(f"{folder} is {first[real]} given again: counted once")
             continue
         first[real] = folder
-        runs.append(read_run(folder))
+        runs.append(read_run(folder, suffix))
     if not runs:
         raise ValueError("no evaluated run (results.json and predictions.jsonl) to tabulate")
     differ = [k for k in COMPARED_SETTINGS if len({str(r["eval"].get(k)) for r in runs}) > 1]
@@ -538,21 +559,19 @@ def settings_lines(runs: list[dict], sets: list[str]) -> list[str]:
                 lines.append(f"  - {arm}: `{as_flags(own[0])}`" + ("" if all(o == own[0] for o in own)
                                                                    else " (its runs differ: see their config.json)"))
     e = runs[0]["eval"]
-    beams = "greedy decoding" if e.get("num_beams") == 1 else f"{e.get('num_beams')}-beam search"
-    decoding = ("likelihood ranking of the labels" if e.get("scoring") == "likelihood" else
-                f"{beams}, at most {e.get('max_new_tokens')} new tokens")
+    decoding = evaluator.scoring_description(argparse.Namespace(**{"beam_rule": "?", **e})).removesuffix(".")
     precisions = sorted({str(r["eval"].get("precision")) for r in runs})
     items = f"the first {e['limit']} questions of each" if e.get("limit") else "every question"
-    lines.append(f"- evaluation: eval.py, {decoding}, {'/'.join(precisions)} weights, {items} of "
+    lines.append(f"- evaluation: eval.py, {decoding}; {'/'.join(precisions)} weights; {items} of "
                  f"{', '.join(sets)}")
     return lines
 
 
-def results_markdown(folders) -> str:
+def results_markdown(folders, suffix: str = "") -> str:
     """results.md: how the runs were made; per arm the accuracy (%) mean ± std over seeds per test
     set and averaged; each pair of arms seed by seed, with the questions that flip each way and
     the exact McNemar p of those flips (and the seeds pooled)."""
-    runs, given_again = load_runs(folders)
+    runs, given_again = load_runs(folders, suffix)
     sets = shared_sets(runs)
     arms = {}
     for run in runs:
@@ -611,10 +630,10 @@ def results_markdown(folders) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, folders) -> str:
+def write_results(out: Path, folders, suffix: str = "") -> str:
     """<out>/results.md from the run folders; printed, and returned."""
     try:
-        text = results_markdown(folders)
+        text = results_markdown(folders, suffix)
     except (OSError, ValueError) as e:
         raise SystemExit(f"experiment.py: {e}") from None
     write_atomically(out / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -35,13 +35,13 @@ def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def draw(folders, file: Path):
+def draw(folders, file: Path, suffix: str = ""):
     import matplotlib
 
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
 
-    runs, _ = experiment.load_runs(folders)
+    runs, _ = experiment.load_runs(folders, suffix)
     sets = experiment.shared_sets(runs)
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     colors = {arm: plt.get_cmap("tab10")(i) for i, arm in enumerate(arms)}
@@ -87,10 +87,13 @@ def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("dir", type=Path, help="the experiment's folder, holding the run folders (required)")
     p.add_argument("--out", type=Path, help="the PNG written (default: DIR/figure.png)")
+    p.add_argument("--scoring", help="which evaluation's files to read, a value of eval.py --scoring (default: the "
+                                     "experiment's, from DIR/experiment.json; generate without one)")
     a = p.parse_args(argv)
     out = a.out or a.dir / "figure.png"
+    suffix = experiment.table_suffix(a.dir, a.scoring)
     try:
-        draw(experiment.run_folders(a.dir), out)
+        draw(experiment.run_folders(a.dir, suffix), out, suffix)
     except (OSError, ValueError) as e:
         raise SystemExit(f"figure.py: {e}") from None
     print(f"wrote {out}")

@@ -63,11 +63,12 @@ class StandIn:
         self.commands.append((script, out.name, args))
         if script == "eval.py":
             parsed = evaluator.parse_args(args)
-            assert (out / "results.json").exists() == parsed.overwrite
+            assert (out / f"results{evaluator.results_suffix(parsed)}.json").exists() == parsed.overwrite
             self.now += EVAL_SECONDS
             correct = {d: [(i + len(out.name)) % 3 == 0 for i in range(4)] for d in parsed.datasets}
-            write_run(out, None, None, correct, write_config=False, **{k: getattr(parsed, k) for k in (
-                "ckpt", "scoring", "num_beams", "max_new_tokens", "limit", "precision")})
+            write_run(out, None, None, correct, write_config=False, suffix=evaluator.results_suffix(parsed),
+                      **{k: getattr(parsed, k) for k in ("ckpt", "scoring", "num_beams", "max_new_tokens", "limit",
+                                                         "precision")})
             return 0
         cfg = train.parse_config(args)
         arm = cfg.method + ("-control" if cfg.echo_inject == "zero" else "")
@@ -166,6 +167,28 @@ def test_echo_flags_reach_the_echo_runs_alone(tmp_path, monkeypatch):
     assert "  - echo-lora-control: `--echo-route-p=1 --echo-distill=0 --echo-inject=zero`" in table
 
 
+def test_another_scoring_reads_and_writes_its_own_files(tmp_path, monkeypatch):
+    """eval.py --scoring cloze writes results-cloze.json and predictions-cloze.jsonl: the runner
+    and the table read those (a rerun finds the runs evaluated), --table-only too."""
+    scripts = StandIn(monkeypatch)
+    stand_in_experiment(tmp_path, 60, "--arms", "none", "lora", "--train-flags=--cloze", "--eval-flags=--scoring cloze")
+    assert scripts.started("eval.py") == ["none", "lora-s1", "lora-s2"]
+    assert (tmp_path / "exp" / "lora-s1" / "predictions-cloze.jsonl").is_file()
+    assert not (tmp_path / "exp" / "lora-s1" / "results.json").exists()
+    manifest = stand_in_experiment(tmp_path, 60, "--arms", "none", "lora", "--train-flags=--cloze",
+                                   "--eval-flags=--scoring cloze")
+    assert len(scripts.commands) == 5 and set(status(manifest).values()) == {"done"}  # nothing run again
+    table = (tmp_path / "exp" / "results.md").read_text()
+    assert "- evaluation: eval.py, Cloze ranking:" in table and "| lora | 1, 2 |" in table
+    (tmp_path / "exp" / "results.md").unlink()
+    assert experiment.main(["--table-only", "--out", str(tmp_path / "exp")]) == table
+    with pytest.raises(SystemExit, match="no evaluated run"):  # no generate-scored runs there
+        experiment.main(["--table-only", "--out", str(tmp_path / "exp"), "--scoring", "generate"])
+    with pytest.raises(SystemExit):
+        experiment.main(["--table-only", "--out", str(tmp_path / "exp"), "--scoring", "no-such"])
+    assert figure.main([str(tmp_path / "exp")]).is_file()  # the figure reads the experiment's scoring too
+
+
 def test_bad_input_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
     scripts = StandIn(monkeypatch)
     (tmp_path / "ckpt").mkdir()
@@ -191,7 +214,7 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
                "--data-dir", str(tmp_path))
     assert "--seeds must be distinct" in error("--seeds", "1", "1")
     assert "--budget-minutes must be > 0 and finite, found nan" in error("--budget-minutes", "nan")
-    assert "--runs goes with --table-only" in error("--runs", str(tmp_path))
+    assert "--runs and --scoring go with --table-only" in error("--runs", str(tmp_path))
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert "holds files but no experiment.json" in error()
@@ -315,7 +338,7 @@ def test_experiment_end_to_end_with_the_real_scripts(ckpt, tmp_path, monkeypatch
 
 
 def write_run(folder, arm, seed, correct_by_set, write_config=True, metrics=(), results=None, sealed=True,
-              **eval_args):
+              suffix="", **eval_args):
     """An evaluated run as train.py and eval.py leave it: config.json (not for the untouched
     model), metrics.jsonl, predictions.jsonl and results.json; `results` stands in for a
     results.json that says otherwise than its predictions; `sealed`: results.json records the
@@ -326,12 +349,12 @@ def write_run(folder, arm, seed, correct_by_set, write_config=True, metrics=(), 
     args = {"ckpt": "checkpoints/smollm2-135m", "scoring": "generate", "num_beams": 1, "max_new_tokens": 32,
             "limit": None, "precision": "fp32", **eval_args}
     lines = "".join(json.dumps(p) + "\n" for p in predictions)
-    (folder / "predictions.jsonl").write_text(lines)
+    (folder / f"predictions{suffix}.jsonl").write_text(lines)
     summary = {"results": results or {d: {"accuracy": sum(f) / len(f), "correct": sum(f), "n": len(f)}
                                       for d, f in correct_by_set.items()}, "args": args}
     if sealed:
         summary["predictions_sha256"] = hashlib.sha256(lines.encode()).hexdigest()
-    (folder / "results.json").write_text(json.dumps(summary))
+    (folder / f"results{suffix}.json").write_text(json.dumps(summary))
     if write_config and arm != "none":
         config = dataclasses.asdict(train.Config(method=arm.removesuffix("-control"), seed=seed, lr=3e-4, epochs=1,
                                                  data="data/ARC-Easy/train.json,data/ARC-Challenge/train.json",
@@ -387,7 +410,7 @@ def test_table_means_over_seeds_and_pairs_seed_by_seed(fixture_runs):
     assert "- training: train.py on the training splits of ARC-Easy, ARC-Challenge (3250 records), every field " \
            "at train.py's default except `--lr=0.0003 --epochs=1`" in text
     assert "  - echo-lora-control: `--echo-inject=zero`" in text and "  - lora:" not in text
-    assert "- evaluation: eval.py, greedy decoding, at most 32 new tokens, fp32 weights, every question of " \
+    assert "- evaluation: eval.py, Greedy decoding, at most 32 new tokens; fp32 weights; every question of " \
            "ARC-Easy, ARC-Challenge" in text
     # the same folder given twice, or through a link, counts once, and the table says so
     (fixture_runs.parent / "link").symlink_to(fixture_runs / "echo-lora-s1")
