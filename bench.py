@@ -34,6 +34,7 @@ import train
 from data.commonsense import IGNORE_INDEX, load_records
 from data.files import write_atomically
 from echo_lora import EchoConfig, EchoPath, add_adapters
+from scripts import convert_hf
 from scripts.convert_peft import TARGET_HF_NAMES
 from tokenizer import Tokenizer
 
@@ -124,16 +125,20 @@ def hf_random_model(args: llama.ModelArgs, device, dtype):
         torch.set_default_dtype(dtype_before)
 
 
-def hf_folder(a, scratch: Path) -> Path:
-    """An HF-layout folder both sides load: --ckpt itself, or random weights of --shape saved to
-    `scratch` (saved in fp32, loaded by each side in the run's dtype)."""
+def model_folders(a, scratch: Path) -> tuple[Path, Path | None]:
+    """The Meta-layout folder we load and the HF-layout folder of the same weights the peer loads
+    (None with --no-peft): --ckpt and --hf (default: --ckpt's hf/, as data/prepare_smollm2.py
+    writes it), or random weights of --shape saved to `scratch` in fp32 and converted by
+    scripts/convert_hf.py (each side loads them in the run's dtype)."""
     if a.ckpt:
-        folder = llama.resolve_checkpoint(a.ckpt)
-        if not (folder / "config.json").is_file():
-            raise SystemExit(f"bench.py: --ckpt {a.ckpt}: the peer needs an HF-layout folder (config.json)")
-        return folder
-    hf_random_model(SHAPES[a.shape], "cpu", torch.float32).save_pretrained(scratch)
-    return scratch
+        ours = llama.resolve_checkpoint(a.ckpt)
+        peer = a.hf or ours / "hf"
+        if not a.no_peft and not (peer / "config.json").is_file():
+            raise SystemExit(f"bench.py: the peer needs an HF-layout folder (config.json) of --ckpt {a.ckpt}'s "
+                             f"weights: {peer} is none; give it with --hf, or pass --no-peft")
+        return ours, None if a.no_peft else peer
+    hf_random_model(SHAPES[a.shape], "cpu", torch.float32).save_pretrained(scratch / "hf")
+    return convert_hf.convert(scratch / "hf", scratch / "meta"), scratch / "hf"
 
 
 def our_model(folder: Path, device, dtype, tokenizer_file: Path | None):
@@ -265,7 +270,9 @@ def parser_error(message: str):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--ckpt", help="an HF-layout checkpoint folder (checkpoints/NAME or a path); default: --shape")
+    p.add_argument("--ckpt", help="a Meta-layout checkpoint folder (checkpoints/NAME or a path); default: --shape")
+    p.add_argument("--hf", type=Path, help="the HF-layout folder of --ckpt's weights, for the peer (default: "
+                                           "--ckpt's hf/, where data/prepare_smollm2.py writes it)")
     p.add_argument("--shape", choices=SHAPES, default="tiny",
                    help="random weights of this shape when no --ckpt is given (default: tiny)")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
@@ -307,7 +314,7 @@ def main(argv=None) -> dict:
     except (OSError, ValueError) as e:
         parser_error(f"--data {e}")
     with tempfile.TemporaryDirectory() as scratch:
-        folder = hf_folder(a, Path(scratch))
+        folder, peer = model_folders(a, Path(scratch))
         model, tokenizer = our_model(folder, device, dtype, a.tokenizer)
         args = model.args
         del model
@@ -332,14 +339,14 @@ def main(argv=None) -> dict:
             del model
             if not a.no_peft and method in ("lora", "dora"):
                 write({"impl": "peft", "method": method} | time_training(
-                    peft_step(peft_model(folder, method, device, dtype), device, precision), batches, a.warmup, device))
+                    peft_step(peft_model(peer, method, device, dtype), device, precision), batches, a.warmup, device))
 
         test_sets = {k: v for k, v in test_prompts(a.test_sets, a.questions).items() if k in a.eval_sets}
         model, _ = our_model(folder, device, dtype, a.tokenizer)
         result["evaluation"]["ours"], _ = time_our_evaluation(model, tokenizer, test_sets, 32, a.max_new_tokens, device)
         del model
         if not a.no_peft:
-            result["evaluation"]["transformers"] = time_hf_evaluation(folder, tokenizer, test_sets, 32,
+            result["evaluation"]["transformers"] = time_hf_evaluation(peer, tokenizer, test_sets, 32,
                                                                       a.max_new_tokens, device, dtype)
         result["evaluation"]["questions"] = sum(map(len, test_sets.values()))
         write()

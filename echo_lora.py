@@ -61,10 +61,11 @@ from safetensors.torch import save as safetensors_bytes
 
 from data.commonsense import IGNORE_INDEX
 from data.files import check_json_types, read_bytes, read_json, write_atomically
-from llama import HF_TO_META_LAYER_NAMES, KVCache, read_tensor_file
+from llama import KVCache, read_tensor_file
 
 # The block linears an adapter can wrap: Meta's short name -> its path inside a block.
-BLOCK_LINEARS = {path.split(".")[1]: path for path in HF_TO_META_LAYER_NAMES.values() if "." in path}
+BLOCK_LINEARS = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
+                 "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
 # q, k, v, up, down: the commonsense recipe of LLM-Adapters and the DoRA paper.
 DEFAULT_TARGETS = ("wq", "wk", "wv", "w3", "w2")
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"

@@ -13,8 +13,8 @@ The forward pass takes explicit positions, an attention mask and per-layer key/v
 one code path serves training (right-padded batches), left-padded batched decoding, and a
 training pass that continues another pass's keys and values (the echo suffix pass).
 
-Reading order: the model; decoding; loading a Meta or HF checkpoint folder; the device and
-precision flags. The tokenizers are in tokenizer.py.
+Reading order: the model; decoding; loading a Meta checkpoint folder (scripts/convert_hf.py
+converts an HF one); the device and precision flags. The tokenizers are in tokenizer.py.
 
 The shapes, for LLaMA-7B (dim 4096, 32 blocks, 32 heads of 128, FFN 11008, vocabulary 32000) on
 a training batch of 16 samples of 256 tokens (B, T = 16, 256):
@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.files import check_json_types, inside, read_json, regular_file
+from data.files import check_json_types, read_json, regular_file
 from tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ from tokenizer import Tokenizer
 
 @dataclass
 class ModelArgs:
-    """The fields of Meta's params.json (plus `ffn_hidden_dim` for HF configs, which state it)."""
+    """The fields of Meta's params.json (plus `ffn_hidden_dim`: HF configs state the FFN width)."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -415,12 +415,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 # --------------------------------------------------------------------------------------------
-# Loading a checkpoint: Meta's layout or HF's
+# Loading a Meta checkpoint folder (an HF folder: scripts/convert_hf.py first)
 
 
 def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tokenizer | None]:
-    """A Meta checkpoint folder (params.json + consolidated.NN.pth) or an HF LLaMA folder
-    (config.json + *.safetensors), as (model in eval mode, tokenizer or None).
+    """A Meta checkpoint folder (params.json + consolidated.NN.pth), as (model in eval mode,
+    tokenizer or None). An HF folder is converted once by scripts/convert_hf.py.
 
     The model is built on the meta device and takes the loaded tensors as its parameters, so no
     randomly initialised or fp32 copy of the whole model is ever made.
@@ -428,31 +428,23 @@ def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tok
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: checkpoint folder not found")
+    if not (ckpt_dir / "params.json").exists():  # a FIFO or folder there is refused by read_json
+        if (ckpt_dir / "config.json").exists():
+            raise FileNotFoundError(f"{ckpt_dir}: an HF-layout folder (config.json, no params.json); convert it "
+                                    f"once: python scripts/convert_hf.py {ckpt_dir} DEST")
+        raise FileNotFoundError(f"{ckpt_dir}: no params.json (a Meta checkpoint folder)")
     tokenizer = find_tokenizer(ckpt_dir)
-    meta_layout = (ckpt_dir / "params.json").exists()  # a FIFO or folder there is refused by read_json
-    if meta_layout:
-        args = ModelArgs.from_params_json(ckpt_dir / "params.json")
-    elif (ckpt_dir / "config.json").exists():
-        args, tied = read_hf_config(ckpt_dir / "config.json")
-    else:
-        raise FileNotFoundError(f"{ckpt_dir}: no params.json (Meta layout) or config.json (HF layout)")
+    args = ModelArgs.from_params_json(ckpt_dir / "params.json")
     match_vocabulary(args, tokenizer, ckpt_dir)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = read_meta_weights(ckpt_dir, expected) if meta_layout else read_hf_weights(ckpt_dir, args, tied)
+    state = read_meta_weights(ckpt_dir, expected)
     check_weights(state, expected, ckpt_dir)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     model.rope = rope_frequencies(args, device=device)  # built on the meta device above
     model.fingerprint = weights_fingerprint(state)  # of the file's values, before the cast to `dtype`
     return model.eval(), tokenizer
-
-
-# The HF config.json key of each ModelArgs field read_hf_config fills, for check_model_args' errors.
-HF_CONFIG_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-                  "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps",
-                  "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings",
-                  "ffn_hidden_dim": "intermediate_size"}
 
 
 def check_model_args(args: ModelArgs, path: Path, keys: dict[str, str] | None = None) -> ModelArgs:
@@ -573,148 +565,6 @@ def merge_shards(name, pieces, full: torch.Size, shards) -> torch.Tensor:
         raise ValueError(f"{shards[0].parent}: {name} has shard shape {tuple(shape)} x {len(pieces)} shards, "
                          f"which does not make {tuple(full)} from params.json")
     return torch.cat(pieces, dim=split[0])
-
-
-# HF's layout: config.json and model*.safetensors, under HF's names, q/k rows in HF's order.
-
-
-# The types of the HF config.json keys read_hf_config reads.
-HF_CONFIG_TYPES = {
-    "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "num_key_value_heads": int | None,
-    "vocab_size": int, "intermediate_size": int, "head_dim": int | None, "rms_norm_eps": float, "rope_theta": float,
-    "max_position_embeddings": int, "tie_word_embeddings": bool, "hidden_act": str,
-}
-
-
-def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
-    """ModelArgs from an HF config.json, and whether the output is tied to the embedding.
-
-    Anything this model cannot compute exactly is an error, not a silent difference.
-    """
-    cfg = read_json(path)
-    if cfg.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in cfg.get("architectures") or []):
-        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')}: "
-                         "only LLaMA checkpoints (model_type 'llama', LlamaForCausalLM) load here")
-    if cfg.get("sliding_window") or cfg.get("use_sliding_window"):
-        raise ValueError(f"{path}: sliding-window attention is not a LLaMA feature this model implements")
-    check_json_types(path, cfg, HF_CONFIG_TYPES)
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise ValueError(f"{path}: {flag}=true is not a LLaMA feature this model implements")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r}, expected 'silu'")
-    rope_theta, use_scaled_rope = read_hf_rope(cfg, path)
-    args = ModelArgs(
-        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-        use_scaled_rope=use_scaled_rope, max_seq_len=cfg.get("max_position_embeddings", 2048),
-        ffn_hidden_dim=cfg["intermediate_size"],
-    )
-    check_model_args(args, path, HF_CONFIG_KEYS)
-    if cfg.get("head_dim") not in (None, args.head_dim):
-        raise ValueError(f"{path}: head_dim {cfg['head_dim']} x heads != hidden_size; not implemented")
-    return args, bool(cfg.get("tie_word_embeddings", False))
-
-
-def read_hf_rope(cfg: dict, path: Path) -> tuple[float, bool]:
-    """An HF config's rope theta, and whether Llama 3.1's scaling applies; other rope types and
-    other llama3 scaling constants are errors (they would compute another function)."""
-    rope = dict(cfg.get("rope_parameters") or {})  # transformers 5 nests theta and scaling here
-    scaling = cfg.get("rope_scaling") or rope
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{path}: rope type {rope_type!r} is not implemented (only default and llama3)")
-    if rope_type == "llama3":
-        expected = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192}
-        found = {k: scaling.get(k) for k in expected}
-        if found != expected:
-            raise ValueError(f"{path}: llama3 rope scaling {found}, only Llama 3.1's {expected} is implemented")
-    return rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), rope_type == "llama3"
-
-
-def hf_weight_files(ckpt_dir: Path) -> list[Path]:
-    """Exactly the files an HF folder's index lists (model.safetensors.index.json), or its single
-    model.safetensors (then the same for pytorch_model.bin): never every *.safetensors in the
-    folder, where a stray copy would silently replace the real weights."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (ckpt_dir / index).exists():
-            weight_map = read_json(ckpt_dir / index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise ValueError(f"{ckpt_dir / index}: 'weight_map' is not a mapping of weight names to file names")
-            files = [inside(ckpt_dir, name, ckpt_dir / index) for name in sorted(set(weight_map.values()))]
-            absent = [f.name for f in files if not f.exists()]
-            if absent:
-                raise FileNotFoundError(f"{ckpt_dir / index}: lists {absent} but they are not in the folder")
-            return files
-        if (ckpt_dir / single).is_file():
-            return [ckpt_dir / single]
-    raise FileNotFoundError(f"{ckpt_dir}: config.json but no model.safetensors, model.safetensors.index.json, "
-                            "pytorch_model.bin or pytorch_model.bin.index.json")
-
-
-def read_hf_weights(ckpt_dir: Path, args: ModelArgs, tied: bool) -> dict[str, torch.Tensor]:
-    """Meta-named weights from the files of `hf_weight_files`, q/k rows un-permuted."""
-    files = hf_weight_files(ckpt_dir)
-    state = {}
-    for file in files:
-        for key, tensor in read_tensor_file(file).items():
-            try:
-                name = hf_key_to_meta(key)
-            except ValueError as e:
-                raise ValueError(f"{file}: {e}") from None
-            if name is None:
-                continue
-            if name.endswith("attention.wq.weight"):
-                tensor = hf_to_meta_rows(tensor, args.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                tensor = hf_to_meta_rows(tensor, args.kv_heads)
-            state[name] = tensor
-    if tied and "output.weight" not in state and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"].clone()  # the model stays untied
-    return state
-
-
-HF_TO_META_NAMES = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
-HF_TO_META_LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-}
-
-
-def hf_key_to_meta(key: str) -> str | None:
-    """Meta's name for an HF LlamaForCausalLM key; None for keys that carry no weights."""
-    if key in HF_TO_META_NAMES:
-        return HF_TO_META_NAMES[key]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
-    if m and m.group(2) in HF_TO_META_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{HF_TO_META_LAYER_NAMES[m.group(2)]}.weight"
-    if key.endswith("rotary_emb.inv_freq"):  # recomputed, older HF files stored it
-        return None
-    raise ValueError(f"unexpected HF LLaMA weight {key!r}")
-
-
-def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo HF's q/k row order (rotate-half pairs i, i + d/2) back to Meta's adjacent pairs."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's adjacent-pair q/k rows in HF's rotate-half order (what HF's converter does)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-# Both layouts.
 
 
 def read_tensor_file(file: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:

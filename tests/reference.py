@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llama import HF_TO_META_LAYER_NAMES, HF_TO_META_NAMES, ModelArgs, Transformer, meta_to_hf_rows
+from llama import ModelArgs, Transformer
+from scripts.convert_hf import HF_TO_META_LAYER_NAMES, HF_TO_META_NAMES, meta_to_hf_rows
 
 META_TO_HF_NAMES = {v: k for k, v in HF_TO_META_NAMES.items()}
 META_TO_HF_LAYER_NAMES = {v: k for k, v in HF_TO_META_LAYER_NAMES.items()}

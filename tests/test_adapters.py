@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from echo_lora import (LoRALinear, adapter_config, adapter_state, add_adapters, adapted_linears, load_adapter, merge,
                        save_adapter, trainable_parameters)
 from scripts.convert_peft import export_peft, import_peft
-from llama import ModelArgs, Transformer, hf_to_meta_rows, meta_to_hf_rows
+from llama import ModelArgs, Transformer
+from scripts.convert_hf import hf_to_meta_rows, meta_to_hf_rows
 from reference import META_TO_HF_LAYER_NAMES, hf_llama
 
 # peft calls a transformers method that transformers 5 has deprecated; not ours to fix.

@@ -27,6 +27,7 @@ from data import download, prepare_smollm2
 from data.commonsense import load_records
 from data.files import RUN_MARKER, inside, locked_folder, read_json, write_atomically
 from reference import write_hf_folder
+from scripts import convert_hf
 from test_safety import DATA, SHAPE, meta_ckpt, train_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -111,7 +112,7 @@ def test_an_hf_index_naming_files_outside_its_folder_is_refused(tmp_path, name):
     keys = load_file(str(tmp_path / "elsewhere" / "x.safetensors"))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: .* is not a name inside"):
-        llama.load(folder)
+        convert_hf.convert(folder, tmp_path / "meta")
 
 
 def test_inside_resolves_dot_dot_within_the_folder(tmp_path):
@@ -161,7 +162,7 @@ def test_integer_and_bool_weights_are_an_error_naming_the_file_and_key(tmp_path)
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"] > 0
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match=r"model\.safetensors: model\.layers\.0\.mlp\.up_proj\.weight is bool"):
-        llama.load(folder)
+        convert_hf.convert(folder, tmp_path / "meta")
     # an adapter's tensors too
     model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
     echo_lora.save_adapter(tmp_path / "adapter", model)
@@ -332,7 +333,7 @@ def test_hf_config_values_that_build_no_model_name_the_hf_key(tmp_path, change, 
     folder = write_hf_folder(llama.Transformer(llama.ModelArgs(**SHAPE)), tmp_path)
     (folder / "config.json").write_text(json.dumps({**read_json(folder / "config.json"), **change}))
     with pytest.raises(ValueError, match=rf"config\.json: '{key}' is "):
-        llama.read_hf_config(folder / "config.json")
+        convert_hf.read_hf_config(folder / "config.json")
 
 
 def test_json_nan_huge_numbers_and_deep_nesting_are_one_line(tmp_path):

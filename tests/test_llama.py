@@ -2,6 +2,7 @@
 on the same weights, real trained weights (stories260K) with golden greedy ids, and the real Meta
 tokenizer files with llama.cpp's test vectors."""
 
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import torch
 import llama
 from conftest import ASSETS
 from reference import hf_llama, write_hf_folder, write_meta_folder
+from scripts import convert_hf
 from tokenizer import Tokenizer
 
 STORIES = ASSETS / "models" / "stories260K-meta"
@@ -74,17 +76,42 @@ def test_left_padded_batch_matches_transformers_with_attention_mask(shape):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_hf_layout_folder_loads_to_same_logits(tmp_path, tied):
+def test_converted_hf_folder_loads_to_same_logits(tmp_path, tied):
     args = SHAPES["llama3_gqa_theta_scaled_rope"]
     model = random_model(args)
     if tied:
         model.output.weight.data.copy_(model.tok_embeddings.weight)
-    write_hf_folder(model, tmp_path, tied=tied)
-    loaded, tokenizer = llama.load(tmp_path, dtype=torch.float32)
+    write_hf_folder(model, tmp_path / "hf", tied=tied)
+    convert_hf.convert(tmp_path / "hf", tmp_path / "meta")
+    written = llama.ModelArgs.from_params_json(tmp_path / "meta" / "params.json")
+    assert written.ffn_hidden_dim == written.hidden_dim == args.hidden_dim  # HF's intermediate_size, exactly
+    assert dataclasses.replace(written, multiple_of=args.multiple_of, ffn_hidden_dim=None) == args
+    loaded, tokenizer = llama.load(tmp_path / "meta", dtype=torch.float32)
     assert tokenizer is None
+    # the weights written are the ones read from the HF folder directly, bit for bit
+    _, direct, _ = convert_hf.read_hf_folder(tmp_path / "hf")
+    assert direct.keys() == loaded.state_dict().keys()
+    assert all(torch.equal(direct[k], v) for k, v in loaded.state_dict().items())
+    saved = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    assert saved["output.weight"].untyped_storage().data_ptr() != saved["tok_embeddings.weight"].untyped_storage().data_ptr()
     tokens = torch.randint(0, 101, (2, 9))
     with torch.no_grad():
         assert max_diff(loaded(tokens), model(tokens)) == 0
+
+
+def test_an_hf_folder_is_converted_first_and_a_converted_folder_is_not_overwritten(tmp_path, capsys):
+    write_hf_folder(random_model(SHAPES["llama1_mha"]), tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="python scripts/convert_hf.py"):
+        llama.load(tmp_path / "hf")
+    convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "meta")])
+    before = (tmp_path / "meta" / "consolidated.00.pth").read_bytes()
+    with pytest.raises(SystemExit, match="--overwrite"):
+        convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "meta")])
+    (tmp_path / "meta" / "consolidated.01.pth").write_bytes(before)  # a shard of an older conversion
+    convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "meta"), "--overwrite"])
+    assert sorted(f.name for f in (tmp_path / "meta").iterdir()) == ["consolidated.00.pth", "params.json"]
+    with pytest.raises(SystemExit, match="the HF folder itself"):
+        convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "hf"), "--overwrite"])
 
 
 def test_hf_config_rejects_what_it_cannot_compute(tmp_path):
@@ -93,7 +120,8 @@ def test_hf_config_rejects_what_it_cannot_compute(tmp_path):
     for change in ({"attention_bias": True}, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}):
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match="config.json"):
-            llama.load(tmp_path)
+            convert_hf.convert(tmp_path, tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()  # nothing written before the checks
 
 
 def test_stories260k_golden_greedy_ids_fp32():

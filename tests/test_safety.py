@@ -21,6 +21,7 @@ import train
 from conftest import ASSETS
 from data.commonsense import load_records
 from reference import write_hf_folder, write_meta_folder
+from scripts import convert_hf
 
 DATA = ASSETS / "data" / "commonsense"
 TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -254,7 +255,12 @@ def test_sequences_beyond_the_rotary_table_are_one_line(records, tmp_path, capsy
     assert "beyond the 96 positions" in err
 
 
-# ---- HF folders
+# ---- HF folders (scripts/convert_hf.py)
+
+
+def converted(hf_folder, dest):
+    """The model llama.load reads from `hf_folder` converted into `dest`."""
+    return llama.load(convert_hf.convert(hf_folder, dest, overwrite=True), dtype=torch.float32)[0]
 
 
 def test_hf_folder_reads_only_the_files_it_lists(tmp_path):
@@ -266,7 +272,7 @@ def test_hf_folder_reads_only_the_files_it_lists(tmp_path):
     shutil.move(tmp_path / "other" / "model.safetensors", tmp_path / "model_backup.safetensors")
     tokens = torch.randint(0, 32000, (1, 7))
     with torch.no_grad():
-        assert torch.equal(llama.load(tmp_path, dtype=torch.float32)[0](tokens), model(tokens))
+        assert torch.equal(converted(tmp_path, tmp_path / "meta")(tokens), model(tokens))
     # sharded: exactly the index's files
     state = load_file(str(tmp_path / "model.safetensors"))
     names = sorted(state)
@@ -276,7 +282,7 @@ def test_hf_folder_reads_only_the_files_it_lists(tmp_path):
     index = {"weight_map": {k: f"model-0000{1 + (i >= 5)}-of-00002.safetensors" for i, k in enumerate(names)}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with torch.no_grad():
-        assert torch.equal(llama.load(tmp_path, dtype=torch.float32)[0](tokens), model(tokens))
+        assert torch.equal(converted(tmp_path, tmp_path / "meta")(tokens), model(tokens))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -290,7 +296,7 @@ def test_hf_config_that_is_not_llama_is_one_line(tmp_path, change, message):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=r"config\.json: .*" + message.replace("(", r"\(")) as e:
-        llama.load(tmp_path)
+        convert_hf.convert(tmp_path, tmp_path / "meta")
     assert "\n" not in str(e.value)
 
 

