@@ -499,3 +499,15 @@ def test_every_flag_states_its_default_and_no_abbreviations():
     assert not parser.allow_abbrev
     for action in parser._actions[1:]:
         assert "default" in action.help or "required" in action.help, action.option_strings
+
+
+def test_the_readme_shows_the_table_made_from_the_committed_runs():
+    """README's results table is the one `python scripts/experiment.py --table-only` makes from the
+    committed run folders (results/smollm2-cpu/experiment), line for line: no number typed by hand."""
+    out = ROOT / "results" / "smollm2-cpu" / "experiment"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("<!-- results.md: begin -->")[1].split("<!-- results.md: end -->")[0].strip()
+    suffix = experiment.table_suffix(out, None)
+    made = experiment.results_markdown(experiment.run_folders(out, suffix), suffix)
+    rows = [[line for line in text.splitlines() if line.startswith("|")] for text in (shown, made)]
+    assert rows[0] and rows[0] == rows[1]
