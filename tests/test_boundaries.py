@@ -28,7 +28,7 @@ from data.commonsense import load_records
 from data.files import RUN_MARKER, inside, locked_folder, read_json, write_atomically
 from reference import write_hf_folder
 from scripts import convert_hf
-from test_safety import DATA, SHAPE, meta_ckpt, train_args
+from test_safety import DATA, SHAPE, ckpt, meta_ckpt, records, train_args  # noqa: F401 (fixtures)
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import experiment  # noqa: E402
@@ -73,18 +73,6 @@ def one_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     return err
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return meta_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "arc.json"
-    path.write_text(json.dumps(load_records(DATA / "ARC-Easy" / "train.json")[:24]))
-    return path
 
 
 @pytest.fixture(scope="module")
