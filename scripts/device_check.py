@@ -6,7 +6,7 @@
 Writes into --out, each file as soon as its part is done:
   1. parity.json: on a 2-block model of the shape with random weights, in fp32 and bf16: our logits
      against transformers' LlamaForCausalLM (our side loads the HF model's saved folder with
-     llama.load, the q/k row conversion included), and our LoRA and DoRA logits and adapter
+     scripts/convert_hf.py then llama.load, the q/k row conversion included), and our LoRA and DoRA logits and adapter
      gradients against peft's (the adapters cross over with export_peft). A mismatch stops here.
   2. torchrun.json: `torchrun --nproc_per_node 1 train.py` for 3 steps of the embedded tiny model:
      train.py joins the process group (NCCL on CUDA, gloo on a CPU) and all-reduces every step.
@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 import llama  # noqa: E402
 from bench import SHAPES, hf_random_model  # noqa: E402
+from convert_hf import convert, hf_to_meta_rows  # noqa: E402
 from convert_peft import export_peft, name_from_peft_key, permute_qk_rows  # noqa: E402
 from data.files import write_atomically  # noqa: E402
 from echo_lora import DEFAULT_TARGETS, adapted_linears, adapter_parameters, add_adapters  # noqa: E402
@@ -72,7 +73,7 @@ def adapter_gradients(ours, peft_model) -> tuple[torch.Tensor, torch.Tensor]:
         if p.requires_grad:  # peft's names: the saved keys with ".default" (and a magnitude's ".weight")
             key = key.replace(".default", "")
             name = name_from_peft_key(key.removesuffix(".weight") if "magnitude" in key else key)
-            theirs[name] = permute_qk_rows(ours, name, p.grad, llama.hf_to_meta_rows)
+            theirs[name] = permute_qk_rows(ours, name, p.grad, hf_to_meta_rows)
     params = adapter_parameters(ours)
     names = sorted(params)
     if sorted(theirs) != names:
@@ -100,11 +101,12 @@ def parity(args: llama.ModelArgs, device) -> list[dict]:
         with tempfile.TemporaryDirectory() as folder:
             hf = hf_random_model(small, device, dtype).eval()
             hf.save_pretrained(folder)
-            ours = llama.load(folder, device, dtype)[0]
+            meta = convert(folder, Path(folder) / "meta")  # our side reads the Meta layout
+            ours = llama.load(meta, device, dtype)[0]
             with torch.no_grad(), autocast(device, precision):
                 check(precision, "logits", ours(tokens), hf(input_ids=tokens).logits)
             for method in ("lora", "dora"):
-                ours = llama.load(folder, device, dtype)[0]
+                ours = llama.load(meta, device, dtype)[0]
                 add_adapters(ours, DEFAULT_TARGETS, r=32, alpha=64, dropout=0.0, dora=method == "dora")
                 randomize_adapters(ours)
                 export_peft(Path(folder) / method, ours)
