@@ -441,10 +441,13 @@ class Injector(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(dim))  # w, (4096,)
         self.gate_bias = nn.Parameter(torch.tensor(-2.0))  # c: sigmoid(-2) = 0.12, a quiet start
 
-    def forward(self, u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor) -> torch.Tensor:
+    def gate(self, e: torch.Tensor) -> torch.Tensor:
+        """g(e) = sigmoid(w . e + c), one per sample: (8, 4096) -> (8,)."""
+        return torch.sigmoid(e @ self.gate_weight + self.gate_bias)
+
+    def forward(self, u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """u: the low-rank activation A x, (8, 24, 32) on the suffix pass (only its dtype is
-        used); e: (8, 4096); inject_at: m_t, (8, 24) bool."""
-        gate = torch.sigmoid(e @ self.gate_weight + self.gate_bias)  # g(e), (8,)
+        used); e: (8, 4096); inject_at: m_t, (8, 24) bool; gate: g(e), (8,)."""
         projected = gate[:, None] * self.proj(e)  # g(e) P e, (8, 32)
         return (inject_at[..., None] * projected[:, None, :]).to(u.dtype)  # m_t g(e) P e, (8, 24, 32)
 
@@ -503,9 +506,10 @@ class EchoPath(nn.Module):
 
     def inject(self, injector: "Injector", u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor) -> torch.Tensor:
         """One target's injection, its gate and its size beside u = A x noted for the diagnostics."""
-        term = injector(u, e, inject_at)
+        gate = injector.gate(e)
+        term = injector(u, e, inject_at, gate)
         with torch.no_grad():
-            self.diagnostics.add(gate=torch.sigmoid(e.float() @ injector.gate_weight + injector.gate_bias).mean(),
+            self.diagnostics.add(gate=gate.float().mean(),
                                  injection_rel=term[inject_at].float().norm() / u[inject_at].float().norm().clamp_min(1e-12))
         return term
 

@@ -554,7 +554,7 @@ def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int
     tokens divided by counts of the whole micro-batch, so how its rows are grouped for the forward
     pass changes nothing but the padding computed."""
     step_batch = collate(examples, not cfg.answer_only_loss, pad_id)
-    n_ce_step = max(int((step_batch.ce_targets != IGNORE_INDEX).sum()), 1)
+    n_ce_step = micro_batch_targets(step_batch)
     n_answer = max(int((step_batch.answer_targets != IGNORE_INDEX).sum()), 1)
     micros_per_step = cfg.batch_size // cfg.micro_batch_size  # over all processes
     losses, tokens = torch.zeros(2, device=device), 0
@@ -595,7 +595,8 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
 
 
 def micro_batch_targets(batch: Batch) -> int:
-    """The number of tokens the plain cross-entropy is taken on in `batch` (at least 1)."""
+    """The number of tokens the plain cross-entropy is taken on in `batch` (at least 1): a
+    micro-batch's, or the whole step's for --token-mean-loss."""
     return max(int((batch.ce_targets != IGNORE_INDEX).sum()), 1)
 
 
