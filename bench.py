@@ -5,13 +5,14 @@
     python bench.py --shape tiny --steps 1 --warmup 1        # a smoke run (tests/test_bench.py)
 
 Training: batches of --batch-size real records (default: the four training splits in tests/assets),
-drawn as the recipe draws them (train.random_batches) with the recipe's whole-text loss. Our step
+drawn as the recipe draws them (batches.random_batches) with the recipe's whole-text loss. Our step
 is train.py's own (accumulate_gradients, gradient clipping, AdamW); the peer is LlamaForCausalLM +
 peft's get_peft_model on the same batches, each padded to its longest with an attention mask, under
 the same precision. Each row: real (non-pad) tokens/s, peak memory (CUDA), ours over peft's same
 method, an Echo row's step time over our own base method's, and the fraction of the LoRA ceiling:
 4N FLOP per real token (forward 2N, input gradients 2N; frozen weights need no weight gradient),
-N the block linears plus the output head, at the bf16 matmul rate measured in the same run.
+N the block linears plus the output head, at the matmul rate of the run's precision measured in the same
+run (a CPU without bf16 instructions runs bf16 matmuls tens of times slower than fp32).
 Evaluation: eval.py's greedy decoding of real test prompts beside transformers' `generate` on the
 same prompts (same batches, same max_new_tokens, stopping at EOS), in questions/s.
 Prints one table; writes bench.json (and bench.md) after every row, so a run cut short keeps its rows.
@@ -31,12 +32,13 @@ import torch
 import eval as evaluator
 import llama
 import train
+from data import batches, checkpoints
 from data.commonsense import IGNORE_INDEX, load_records
 from data.files import write_atomically
+from data.tokenizer import Tokenizer
 from echo_lora import EchoConfig, EchoPath, add_adapters
 from scripts import convert_hf
 from scripts.convert_peft import TARGET_HF_NAMES
-from tokenizer import Tokenizer
 
 SHAPES = {
     "smollm2-135m": llama.ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
@@ -131,7 +133,7 @@ def model_folders(a, scratch: Path) -> tuple[Path, Path | None]:
     writes it), or random weights of --shape saved to `scratch` in fp32 and converted by
     scripts/convert_hf.py (each side loads them in the run's dtype)."""
     if a.ckpt:
-        ours = llama.resolve_checkpoint(a.ckpt)
+        ours = checkpoints.resolve_checkpoint(a.ckpt)
         peer = a.hf or ours / "hf"
         if not a.no_peft and not (peer / "config.json").is_file():
             raise SystemExit(f"bench.py: the peer needs an HF-layout folder (config.json) of --ckpt {a.ckpt}'s "
@@ -162,8 +164,8 @@ def peft_model(folder: Path, method: str, device, dtype):
 
 def recipe_batches(records: list[dict], tokenizer, batch_size: int, n: int) -> list[list]:
     """The first n batches of the recipe's epoch 0 (random order, cutoff 256), as examples."""
-    examples = train.encode_examples(records, tokenizer, 256)
-    return [[examples[i] for i in b] for b in train.random_batches(len(examples), batch_size, seed=0)[:n]]
+    examples = batches.encode_examples(records, tokenizer, 256)
+    return [[examples[i] for i in b] for b in batches.random_batches(len(examples), batch_size, seed=0)[:n]]
 
 
 def our_step(model, tokenizer, method: str, device, precision: str, batch_size: int):
@@ -254,7 +256,7 @@ def time_hf_evaluation(folder: Path, tokenizer, test_sets, batch_size: int, max_
             prompts = sorted((tokenizer.encode(evaluator.eval_prompt(r), bos=True, eos=False) for r in records),
                              key=len, reverse=True)
             for start in range(0, len(prompts), batch_size):
-                ids, valid = llama.left_pad(prompts[start:start + batch_size], tokenizer.pad_id, device)
+                ids, valid = evaluator.left_pad(prompts[start:start + batch_size], tokenizer.pad_id, device)
                 hf.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=max_new_tokens,
                             do_sample=False, eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=tokenizer.pad_id)
     return {"questions_per_s": sum(map(len, test_sets.values())) / seconds[0], "seconds": seconds[0]}
@@ -278,7 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                    help="tokenizer for a --shape (default: the LLaMA-2 one in tests/assets)")
     p.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS, help="the methods timed (default: all)")
-    p.add_argument("--precision", choices=list(llama.PRECISIONS),
+    p.add_argument("--precision", choices=list(checkpoints.PRECISIONS),
                    help="bf16: the recipe's autocast; fp32 (default: bf16 on cuda, fp32 elsewhere)")
     p.add_argument("--data", default=DEFAULT_DATA, help="training records, comma-separated JSON files "
                                                         "(default: the four training splits in tests/assets)")
@@ -304,9 +306,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    device = llama.resolve_device(None)
-    precision = a.precision or llama.default_precision(device)
-    dtype = llama.PRECISIONS[precision]
+    device = checkpoints.resolve_device(None)
+    precision = a.precision or checkpoints.default_precision(device)
+    dtype = checkpoints.PRECISIONS[precision]
     if not a.ckpt and not a.tokenizer.is_file():  # bad input is one line before any model is built
         parser_error(f"--tokenizer {a.tokenizer}: no such file")
     try:
@@ -319,10 +321,10 @@ def main(argv=None) -> dict:
         args = model.args
         del model
         batches = recipe_batches(records, tokenizer, a.batch_size, a.warmup + a.steps)
-        tflops = matmul_tflops(device, torch.bfloat16)
+        tflops = matmul_tflops(device, dtype)  # the run's own precision: a CPU may lack fast bf16
         result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   "torch": torch.__version__, "model": a.ckpt or f"{a.shape} (random weights)",
-                  "precision": precision, "threads": torch.get_num_threads(), "bf16_matmul_tflops": tflops,
+                  "precision": precision, "threads": torch.get_num_threads(), "matmul_tflops": tflops,
                   "ceiling_tokens_per_s": ceiling_tokens_per_s(args, tflops), "train": [], "evaluation": {},
                   "date": time.strftime("%Y-%m-%d")}
 
@@ -374,7 +376,7 @@ def format_table(result: dict) -> str:
 
     lines = [f"{result['model']} on {result['device']} ({result['threads']} threads), {result['precision']}, "
              f"torch {result['torch']}, {result['date']}",
-             f"bf16 matmul {result['bf16_matmul_tflops'] * 1000:.0f} GFLOP/s -> ceiling "
+             f"{result['precision']} matmul {result['matmul_tflops'] * 1000:.0f} GFLOP/s -> ceiling "
              f"{result['ceiling_tokens_per_s']:,.0f} real tokens/s (4N FLOP per token)", "",
              "| impl | method | real tokens/s | of ceiling | vs peft | step / base method | step s | peak GiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -32,7 +32,7 @@ After training the Echo path is discarded (item 8): the saved adapter is a plain
 
 The file in reading order: the adapter (a frozen linear layer plus a trainable low-rank update,
 attached to the model and merged into its weights); the Echo path, item by item, ending in
-`loss_terms`; then saving and loading (peft's format: scripts/convert_peft.py).
+`loss_terms`. The adapter's files (saving, loading, their checks) are data/adapters.py.
 
     Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1:
         h = W0 x + (alpha / r) B A x, B zero at the start so training begins at the base model.
@@ -45,30 +45,25 @@ row. It is computed here from r-sized products only, never from the (out, in) ma
 (`LoRALinear.weight_norm`), which is what keeps DoRA's memory close to LoRA's.
 """
 
-import hashlib
-import json
 import math
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save as safetensors_bytes
 
+from data.batches import Batch
 from data.commonsense import IGNORE_INDEX
-from data.files import check_json_types, read_bytes, read_json, write_atomically
-from llama import KVCache, read_tensor_file
+from llama import KVCache
 
 # The block linears an adapter can wrap: Meta's short name -> its path inside a block.
 BLOCK_LINEARS = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
                  "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
 # q, k, v, up, down: the commonsense recipe of LLM-Adapters and the DoRA paper.
 DEFAULT_TARGETS = ("wq", "wk", "wv", "w3", "w2")
-ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
 # A row of W + s B A whose norm is zero has a zero direction, so its output is 0 whatever it is
 # divided by; the floor only keeps that 0 / 0 from becoming NaN.
 NORM_FLOOR = 1e-12
@@ -256,29 +251,6 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         for name in ("lora_A", "lora_B", "magnitude") if module.dora else ("lora_A", "lora_B"):
             params[f"{path}.{name}"] = getattr(module, name)
     return params
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that make up the adapter, e.g. 'layers.0.attention.wq.lora_A' -> (r, dim)."""
-    return {name: p.detach() for name, p in adapter_parameters(model).items()}
-
-
-def adapter_config(model: nn.Module) -> dict:
-    """The add_adapters arguments that rebuild this model's adapters (layers None = all)."""
-    modules = adapted_linears(model)
-    if not modules:
-        raise ValueError("the model has no adapters")
-    settings = {(m.r, m.alpha, m.dropout.p, m.dora) for m in modules.values()}
-    if len(settings) > 1:
-        raise ValueError(f"the model's adapters differ in (r, alpha, dropout, dora): {sorted(settings)}")
-    [(r, alpha, dropout, dora)] = settings
-    sites = {block_and_target(path) for path in modules}
-    blocks = sorted({i for i, _ in sites})
-    targets = [t for t in BLOCK_LINEARS if t in {target for _, target in sites}]  # in block order
-    if sites != {(i, t) for i in blocks for t in targets}:
-        raise ValueError("the model's adapters are not the same targets in every adapted block")
-    layers = None if blocks == list(range(len(model.layers))) else blocks
-    return dict(r=r, alpha=alpha, dropout=dropout, dora=dora, targets=targets, layers=layers)
 
 
 def block_and_target(path: str) -> tuple[int, str]:
@@ -596,6 +568,47 @@ def suffix_attention_mask(answer_start: torch.Tensor, prefix_len: int, suffix_le
 # ---- 7. Loss, with masked distillation
 
 
+def loss_terms(model, batch: Batch, echo_path: EchoPath | None = None, routed: torch.Tensor | None = None):
+    """METHOD.md item 7, the loss of one batch, as two sums over tokens (not averages):
+
+        ce_sum     = sum CE(z_plain)                                  over the batch's ce_targets
+        routed_sum = sum CE(z_echo) + lambda tau^2 sum KL             over the routed samples' answer tokens
+
+    and the step's loss divides them by counts of the whole step (train.accumulate_gradients):
+
+        loss = ce_sum / N_ce + routed_sum / N_A
+
+    N_A: the answer tokens of all the step's samples, routed or not, so a routed sample's tokens
+    weigh what they would in a mean over the whole step. N_ce, the recipe's: the micro-batch's own
+    ce target tokens x the step's number of micro-batches (--token-mean-loss: the step's ce target
+    tokens). Sums let gradient accumulation and data-parallel ranks add up to exactly one big
+    batch. `routed` (16,) bool: `route`'s draw. Logits are made only where a loss is taken: never
+    a (16, 256, 32000) fp32 tensor.
+    """
+    answer = batch.answer_targets != IGNORE_INDEX  # (16, 256): the answer positions A
+    ce_at = batch.ce_targets != IGNORE_INDEX  # (16, 256): where the plain CE is taken
+    if echo_path is not None:
+        routed = routed & answer.any(1)  # a sample cut off before its answer has no Echo terms
+    rows = routed.nonzero()[:, 0] if echo_path is not None else None  # (8,): the routed samples
+    run_echo = rows is not None and len(rows) > 0
+    # The plain pass, the one deployed; for the Echo pass it also collects the source states
+    # (item 1) and, for the suffix form, keeps its keys and values (item 6).
+    caches = model.new_caches() if run_echo and echo_path.config.echo_pass == "suffix" else None
+    h, states = model.trunk(batch.tokens, caches=caches, collect=echo_path.source_layers if run_echo else ())
+    ce_sum = output_cross_entropy(h[ce_at], model.output.weight, batch.ce_targets[ce_at])
+    if not run_echo:
+        return ce_sum, ce_sum.new_zeros(())
+    z_echo = echo_pass(echo_path, model, batch, rows, states, caches)  # (N_echo, 32000)
+    routed_answer = answer & routed[:, None]  # (16, 256): the routed samples' answer positions
+    z_plain = model.output(h[routed_answer]).float()  # (N_echo, 32000), in the order of z_echo
+    tau, distill = echo_path.config.tau, echo_path.config.distill
+    targets = batch.answer_targets[routed_answer]
+    ce_echo, kl = F.cross_entropy(z_echo, targets, reduction="sum"), masked_distillation(z_plain, z_echo, tau)
+    echo_path.diagnostics.add(n=len(targets), ce_echo=ce_echo, kl=kl,
+                              ce_plain=F.cross_entropy(z_plain.detach(), targets, reduction="sum"))
+    return ce_sum, ce_echo + distill * tau ** 2 * kl
+
+
 def masked_distillation(z_plain: torch.Tensor, z_echo: torch.Tensor, tau: float) -> torch.Tensor:
     """METHOD.md item 7: KL( softmax(z_echo / tau).detach() || softmax(z_plain / tau) ), summed
     over the rows given, the routed answer positions only (the mask). The teacher, the Echo pass,
@@ -650,173 +663,8 @@ def output_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return OutputCrossEntropy.apply(h, weight, targets)
 
 
-@dataclass
-class Batch:
-    """A right-padded training batch.
-
-    tokens: (B, T) ids; valid: (B, T) bool, False at padding. At position t the targets are
-    token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens only (the Echo terms'
-    positions A), `ce_targets` on what the plain cross-entropy trains on (every next token, the
-    recipe's default; the answer tokens alone with train.py --answer-only-loss).
-    """
-
-    tokens: torch.Tensor
-    valid: torch.Tensor
-    answer_targets: torch.Tensor
-    ce_targets: torch.Tensor
-
-    def to(self, device) -> "Batch":
-        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-
-def loss_terms(model, batch: Batch, echo_path: EchoPath | None = None, routed: torch.Tensor | None = None):
-    """METHOD.md item 7's loss of one batch, as sums over tokens (not averages):
-
-        ce_sum     = CE(z_plain)                                    over the ce_targets
-        routed_sum = CE(z_echo) + lambda tau^2 masked_distillation  over the routed samples' answer tokens
-
-    `routed` (16,) bool: `route`'s draw. Dividing by the step's token counts (see train.py) gives
-    the averages; sums let gradient accumulation and data-parallel ranks add up to exactly one big
-    batch. Logits are made only where a loss is taken: never a (16, 256, 32000) fp32 tensor.
-    """
-    answer = batch.answer_targets != IGNORE_INDEX  # (16, 256): the answer positions A
-    ce_at = batch.ce_targets != IGNORE_INDEX  # (16, 256): where the plain CE is taken
-    if echo_path is not None:
-        routed = routed & answer.any(1)  # a sample cut off before its answer has no Echo terms
-    rows = routed.nonzero()[:, 0] if echo_path is not None else None  # (8,): the routed samples
-    run_echo = rows is not None and len(rows) > 0
-    # The plain pass, the one deployed; for the Echo pass it also collects the source states
-    # (item 1) and, for the suffix form, keeps its keys and values (item 6).
-    caches = model.new_caches() if run_echo and echo_path.config.echo_pass == "suffix" else None
-    h, states = model.trunk(batch.tokens, caches=caches, collect=echo_path.source_layers if run_echo else ())
-    ce_sum = output_cross_entropy(h[ce_at], model.output.weight, batch.ce_targets[ce_at])
-    if not run_echo:
-        return ce_sum, ce_sum.new_zeros(())
-    z_echo = echo_pass(echo_path, model, batch, rows, states, caches)  # (N_echo, 32000)
-    routed_answer = answer & routed[:, None]  # (16, 256): the routed samples' answer positions
-    z_plain = model.output(h[routed_answer]).float()  # (N_echo, 32000), in the order of z_echo
-    tau, distill = echo_path.config.tau, echo_path.config.distill
-    targets = batch.answer_targets[routed_answer]
-    ce_echo, kl = F.cross_entropy(z_echo, targets, reduction="sum"), masked_distillation(z_plain, z_echo, tau)
-    echo_path.diagnostics.add(n=len(targets), ce_echo=ce_echo, kl=kl,
-                              ce_plain=F.cross_entropy(z_plain.detach(), targets, reduction="sum"))
-    return ce_sum, ce_echo + distill * tau ** 2 * kl
-
-
 # ---- 8. Discard
 #
 # Nothing to run: the model never holds the Echo path (EchoPath.injecting plugs it in only for
-# the Echo pass), so save_adapter, merge and eval.py see exactly a LoRA/DoRA model, and
+# the Echo pass), so data/adapters.save_adapter, merge and eval.py see exactly a LoRA/DoRA model, and
 # adapter_parameters (the saved tensors) has no projection or gate.
-
-
-# --------------------------------------------------------------------------------------------
-# Saving and loading, this project's format (peft's: scripts/convert_peft.py)
-
-
-# The types of adapter_config.json's settings (load_adapter checks them before using them).
-ADAPTER_CONFIG_TYPES = {"r": int, "alpha": float, "dropout": float, "dora": bool, "targets": list,
-                        "layers": list | None, "tensors_sha256": str}
-
-
-def base_model_record(model: nn.Module) -> dict:
-    """What an adapter records of the base model it was trained on: its shape, and the cheap
-    fingerprint of its weights (llama.weights_fingerprint; None for a model not read by llama.load)."""
-    a = model.args
-    shape = dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab_size,
-                 hidden_dim=a.hidden_dim)
-    return dict(shape=shape, fingerprint=getattr(model, "fingerprint", None))
-
-
-def save_adapter(path, model: nn.Module, config: dict | None = None):
-    """Write `path/adapter.safetensors` (adapter_state) and `path/adapter_config.json`
-    (adapter_config, plus the entries of `config`; the adapter's own settings win).
-
-    The two files are one unit: the config holds the SHA-256 of the tensor file and the base
-    model's record, so a save interrupted between the two renames (tensors of one step, config
-    of another) or an adapter put on another base is caught by load_adapter."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = safetensors_bytes({k: v.contiguous() for k, v in adapter_state(model).items()})
-    full_config = {**(config or {}), **adapter_config(model), "base_model": base_model_record(model),
-                   "tensors_sha256": hashlib.sha256(data).hexdigest()}
-    write_atomically(folder / ADAPTER_FILE, lambda tmp: tmp.write_bytes(data))
-    write_atomically(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(full_config, indent=2)))
-
-
-def load_adapter(path, model: nn.Module) -> dict:
-    """Load an adapter written by save_adapter into `model`, adding the adapters first if the
-    model has none; returns the saved config."""
-    folder = Path(path)
-    config_file, tensor_file = folder / CONFIG_FILE, folder / ADAPTER_FILE
-    config = read_json(config_file)
-    missing = [k for k in ("r", "alpha", "dropout", "dora", "targets", "layers") if k not in config]
-    if missing:
-        raise ValueError(f"{config_file}: missing adapter settings {missing}")
-    check_json_types(config_file, config, ADAPTER_CONFIG_TYPES)
-    fit_adapters(model, config, config_file)
-    try:
-        data = read_bytes(tensor_file)
-    except OSError as e:
-        raise ValueError(f"{tensor_file}: cannot read adapter tensors: {e}") from None
-    copy_adapter_tensors(model, read_tensor_file(tensor_file, data), tensor_file)
-    # After the fit checks, so a tensor file that does not fit says how; an adapter written
-    # before checksums were recorded has none to check.
-    digest = hashlib.sha256(data).hexdigest()
-    if config.get("tensors_sha256", digest) != digest:
-        raise ValueError(f"{tensor_file}: its SHA-256 is not the one {config_file} records: the two files come "
-                         "from different saves (an interrupted save?)")
-    check_base_model(config.get("base_model"), model, config_file)
-    return config
-
-
-def check_base_model(saved: dict | None, model: nn.Module, file: Path):
-    """An adapter loaded onto a base model other than the one it was trained on is an error."""
-    if not saved:
-        return  # written before the base model was recorded
-    mine = base_model_record(model)
-    if saved.get("shape") != mine["shape"]:
-        raise ValueError(f"{file}: the adapter was trained on a base of shape {saved.get('shape')}, "
-                         f"the model loaded has shape {mine['shape']}")
-    if None not in (saved.get("fingerprint"), mine["fingerprint"]) and saved["fingerprint"] != mine["fingerprint"]:
-        raise ValueError(f"{file}: the adapter was trained on other base weights (fingerprint {saved['fingerprint']}, "
-                         f"the model loaded has {mine['fingerprint']}): wrong --ckpt?")
-
-
-def fit_adapters(model: nn.Module, config: dict, file: Path):
-    """Give `model` the adapters `config` describes, or check that the ones it has match."""
-    if not adapted_linears(model):
-        try:
-            add_adapters(model, config["targets"], config["r"], config["alpha"], config["dropout"], config["dora"],
-                         config["layers"])
-        except ValueError as e:
-            raise ValueError(f"{file}: {e}") from None
-        return
-    have = adapter_config(model)
-    all_blocks = list(range(len(model.layers)))
-    for key, mine, theirs in [
-        ("rank r", have["r"], config["r"]), ("alpha", have["alpha"], config["alpha"]),
-        ("dora", have["dora"], config["dora"]),
-        ("targets", sorted(have["targets"]), sorted(config["targets"])),
-        ("layers", have["layers"] or all_blocks, sorted(config["layers"] or all_blocks)),
-    ]:
-        if mine != theirs:
-            raise ValueError(f"{file}: the adapter has {key} {theirs!r} but the model's adapters have {mine!r}")
-
-
-@torch.no_grad()
-def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path):
-    """Copy `tensors` (adapter_state names) into the model's adapters: every key, every shape."""
-    params = adapter_parameters(model)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"{file}: does not fit the model: missing {missing[:3]}{'...' * (len(missing) > 3)}, "
-                         f"unexpected {unexpected[:3]}{'...' * (len(unexpected) > 3)}")
-    for name, tensor in tensors.items():
-        if tensor.shape != params[name].shape:
-            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(params[name].shape)}")
-        if not torch.isfinite(tensor).all():  # a diverged run's adapter: every output would be NaN
-            raise ValueError(f"{file}: {name} holds NaN or infinite values")
-    for name, tensor in tensors.items():
-        params[name].copy_(tensor)

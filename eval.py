@@ -22,7 +22,6 @@ different measurement, written to its own files.
 import argparse
 import hashlib
 import json
-import math
 import re
 import sys
 import time
@@ -33,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data.adapters import load_adapter
+from data.checkpoints import PRECISIONS, default_precision, resolve_checkpoint, resolve_device
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
 from data.files import code_version, output_files, output_folder, read_run_record, write_atomically
-from echo_lora import load_adapter, merge
-from llama import (PRECISIONS, Transformer, default_precision, generate, load, prefill, resolve_checkpoint,
-                   resolve_device)
-from tokenizer import Tokenizer
+from data.published import PROTOCOL_PRECISION, PUBLISHED, default_published, published_rows
+from data.tokenizer import Tokenizer
+from echo_lora import merge
+from llama import Transformer, attention_mask, load
 
 
 class Benchmark(NamedTuple):
@@ -59,41 +60,10 @@ BENCHMARKS = {
     "openbookqa": Benchmark("OBQA", "answer1|answer2|answer3|answer4|answer5"),
 }
 
-# Accuracy (%) on the eight benchmarks in BENCHMARKS order, then the average. Copied verbatim
-# from NVlabs/DoRA, commonsense_reasoning/README.md, the three "Accuracy comparison of LoRA and
-# DoRA ..." tables, rows with r = 32 (the LLaMA-7B DoRA r = 32 row lists lr 1e-4 there).
-PUBLISHED = {
-    "llama-7b": {
-        "LoRA r=32": (67.5, 80.8, 78.2, 83.4, 80.4, 78.0, 62.6, 79.1, 76.3),
-        "DoRA r=32": (69.7, 83.4, 78.6, 87.2, 81.0, 81.9, 66.2, 79.2, 78.4),
-    },
-    "llama2-7b": {
-        "LoRA r=32": (69.8, 79.9, 79.5, 83.6, 82.6, 79.8, 64.7, 81.0, 77.6),
-        "DoRA r=32": (71.8, 83.7, 76.0, 89.1, 82.6, 83.7, 68.2, 82.4, 79.7),
-    },
-    "llama3-8b": {
-        "LoRA r=32": (70.8, 85.2, 79.9, 91.7, 84.3, 84.2, 71.2, 79.0, 80.8),
-        "DoRA r=32": (74.6, 89.3, 79.9, 95.5, 85.6, 90.5, 80.4, 85.8, 85.2),
-    },
-}
-
-# The settings every published row was produced under, and each row's learning rate (the "lr"
-# column beside it in the same README tables). A row is printed beside a run only when the run
-# matches them all (published_rows).
-PUBLISHED_PROTOCOL = dict(num_beams=4, max_new_tokens=32, beam_rule="transformers-4.36", r=32)
-PUBLISHED_LR = {"LoRA r=32": {"llama-7b": 3e-4, "llama2-7b": 3e-4, "llama3-8b": 3e-4},
-                "DoRA r=32": {"llama-7b": 1e-4, "llama2-7b": 2e-4, "llama3-8b": 1e-4}}
-# train.py's departures from the recipe (all off in the recipe), as they read in a results note.
-TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "loss averaged over the step's tokens",
-                    "group_by_length": "length-grouped batches", "adapter_only_dropout": "adapter-only DoRA dropout",
-                    "cloze": "cloze-form training"}
 
 # The weights' dtypes eval.py offers: train.py's, plus fp16, the one the protocol evaluates in
-# (LLM-Adapters' and DoRA's commonsense_evaluate.py load with torch_dtype=torch.float16, then
-# model.half()): the default on CUDA.
+# (data/published.PROTOCOL_PRECISION): the default on CUDA.
 EVAL_PRECISIONS = {**PRECISIONS, "fp16": torch.float16}
-PROTOCOL_PRECISION = "fp16"
-
 
 
 RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
@@ -132,7 +102,77 @@ def candidate_labels(dataset: str, record: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding
+# Decoding: greedy, and the protocol's beam search
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids with each prompt flush right, and (B, T) bool, True at real tokens."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((len(prompts), longest), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
+        valid[i, longest - len(p):] = True
+    return tokens, valid
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """The number of leading ids every prompt shares, leaving each at least one id of its own."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0):
+    """Run left-padded prompts through the model once, filling fresh KV caches with room for
+    `max_new_tokens` more positions.
+
+    The ids every prompt starts with (the template's first lines, a third of an evaluation prompt)
+    are computed once, as a batch of one, and their keys and values shared by every row; the rest
+    of each prompt follows, left-padded after that shared prefix. Positions count only real tokens
+    and the mask hides the padding, so a batch decodes exactly like one prompt at a time.
+    Returns the last position's logits (B, vocab) (never the (B, T, vocab) of every position),
+    the caches, the key mask (B, T) and each sample's next position (B,).
+    """
+    device = model.output.weight.device
+    n_shared = shared_prefix_length(prompts)
+    caches = model.new_caches()
+    if n_shared:
+        model.trunk(torch.tensor([prompts[0][:n_shared]], device=device), caches=caches)
+        for cache in caches:  # one row's keys and values, seen by every row (expand: no copy)
+            cache.k, cache.v = (t.expand(len(prompts), -1, -1, -1) for t in (cache.k, cache.v))
+    tokens, rest_valid = left_pad([p[n_shared:] for p in prompts], pad_id, device)
+    positions = n_shared + (rest_valid.cumsum(1) - 1).clamp(min=0)
+    valid = torch.cat([rest_valid.new_ones(len(prompts), n_shared), rest_valid], dim=1)  # every key
+    hidden, _ = model.trunk(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
+    for cache in caches:
+        cache.reserve(max_new_tokens)
+    return model.output(hidden[:, -1]), caches, valid, positions[:, -1] + 1
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
+             pad_id: int = 0) -> list[list[int]]:
+    """Batched greedy decoding; returns each prompt's new ids, up to (not including) a stop id."""
+    logits, caches, valid, next_pos = prefill(model, prompts, max_new_tokens, pad_id)
+    B, device = len(prompts), valid.device
+    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        token = logits.float().argmax(-1)
+        done = done | torch.isin(token, stop)
+        new_tokens.append(torch.where(done, -1, token))
+        if done.all():
+            break
+        valid = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=device)], dim=1)
+        logits = model(token[:, None], next_pos[:, None], valid[:, None, None, :], caches)[:, -1]
+        next_pos = next_pos + 1
+    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
+    return [[t for t in row if t >= 0] for row in out]
 
 
 def add_hypothesis(finished: list, score: float, ids: list[int], num_beams: int):
@@ -176,7 +216,7 @@ def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, ma
     4.36.0's and today's; transformers before 4.36 divided by the whole sequence length, prompt
     included (LLM-Adapters installed transformers from git in 2023; DoRA pins v4.36.0).
 
-    Questions are batched, num_beams rows each, with masked left padding as in llama.generate;
+    Questions are batched, num_beams rows each, with masked left padding as in `generate`;
     the cache rows follow their beams through KVCache.select.
     """
     device = model.output.weight.device
@@ -415,12 +455,6 @@ def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tu
     return test_sets, missing
 
 
-def default_published(ckpt: str) -> str:
-    """The published rows for the checkpoint's folder name, when it is one of PUBLISHED's."""
-    name = Path(ckpt).name.lower()
-    return name if name in PUBLISHED else "none"
-
-
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -500,47 +534,6 @@ def read_train_config(adapter: Path | None) -> dict | None:
     (another program's config.json, an HF model's, is none)."""
     record = read_run_record(adapter) if adapter is not None else None
     return record.get("config") if record is not None else None
-
-
-def protocol_differences(args, trained: dict | None, row_lr: float) -> list[str]:
-    """How this evaluation, and the training run behind its adapter, depart from a published
-    row's protocol (PUBLISHED_PROTOCOL and the row's lr); [] when they match."""
-    differs = []
-    if args.scoring != "generate":
-        differs.append(f"{args.scoring} ranking instead of generation")
-    for name in ("num_beams", "max_new_tokens", "beam_rule"):
-        if getattr(args, name) != PUBLISHED_PROTOCOL[name]:
-            differs.append(f"{name.replace('_', '-')} {getattr(args, name)} (row: {PUBLISHED_PROTOCOL[name]})")
-    if args.precision != PROTOCOL_PRECISION:
-        differs.append(f"{args.precision} weights (row: {PROTOCOL_PRECISION})")
-    if args.limit:
-        differs.append(f"only the first {args.limit} items of each test set")
-    if args.adapter is None:
-        return differs + ["the base model, no adapter"]
-    if trained is None:
-        return differs + ["training settings unknown (no train.py config.json beside the adapter)"]
-    if trained.get("r") != PUBLISHED_PROTOCOL["r"]:
-        differs.append(f"r {trained.get('r')} (row: {PUBLISHED_PROTOCOL['r']})")
-    if not math.isclose(trained.get("lr", 0.0), row_lr):
-        differs.append(f"lr {trained.get('lr', 0.0):g} (row: {row_lr:g})")
-    if "train_on_inputs" in trained and not trained["train_on_inputs"]:  # written before answer_only_loss
-        trained = {**trained, "answer_only_loss": True}
-    differs += [text for flag, text in TRAIN_DEPARTURES.items() if trained.get(flag)]
-    return differs
-
-
-def published_rows(args, trained: dict | None) -> tuple[dict[str, tuple], list[str]]:
-    """The published rows to print beside this run (those whose protocol it matches), and a note
-    for each row left out saying what differs."""
-    rows, notes = {}, []
-    for name, accuracies in PUBLISHED.get(args.published, {}).items():
-        differs = protocol_differences(args, trained, PUBLISHED_LR[name][args.published])
-        if differs:
-            notes.append(f"- {name} (published) not shown: this run differs from its protocol in "
-                         f"{'; '.join(differs)}.")
-        else:
-            rows[name] = accuracies
-    return rows, notes
 
 
 def scoring_description(args) -> str:

@@ -28,10 +28,10 @@ if __name__ == "__main__":  # run as a script: make the repo's modules importabl
 
 import torch
 
+from data.checkpoints import check_model_args, check_weights, find_tokenizer, match_vocabulary, read_tensor_file
 from data.files import check_json_types, inside, read_json, write_atomically
-from llama import (ModelArgs, Transformer, check_model_args, check_weights, find_tokenizer, match_vocabulary,
-                   read_tensor_file)
-from tokenizer import Tokenizer
+from data.tokenizer import Tokenizer
+from llama import ModelArgs, Transformer
 
 # The HF config.json key of each ModelArgs field read_hf_config fills, for check_model_args' errors.
 HF_CONFIG_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
@@ -198,7 +198,7 @@ def read_hf_folder(src: Path) -> tuple[ModelArgs, dict[str, torch.Tensor], Token
 
 # What convert writes into DEST, by name: the only files --overwrite replaces or removes.
 META_FILES = ("params.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "config.json")
-# The keys of an HF config.json a tokenizer.json's reader takes special ids from (tokenizer.py).
+# The keys of an HF config.json a tokenizer.json's reader takes special ids from (data/tokenizer.py).
 TOKENIZER_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SHARD_NAME = re.compile(r"consolidated\.\d\d\.pth")
 

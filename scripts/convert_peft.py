@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from data import checkpoints
+from data.adapters import CONFIG_FILE, adapter_config, adapter_state, copy_adapter_tensors, fit_adapters
+from data.checkpoints import read_tensor_file
 from data.files import check_json_types, read_json, write_atomically
-from echo_lora import (BLOCK_LINEARS, CONFIG_FILE, adapter_config, adapter_state, block_and_target,
-                       copy_adapter_tensors, fit_adapters)
-from llama import read_tensor_file
+from echo_lora import BLOCK_LINEARS, block_and_target
 from scripts.convert_hf import HF_TO_META_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows
 
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
@@ -148,7 +149,7 @@ def permute_qk_rows(model: nn.Module, name: str, tensor: torch.Tensor, permute) 
 
 def main(argv=None):
     import llama
-    from echo_lora import load_adapter, save_adapter
+    from data.adapters import load_adapter, save_adapter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("direction", choices=["to-peft", "from-peft"])
@@ -157,7 +158,7 @@ def main(argv=None):
     parser.add_argument("--ckpt", required=True, help="the base model the adapter belongs to (its shape and heads)")
     a = parser.parse_args(argv)
     try:
-        model, _ = llama.load(llama.resolve_checkpoint(a.ckpt))
+        model, _ = llama.load(checkpoints.resolve_checkpoint(a.ckpt))
         if a.direction == "to-peft":
             load_adapter(a.source, model)
             export_peft(a.dest, model, {"base_model_name_or_path": a.ckpt})

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 import llama  # noqa: E402
 from bench import SHAPES, hf_random_model  # noqa: E402
+from data import checkpoints  # noqa: E402
 from convert_hf import convert, hf_to_meta_rows  # noqa: E402
 from convert_peft import export_peft, name_from_peft_key, permute_qk_rows  # noqa: E402
 from data.files import write_atomically  # noqa: E402
@@ -97,7 +98,7 @@ def parity(args: llama.ModelArgs, device) -> list[dict]:
         checks.append({"precision": precision, "what": what, "relative_error": error,
                        "tolerance": PARITY_TOLERANCE[precision], "ok": error < PARITY_TOLERANCE[precision]})
 
-    for precision, dtype in llama.PRECISIONS.items():
+    for precision, dtype in checkpoints.PRECISIONS.items():
         with tempfile.TemporaryDirectory() as folder:
             hf = hf_random_model(small, device, dtype).eval()
             hf.save_pretrained(folder)

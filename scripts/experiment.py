@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
 import train  # noqa: E402
+from data import checkpoints, runs  # noqa: E402
 from data.files import inside, output_files, read_bytes, read_json, read_run_record, write_atomically  # noqa: E402
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
@@ -209,7 +210,7 @@ def experiment_files(a, p) -> dict[str, Path]:
         p.error(f"--data-dir {a.data_dir}: no {', '.join(missing)} (python data/download.py --only "
                 + " ".join([*a.test_sets, *(f"{name}-train" for name in a.train_sets)]) + " fetches them)")
     try:
-        train.llama.resolve_checkpoint(a.ckpt)
+        checkpoints.resolve_checkpoint(a.ckpt)
     except FileNotFoundError as e:
         p.error(f"--ckpt {e}")
     return files
@@ -378,7 +379,7 @@ def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict,
     timing = {}
     if arm != "none":
         resume = (folder / "checkpoint.pt").is_file()
-        again = ["--resume"] if resume else ["--overwrite"] if train.holds_run(folder) else []
+        again = ["--resume"] if resume else ["--overwrite"] if runs.holds_run(folder) else []
         t0 = clock()
         if code := run_script("train.py", train_command(a, arm, seed, folder, flags) + again):
             raise RunStopped(f"train.py stopped with exit code {code}")

@@ -15,12 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from echo_lora import (LoRALinear, adapter_config, adapter_state, add_adapters, adapted_linears, load_adapter, merge,
-                       save_adapter, trainable_parameters)
-from scripts.convert_peft import export_peft, import_peft
+from data.adapters import adapter_config, adapter_state, load_adapter, save_adapter
+from echo_lora import LoRALinear, add_adapters, adapted_linears, merge, trainable_parameters
 from llama import ModelArgs, Transformer
-from scripts.convert_hf import hf_to_meta_rows, meta_to_hf_rows
 from reference import META_TO_HF_LAYER_NAMES, hf_llama
+from scripts.convert_hf import hf_to_meta_rows, meta_to_hf_rows
+from scripts.convert_peft import export_peft, import_peft
 
 # peft calls a transformers method that transformers 5 has deprecated; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

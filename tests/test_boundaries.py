@@ -23,7 +23,7 @@ import eval as evaluator
 import llama
 import train
 from conftest import ROOT
-from data import download, prepare_smollm2
+from data import adapters, download, prepare_smollm2, runs
 from data.commonsense import load_records
 from data.files import RUN_MARKER, inside, locked_folder, read_json, write_atomically
 from reference import write_hf_folder
@@ -32,7 +32,7 @@ from test_safety import DATA, SHAPE, ckpt, meta_ckpt, records, train_args  # noq
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import experiment  # noqa: E402
-from tokenizer import Tokenizer
+from data.tokenizer import Tokenizer
 
 SMALL = dict(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)  # no tokenizer needed
 
@@ -153,12 +153,12 @@ def test_integer_and_bool_weights_are_an_error_naming_the_file_and_key(tmp_path)
         convert_hf.convert(folder, tmp_path / "meta")
     # an adapter's tensors too
     model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
-    echo_lora.save_adapter(tmp_path / "adapter", model)
+    adapters.save_adapter(tmp_path / "adapter", model)
     tensors = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
     tensors["layers.0.attention.wq.lora_A"] = tensors["layers.0.attention.wq.lora_A"].to(torch.int64)
     save_file(tensors, str(tmp_path / "adapter" / "adapter.safetensors"))
     with pytest.raises(ValueError, match=r"adapter\.safetensors: layers\.0\.attention\.wq\.lora_A is int64"):
-        echo_lora.load_adapter(tmp_path / "adapter", small_model())
+        adapters.load_adapter(tmp_path / "adapter", small_model())
 
 
 # ---- 4. a model that computes NaN is never scored
@@ -195,7 +195,7 @@ def test_an_hf_model_folder_is_not_a_run_and_is_never_written_over(ckpt, records
             train.main(train_args(ckpt, records, folder, *flags))
         assert "\n" not in str(e.value)
     assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != ".lock"} == before
-    assert not train.holds_run(folder)
+    assert not runs.holds_run(folder)
 
 
 def test_overwrite_removes_only_the_files_train_and_eval_write(finished_run, ckpt, records, tmp_path):
@@ -226,7 +226,7 @@ def test_a_second_train_into_the_same_out_fails_with_one_line(ckpt, records, tmp
         holder.kill()
         holder.wait()
     train.main(train_args(ckpt, records, out, "--max-steps", "1"))  # a killed holder leaves no stale lock
-    assert train.holds_run(out)
+    assert runs.holds_run(out)
     with locked_folder(out):  # in-process too: the lock is the folder's, not the process's
         with pytest.raises(SystemExit, match="another process is writing a run there"):
             train.main(train_args(ckpt, records, out, "--resume", "--max-steps", "2"))
@@ -236,7 +236,7 @@ def test_temporary_files_are_fresh_names_never_a_planted_symlink(finished_run, c
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     victims = {}
-    for name in train.RUN_FILES:
+    for name in runs.RUN_FILES:
         victims[name] = tmp_path / f"victim-{name}"
         victims[name].write_text("keep")
         (run / f".{name}.tmp").symlink_to(victims[name])  # the old fixed temporary names
@@ -344,7 +344,7 @@ def test_json_nan_huge_numbers_and_deep_nesting_are_one_line(tmp_path):
 def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, what):
     folder = meta_folder(tmp_path / "ckpt")
     model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
-    echo_lora.save_adapter(tmp_path / "adapter", model)
+    adapters.save_adapter(tmp_path / "adapter", model)
     fifo = {"shard": folder / "consolidated.00.pth", "params": folder / "params.json",
             "adapter config": tmp_path / "adapter" / "adapter_config.json",
             "adapter tensors": tmp_path / "adapter" / "adapter.safetensors", "data": tmp_path / "data.json"}[what]
@@ -354,7 +354,7 @@ def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, what):
         if what == "data":
             load_records(fifo)
         elif what.startswith("adapter"):
-            echo_lora.load_adapter(tmp_path / "adapter", small_model())
+            adapters.load_adapter(tmp_path / "adapter", small_model())
         else:
             llama.load(folder)
 
@@ -408,7 +408,7 @@ def test_out_is_checked_before_the_model_loads(ckpt, records, tmp_path, capsys, 
 
 def test_a_broken_train_config_beside_the_adapter_fails_before_the_model_loads(ckpt, tmp_path, capsys, monkeypatch):
     model, _ = llama.load(ckpt, dtype=torch.float32)
-    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
     (tmp_path / "adapter" / "config.json").write_text('{"echo_lora_run": 1, "config": ')  # cut short
 
     def loaded(*_):

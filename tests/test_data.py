@@ -19,7 +19,7 @@ from data.commonsense import (
     train_prompt,
     train_prompt_without_output,
 )
-from tokenizer import Tokenizer
+from data.tokenizer import Tokenizer
 
 COMMONSENSE = ASSETS / "data" / "commonsense"
 RECORD = {"instruction": "Is it so?", "input": "", "output": "the correct answer is true", "answer": "true"}
@@ -253,7 +253,7 @@ def test_every_real_record_has_a_cloze_form():
 
 def test_cloze_record_trains_on_the_correct_choice_text():
     from data.commonsense import encode_cloze_record
-    from tokenizer import Tokenizer
+    from data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model")
     record = load_records(ASSETS / "data" / "commonsense" / "ARC-Easy" / "train.json")[0]

@@ -29,8 +29,8 @@ import llama
 import train
 from conftest import ASSETS, ROOT
 from data.files import RUN_MARKER
+from data.tokenizer import Tokenizer
 from reference import write_meta_folder
-from tokenizer import Tokenizer
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import experiment  # noqa: E402

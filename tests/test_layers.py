@@ -1,6 +1,7 @@
 """Imports run one way, and the data scripts run without torch.
 
-    data/ (files, commonsense, scripts) <- tokenizer <- llama <- echo_lora <- train, eval <- bench
+    data/ (files, commonsense, tokenizer, scripts) <- data/checkpoints, batches <- llama <- echo_lora
+        <- data/adapters, embedded <- data/runs <- train, eval <- bench
 
 Checked on the source (every import statement, also those inside functions) and, for torch, in a
 fresh interpreter: the test process itself has torch loaded already.
@@ -16,10 +17,13 @@ from conftest import ROOT
 
 # Each module may import only modules of a lower layer (data/ modules also each other).
 LAYERS = [
-    {"data.files", "data.commonsense", "data.download", "data.make_sample", "data.prepare_smollm2"},
-    {"tokenizer"},
+    {"data.files", "data.commonsense", "data.download", "data.make_sample", "data.prepare_smollm2", "data.tokenizer",
+     "data.flags", "data.published"},
+    {"data.checkpoints", "data.batches"},
     {"llama"},
     {"echo_lora"},
+    {"data.adapters", "data.embedded"},
+    {"data.runs"},
     {"train", "eval"},
     {"bench"},
 ]
@@ -56,7 +60,7 @@ def test_imports_run_one_way():
     assert not upward, upward
 
 
-@pytest.mark.parametrize("module", ["data.download", "data.prepare_smollm2", "data.commonsense", "tokenizer"])
+@pytest.mark.parametrize("module", ["data.download", "data.prepare_smollm2", "data.commonsense", "data.tokenizer"])
 def test_imports_without_torch(module):
     """The data scripts (download.py fetches files, nothing more) and the tokenizers load without
     torch: they use the torch-free helpers of data/files.py, not the method's file."""

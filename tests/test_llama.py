@@ -1,4 +1,4 @@
-"""llama.py and tokenizer.py against independent references: HF transformers' LlamaForCausalLM
+"""llama.py and data/tokenizer.py against independent references: HF transformers' LlamaForCausalLM
 on the same weights, real trained weights (stories260K) with golden greedy ids, and the real Meta
 tokenizer files with llama.cpp's test vectors."""
 
@@ -9,11 +9,12 @@ import shutil
 import pytest
 import torch
 
+import eval as evaluator
 import llama
 from conftest import ASSETS
+from data.tokenizer import Tokenizer
 from reference import hf_llama, write_hf_folder, write_meta_folder
 from scripts import convert_hf
-from tokenizer import Tokenizer
 
 STORIES = ASSETS / "models" / "stories260K-meta"
 LLAMA2_TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -127,7 +128,7 @@ def test_hf_config_rejects_what_it_cannot_compute(tmp_path):
 def test_stories260k_golden_greedy_ids_fp32():
     golden = json.loads((STORIES / "golden.json").read_text())
     model, _ = llama.load(STORIES, dtype=torch.float32)
-    new = llama.generate(model, [golden["prompt_ids"]], len(golden["greedy_ids"]) - 1, stop_ids=[])
+    new = evaluator.generate(model, [golden["prompt_ids"]], len(golden["greedy_ids"]) - 1, stop_ids=[])
     assert golden["prompt_ids"] + new[0] == golden["greedy_ids"]
     logits = model(torch.tensor([[1]]))[0, -1]
     assert logits.argmax().item() == 403 and abs(logits.max().item() - 17.0235) < 1e-3
@@ -137,8 +138,8 @@ def test_batched_greedy_equals_one_at_a_time():
     model, _ = llama.load(STORIES, dtype=torch.float32)
     golden = json.loads((STORIES / "golden.json").read_text())["greedy_ids"]
     prompts = [golden[:n] for n in (1, 9, 4, 17, 2)]
-    batched = llama.generate(model, prompts, 12, stop_ids={golden[9]})
-    single = [llama.generate(model, [p], 12, stop_ids={golden[9]})[0] for p in prompts]
+    batched = evaluator.generate(model, prompts, 12, stop_ids={golden[9]})
+    single = [evaluator.generate(model, [p], 12, stop_ids={golden[9]})[0] for p in prompts]
     assert batched == single
     assert batched[0] == golden[1:9]  # stopped before the stop id
 

@@ -18,6 +18,7 @@ import eval as evaluator
 import llama
 import train
 from conftest import ASSETS
+from data import batches, checkpoints
 from data.commonsense import eval_prompt, load_records
 from echo_lora import EchoConfig, EchoPath, adapted_linears, add_adapters, loss_terms
 from reference import write_meta_folder
@@ -53,7 +54,7 @@ def one_step(ckpt, precision: str, method: str):
     """Loss and gradients of one training step of train.py's recipe on 8 real ARC-Easy records,
     every record routed (echo methods, suffix pass), dropout off; non-zero B and magnitude so
     every gradient is non-trivial."""
-    model, tokenizer = llama.load(ckpt, dtype=llama.PRECISIONS[precision])
+    model, tokenizer = llama.load(ckpt, dtype=checkpoints.PRECISIONS[precision])
     torch.manual_seed(0)
     add_adapters(model, r=8, alpha=16, dropout=0.0, dora="dora" in method)
     g = torch.Generator().manual_seed(1)
@@ -65,8 +66,8 @@ def one_step(ckpt, precision: str, method: str):
     torch.manual_seed(0)
     echo = EchoPath(model, EchoConfig(echo_pass="suffix")) if method.startswith("echo") else None
     model.train()
-    examples = train.encode_examples(load_records(ARC_TRAIN)[:8], tokenizer, cutoff=160)
-    batch = train.collate(examples, False, tokenizer.pad_id)
+    examples = batches.encode_examples(load_records(ARC_TRAIN)[:8], tokenizer, cutoff=160)
+    batch = batches.collate(examples, False, tokenizer.pad_id)
     n = int((batch.answer_targets != -100).sum())
     with train.autocast(CPU, precision):
         ce_sum, echo_sum = loss_terms(model, batch, echo, torch.ones(len(examples), dtype=torch.bool))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import eval as evaluator
 import llama
 import train
+from data import batches, published
 from echo_lora import LoRALinear, add_adapters
 from reference import hf_llama
 
@@ -48,7 +49,7 @@ README_LR = {("lora", "llama-7b"): 3e-4, ("lora", "llama2-7b"): 3e-4, ("lora", "
 def test_default_lr_is_the_published_rows_lr(method, model):
     for variant in (method, f"echo-{method}"):
         assert train.parse_config(["--ckpt", f"checkpoints/{model}", "--method", variant]).lr == README_LR[method, model]
-    assert evaluator.PUBLISHED_LR[{"lora": "LoRA r=32", "dora": "DoRA r=32"}[method]][model] == README_LR[method, model]
+    assert published.PUBLISHED_LR[{"lora": "LoRA r=32", "dora": "DoRA r=32"}[method]][model] == README_LR[method, model]
 
 
 def test_evaluation_defaults_are_the_protocol():
@@ -69,17 +70,17 @@ def test_evaluation_defaults_are_the_protocol():
 def test_validation_split_is_datasets_train_test_split(n):
     reference = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=120, shuffle=True,
                                                                                     seed=42)
-    train_idx, val_idx = train.split_validation(n, 120, 42)
+    train_idx, val_idx = batches.split_validation(n, 120, 42)
     assert val_idx == reference["test"]["i"]
     assert train_idx == reference["train"]["i"]
 
 
 def test_random_batches_cover_every_example_once_in_a_seeded_random_order():
-    batches = train.random_batches(37, 8, seed=5)
-    assert [len(b) for b in batches] == [8, 8, 8, 8, 5]
-    order = [i for b in batches for i in b]
+    drawn = batches.random_batches(37, 8, seed=5)
+    assert [len(b) for b in drawn] == [8, 8, 8, 8, 5]
+    order = [i for b in drawn for i in b]
     assert sorted(order) == list(range(37)) and order != list(range(37))
-    assert batches == train.random_batches(37, 8, seed=5) != train.random_batches(37, 8, seed=6)
+    assert drawn == batches.random_batches(37, 8, seed=5) != batches.random_batches(37, 8, seed=6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def test_whole_text_loss_is_transformers_loss_averaged_over_micro_batches():
     reference = 0.0
     with torch.no_grad():
         for start in range(0, 6, 2):
-            batch = train.collate(examples[start:start + 2], train_on_inputs=True, pad_id=0)
+            batch = batches.collate(examples[start:start + 2], train_on_inputs=True, pad_id=0)
             labels = torch.where(batch.valid, batch.tokens, -100)
             reference += hf(input_ids=batch.tokens, attention_mask=batch.valid.long(), labels=labels).loss.item() / 3
     add_adapters(model, dropout=0.0)  # B = 0: the base model's function, with something to train
@@ -203,14 +204,14 @@ def test_whole_text_loss_is_transformers_loss_averaged_over_micro_batches():
 
 @pytest.mark.parametrize("method", ["lora", "echo-dora"])
 def test_length_sorted_parts_give_the_padded_micro_batch_loss_and_gradients(method, monkeypatch):
-    """A micro-batch computed as length-sorted parts (train.padded_parts) against the same
+    """A micro-batch computed as length-sorted parts (batches.padded_parts) against the same
     micro-batch padded to its longest as one forward pass: the same loss and adapter (and Echo
     path) gradients up to float rounding (relative 1e-5, fp32), with trained (non-zero) adapters
     and dropout off (dropout draws depend on the grouping)."""
     from echo_lora import EchoConfig, EchoPath
 
     def run(rows_per_part):
-        monkeypatch.setattr(train, "ROWS_PER_PART", rows_per_part)
+        monkeypatch.setattr(batches, "ROWS_PER_PART", rows_per_part)
         torch.manual_seed(0)
         model = llama.Transformer(llama.ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50,
                                                   multiple_of=16))
@@ -340,16 +341,16 @@ RECIPE_RUN = {"r": 32, "lr": 1e-4, "answer_only_loss": False, "token_mean_loss":
 
 
 def test_published_rows_are_printed_only_beside_runs_of_their_protocol():
-    rows, notes = evaluator.published_rows(eval_args(), RECIPE_RUN)
-    assert list(rows) == ["DoRA r=32"] and rows["DoRA r=32"] == evaluator.PUBLISHED["llama-7b"]["DoRA r=32"]
+    rows, notes = published.published_rows(eval_args(), RECIPE_RUN)
+    assert list(rows) == ["DoRA r=32"] and rows["DoRA r=32"] == published.PUBLISHED["llama-7b"]["DoRA r=32"]
     assert notes == ["- LoRA r=32 (published) not shown: this run differs from its protocol in lr 0.0001 (row: 0.0003)."]
-    rows, notes = evaluator.published_rows(eval_args(num_beams=1), {**RECIPE_RUN, "answer_only_loss": True})
+    rows, notes = published.published_rows(eval_args(num_beams=1), {**RECIPE_RUN, "answer_only_loss": True})
     assert rows == {}
     assert "num-beams 1 (row: 4); answer-only loss." in notes[1]
-    rows, notes = evaluator.published_rows(eval_args(precision="bf16"), RECIPE_RUN)
+    rows, notes = published.published_rows(eval_args(precision="bf16"), RECIPE_RUN)
     assert rows == {} and notes[1].endswith("in bf16 weights (row: fp16).")
-    rows, notes = evaluator.published_rows(eval_args(beam_rule="transformers-5", adapter=None), None)
+    rows, notes = published.published_rows(eval_args(beam_rule="transformers-5", adapter=None), None)
     assert rows == {} and "beam-rule transformers-5 (row: transformers-4.36); the base model" in notes[0]
     # A config.json written before answer_only_loss existed: train_on_inputs False was answer-only.
-    rows, notes = evaluator.published_rows(eval_args(), {"r": 32, "lr": 1e-4, "train_on_inputs": False})
+    rows, notes = published.published_rows(eval_args(), {"r": 32, "lr": 1e-4, "train_on_inputs": False})
     assert rows == {} and notes[1].endswith("answer-only loss.")

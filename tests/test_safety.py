@@ -19,6 +19,7 @@ import eval as evaluator
 import llama
 import train
 from conftest import ASSETS
+from data import adapters
 from data.commonsense import load_records
 from reference import write_hf_folder, write_meta_folder
 from scripts import convert_hf
@@ -192,7 +193,7 @@ def test_an_adapter_with_nan_is_refused_by_eval(ckpt, tmp_path, capsys):
     model, _ = llama.load(ckpt, dtype=torch.float32)
     echo_lora.add_adapters(model, r=4, alpha=8)
     echo_lora.adapter_parameters(model)["layers.1.feed_forward.w2.lora_B"].data[3, 1] = math.nan
-    echo_lora.save_adapter(tmp_path / "adapter", model)
+    adapters.save_adapter(tmp_path / "adapter", model)
     code = evaluator.main(["--ckpt", str(ckpt), "--adapter", str(tmp_path / "adapter"), "--data-dir", str(DATA),
                            "--datasets", "piqa", "--limit", "1", "--device", "cpu"])
     err = capsys.readouterr().err
@@ -305,11 +306,11 @@ def test_wrong_json_types_name_the_file_and_key(tmp_path):
     with pytest.raises(ValueError, match=r"params\.json: 'dim' is \"128\", expected int"):
         llama.load(folder)
     model = echo_lora.add_adapters(llama.Transformer(llama.ModelArgs(**SHAPE)), r=4, alpha=8)
-    echo_lora.save_adapter(tmp_path / "adapter", model)
+    adapters.save_adapter(tmp_path / "adapter", model)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": "4"}))
     with pytest.raises(ValueError, match=r"adapter_config\.json: 'r' is \"4\", expected int"):
-        echo_lora.load_adapter(tmp_path / "adapter", llama.Transformer(llama.ModelArgs(**SHAPE)))
+        adapters.load_adapter(tmp_path / "adapter", llama.Transformer(llama.ModelArgs(**SHAPE)))
 
 
 def test_non_utf8_data_names_the_file(ckpt, tmp_path):
@@ -325,29 +326,29 @@ def test_non_utf8_data_names_the_file(ckpt, tmp_path):
 def test_a_kill_between_the_two_adapter_files_is_caught(ckpt, tmp_path, monkeypatch):
     model, _ = llama.load(ckpt, dtype=torch.float32)
     echo_lora.add_adapters(model, r=4, alpha=8)
-    echo_lora.save_adapter(tmp_path, model, {"step": 1})
+    adapters.save_adapter(tmp_path, model, {"step": 1})
     echo_lora.adapter_parameters(model)["layers.0.attention.wq.lora_B"].data.fill_(0.5)  # step 2
 
     def killed_before_the_config(file, write):
-        if file.name == echo_lora.CONFIG_FILE:
+        if file.name == adapters.CONFIG_FILE:
             raise KeyboardInterrupt("killed")
         original(file, write)
 
-    original = echo_lora.write_atomically
-    monkeypatch.setattr(echo_lora, "write_atomically", killed_before_the_config)
+    original = adapters.write_atomically
+    monkeypatch.setattr(adapters, "write_atomically", killed_before_the_config)
     with pytest.raises(KeyboardInterrupt):
-        echo_lora.save_adapter(tmp_path, model, {"step": 2})
+        adapters.save_adapter(tmp_path, model, {"step": 2})
     with pytest.raises(ValueError, match=r"adapter\.safetensors: its SHA-256 is not the one .*adapter_config\.json"):
-        echo_lora.load_adapter(tmp_path, llama.load(ckpt, dtype=torch.float32)[0])
+        adapters.load_adapter(tmp_path, llama.load(ckpt, dtype=torch.float32)[0])
 
 
 def test_an_adapter_on_another_base_of_the_same_shape_is_refused(ckpt, tmp_path):
     model, _ = llama.load(ckpt, dtype=torch.float32)
-    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=4, alpha=8))
-    echo_lora.load_adapter(tmp_path / "adapter", llama.load(ckpt, dtype=torch.bfloat16)[0])  # same base, other dtype
+    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=4, alpha=8))
+    adapters.load_adapter(tmp_path / "adapter", llama.load(ckpt, dtype=torch.bfloat16)[0])  # same base, other dtype
     other, _ = llama.load(meta_ckpt(tmp_path / "other", seed=1), dtype=torch.float32)
     with pytest.raises(ValueError, match=r"adapter_config\.json: the adapter was trained on other base weights"):
-        echo_lora.load_adapter(tmp_path / "adapter", other)
+        adapters.load_adapter(tmp_path / "adapter", other)
 
 
 # ---- eval: empty test sets, results never overwritten

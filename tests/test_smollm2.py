@@ -20,11 +20,12 @@ import eval as evaluator
 import llama
 import train
 from conftest import ASSETS
+from data import checkpoints
 from data.commonsense import eval_prompt, load_records, train_prompt
+from data.tokenizer import LLAMA3_SPLIT_PATTERN, Tokenizer
 from echo_lora import add_adapters, adapted_linears
 from scripts.convert_hf import read_hf_folder
 from scripts.convert_peft import export_peft
-from tokenizer import LLAMA3_SPLIT_PATTERN, Tokenizer
 
 GOLDEN = ASSETS / "models" / "smollm2-135m" / "golden.json"
 COMMONSENSE = ASSETS / "data" / "commonsense"
@@ -193,7 +194,7 @@ def test_the_converted_folder_computes_what_the_hf_folder_read_directly_computes
         direct = llama.Transformer(args)
     direct.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True)
     direct.rope = llama.rope_frequencies(args)
-    assert llama.weights_fingerprint(state) == model.fingerprint
+    assert checkpoints.weights_fingerprint(state) == model.fingerprint
     with torch.no_grad():
         for ids in real_prompts(tokenizer, n_per_set=1):
             assert torch.equal(model(torch.tensor([ids])), direct.eval()(torch.tensor([ids])))
@@ -203,7 +204,7 @@ def test_golden_greedy_ids_and_logits(smollm2):
     model, tokenizer = smollm2
     for case in json.loads(GOLDEN.read_text())["cases"]:
         assert tokenizer.encode(case["prompt"], bos=True) == case["prompt_ids"]
-        new = llama.generate(model, [case["prompt_ids"]], len(case["greedy_new_ids"]), stop_ids=[])[0]
+        new = evaluator.generate(model, [case["prompt_ids"]], len(case["greedy_new_ids"]), stop_ids=[])[0]
         assert new == case["greedy_new_ids"] and tokenizer.decode(new) == case["greedy_text"]
         with torch.no_grad():
             top = model(torch.tensor([case["prompt_ids"]]))[0, -1].topk(2)
@@ -216,8 +217,8 @@ def test_golden_greedy_ids_and_logits(smollm2):
 def test_batched_greedy_with_left_padding_equals_one_at_a_time(smollm2):
     model, tokenizer = smollm2
     prompts = real_prompts(tokenizer)  # 6 prompts, about 70 to 190 tokens
-    batched = llama.generate(model, prompts, 8, tokenizer.stop_ids, tokenizer.pad_id)
-    single = [llama.generate(model, [p], 8, tokenizer.stop_ids, tokenizer.pad_id)[0] for p in prompts]
+    batched = evaluator.generate(model, prompts, 8, tokenizer.stop_ids, tokenizer.pad_id)
+    single = [evaluator.generate(model, [p], 8, tokenizer.stop_ids, tokenizer.pad_id)[0] for p in prompts]
     assert batched == single
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import llama
 import train
 from conftest import ASSETS, ROOT
+from data import batches, runs
 from data.commonsense import IGNORE_INDEX, load_records
 from reference import write_meta_folder
 
@@ -48,10 +49,10 @@ def run(tmp_path, ckpt, data, *extra):
 
 def test_collate_shifts_answer_labels_and_train_on_inputs():
     examples = [([1, 5, 6, 7, 8, 2], [IGNORE_INDEX] * 3 + [7, 8, 2]), ([1, 9, 10, 2], [IGNORE_INDEX] * 2 + [10, 2])]
-    batch = train.collate(examples, train_on_inputs=False, pad_id=0)
+    batch = batches.collate(examples, train_on_inputs=False, pad_id=0)
     assert batch.answer_targets.tolist() == [[-100, -100, 7, 8, 2, -100], [-100, 10, 2, -100, -100, -100]]
     assert torch.equal(batch.ce_targets, batch.answer_targets)
-    batch = train.collate(examples, train_on_inputs=True, pad_id=0)
+    batch = batches.collate(examples, train_on_inputs=True, pad_id=0)
     assert batch.ce_targets.tolist() == [[5, 6, 7, 8, 2, -100], [9, 10, 2, -100, -100, -100]]
 
 
@@ -72,14 +73,16 @@ def test_real_records_validation_loss_goes_down(tmp_path, tiny_ckpt, arc_records
     diagnosed = [m for m in steps if m["routed"]]
     keys = {"echo_diag_ce_echo", "echo_diag_ce_plain", "echo_diag_kl", "echo_diag_gate", "echo_diag_injection_rel"}
     assert all(keys <= set(m) and all(math.isfinite(m[k]) for k in keys) for m in diagnosed)
-    assert all(0 < m["echo_diag_gate"] < 1 and m["echo_diag_kl"] >= 0 for m in diagnosed)
+    # KL >= 0 exactly; at step 1 the two passes give nearly one distribution, and the fp32 sum of
+    # its terms can round below 0 (-2.0e-7 measured on an AVX2 CPU)
+    assert all(0 < m["echo_diag_gate"] < 1 and m["echo_diag_kl"] >= -1e-6 for m in diagnosed)
 
 
 def test_resumed_run_continues_the_same_loss_curve(tmp_path, tiny_ckpt, arc_records, monkeypatch):
     common = ("--method", "echo-lora", "--max-steps", "8", "--save-every", "4", "--eval-every", "4")
     _, uninterrupted = run(tmp_path / "a", tiny_ckpt, arc_records, *common)
 
-    original = train.save_checkpoint
+    original = runs.save_checkpoint
 
     def crash_after_first_checkpoint(path, step, *args):
         original(path, step, *args)

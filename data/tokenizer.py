@@ -5,7 +5,8 @@
     HF hubs:   tokenizer.json, a byte-level BPE (SmolLM2, Llama 3 hub downloads), converted here
                into tiktoken's ranks and split regex, and run by `tiktoken` as well.
 
-The model (llama.py) never needs a tokenizer; llama.load finds the one beside the weights.
+The model (llama.py) never needs a tokenizer; llama.load finds the one beside the weights
+(data/checkpoints.find_tokenizer).
 """
 
 import base64

@@ -1,0 +1,212 @@
+"""The run folder train.py writes, with its rules: what is in it, when it may be written into,
+continued or replaced, and its resumable checkpoint.
+
+    out/<method>-<ckpt>/  config.json (train.py's record: RUN_MARKER, every flag, the versions, the git commit)
+                          metrics.jsonl, checkpoint.pt, adapter.safetensors, adapter_config.json
+                          and eval.py's results*, predictions* (data.files.EVAL_FILES)
+
+A folder holding a run is continued (--resume) or replaced (--overwrite), never silently
+written over; a second train.py into the same folder is refused while the first holds it.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy
+import torch
+from tqdm import tqdm
+
+from data.adapters import copy_adapter_tensors
+from data.files import EVAL_FILES, RUN_MARKER, code_version, locked_folder, output_folder, read_run_record, write_atomically
+from echo_lora import adapter_parameters
+
+
+# The files train.py writes in a run folder: it refuses to write over them unless asked, and
+# --overwrite removes exactly these and eval.py's (EVAL_FILES), by name. What makes the folder a
+# run is its config.json with train.py's RUN_MARKER (data.files.read_run_record).
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors", "adapter_config.json")
+
+
+# Flags a resumed run may change, because they cannot change what it computes (--out: the run
+# folder was moved; a larger --max-steps is checked apart: it continues the run further).
+RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "log_every", "save_every", "gradient_checkpointing", "max_steps"}
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether `folder` holds a run: train.py's record (config.json with RUN_MARKER) is there."""
+    try:
+        return read_run_record(folder) is not None
+    except ValueError:  # unreadable: no run to continue or replace (check_out_folder says why)
+        return False
+
+
+def taken(folder: Path) -> list[str]:
+    """The names of the files train.py would write that `folder` holds already."""
+    return [name for name in RUN_FILES if (folder / name).exists()]
+
+
+def default_out(base: str, resume: bool) -> str:
+    """`--out` not given: `base`, or when files a run writes are already there (and this is no
+    --resume) the first free `base`-2, -3, ...: running the same command twice never overwrites a run."""
+    if resume or not taken(Path(base)):
+        return base
+    n = 2
+    while taken(Path(f"{base}-{n}")):
+        n += 1
+    return f"{base}-{n}"
+
+
+@contextlib.contextmanager
+def run_folder(cfg, rank: int):
+    """--out for the run's life: checked before anything is loaded, and (rank 0's, which alone
+    writes there) held by this process alone, so a second train.py into it fails at once."""
+    out = Path(cfg.out)
+    with contextlib.ExitStack() as held:
+        try:
+            output_folder(out)
+            if rank == 0:
+                held.enter_context(locked_folder(out))
+            check_out_folder(cfg)
+        except OSError as e:  # made and locked before the model loads: a read-only or full disk
+            raise SystemExit(f"--out {out}: cannot write a run there: {e.strerror or e}") from None
+        except ValueError as e:  # a file in the way, another train.py's, an unreadable config.json
+            raise SystemExit(str(e)) from None
+        yield out
+
+
+def check_out_folder(cfg):
+    """A folder holding a run is continued (--resume) or replaced (--overwrite), never silently
+    written over; a resumed run must not change what the run computes, and needs the run's record
+    to tell. A folder holding files of train.py's names but no run record (an HF model folder's
+    config.json, a run whose config.json is gone) is never written into."""
+    out = Path(cfg.out)
+    record, names = read_run_record(out), taken(out)
+    if record is None and names:
+        raise SystemExit(f"{out}: holds {', '.join(names)} but no train.py run record (a config.json with "
+                         f"{RUN_MARKER!r}): not a run to " + ("resume" if cfg.resume else "replace")
+                         + "; give another --out")
+    if record is None and cfg.resume:
+        raise SystemExit(f"{out}: --resume given but there is no run there to resume")
+    if record is None or cfg.overwrite:
+        return
+    if not cfg.resume:
+        raise SystemExit(f"{out}: holds a run already; --resume continues it, --overwrite replaces it, "
+                         "or give another --out")
+    saved = record.get("config", {})
+    now = dataclasses.asdict(cfg)
+    changed = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
+    if "max_steps" in saved and (now["max_steps"] or math.inf) < (saved["max_steps"] or math.inf):  # 0: all epochs
+        changed.append("max_steps")  # only a longer run continues this one
+    if changed:
+        raise SystemExit(f"{out}: --resume with flags that change the run: "
+                         + ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
+                         + "; start a new run (another --out) instead")
+
+
+def prepare_run_folder(cfg, out: Path, step: int, record: dict):
+    """--overwrite's old run removed (and eval.py's results of its adapter), config.json written,
+    metrics.jsonl started or, on --resume, cut back to the checkpoint's step."""
+    if cfg.overwrite:  # exactly the files train.py and eval.py write: the user's own stay
+        for name in RUN_FILES + EVAL_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+    metrics_file = out / "metrics.jsonl"
+    kept = metrics_lines(metrics_file, step) if cfg.resume and metrics_file.exists() else []
+    write_atomically(metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def metrics_lines(path: Path, up_to_step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `up_to_step`. A partial last line (the run was killed
+    during its append) is dropped; a malformed line before it is an error."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if n == len(lines):
+                break
+            raise SystemExit(f"{path}: line {n} is not a metrics entry") from None
+        if step <= up_to_step:
+            kept.append(line)
+    return kept
+
+
+def append_metrics(out: Path, entry: dict):
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def run_record(cfg, args, n_train: int, n_echo_params: int) -> dict:
+    import safetensors
+    import sentencepiece
+    import tiktoken
+
+    return {RUN_MARKER: 1, "config": dataclasses.asdict(cfg), "model_args": dataclasses.asdict(args), "train_records": n_train,
+            "echo_parameters": n_echo_params, "command": " ".join(sys.argv), "code": code_version(),
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+                         "sentencepiece": sentencepiece.__version__, "tiktoken": tiktoken.__version__,
+                         "safetensors": safetensors.__version__}}
+
+
+def save_checkpoint(path: Path, step: int, model, echo, optimizer, best_val: float):
+    state = {"step": step, "adapter": {k: v.detach() for k, v in adapter_parameters(model).items()},
+             "echo": echo.state_dict() if echo else None, "optimizer": optimizer.state_dict(),
+             "best_val": best_val, "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
+    if not path.is_file():
+        raise SystemExit(f"{path}: --resume given but there is no checkpoint to resume from")
+    try:  # tensors and plain values only: a pickle that would run code is refused, never run
+        state = torch.load(path, weights_only=True)
+        copy_adapter_tensors(model, state["adapter"], path)
+    except Exception as e:  # pickle, torch and format errors alike; the user needs the file name
+        raise SystemExit(f"{path}: not a checkpoint this run can resume from: {str(e).splitlines()[0]}") from None
+    if echo:
+        echo.load_state_dict(state["echo"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["best_val"]
+
+
+def stop_if_not_finite(step: int, out: Path, cfg, **values: float):
+    """NaN or inf stops training at once, with one line naming the step. Checked before each
+    update and each save, so nothing non-finite is saved: the adapter in `out` stays the last
+    finite one."""
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    raise SystemExit(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items())
+                     + f": not finite, training stopped (--lr {cfg.lr:g} too high?); {out} keeps the last finite adapter")
+
+
+class Progress:
+    """The progress bar (rank 0's): loss, lr and real tokens/s over the last --log-every steps."""
+
+    def __init__(self, cfg, step: int, total_steps: int, rank: int, world: int):
+        self.bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+        self.log_every, self.world = cfg.log_every, world
+        self.tokens, self.t_last = 0, time.perf_counter()
+
+    def step(self, step: int, tokens: int, losses: torch.Tensor, lr: float, grad_norm: float, routed) -> dict:
+        """Advance by one step of this process's `tokens`; the step's metrics.jsonl entry."""
+        self.bar.update(1)
+        self.tokens += tokens
+        ce, echo_loss = losses.tolist()
+        entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss,
+                 "lr": lr, "grad_norm": grad_norm, "routed": int(routed.sum())}
+        if step % self.log_every == 0:
+            entry["tokens_per_s"] = self.tokens * self.world / (time.perf_counter() - self.t_last)
+            self.tokens, self.t_last = 0, time.perf_counter()
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+        return entry
