@@ -39,10 +39,8 @@ attached to the model and merged into its weights); the Echo path, item by item,
     Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", section 4.1, eq. (5):
         W' = m (W0 + B A) / ||W0 + B A||_c, the magnitude m initialised to ||W0||_c;
         section 4.3: the norm is treated as a constant (detached from the gradient graph).
-
-The DoRA column norm ||.||_c is, in PyTorch's (out, in) weight layout, the norm of each output
-row. It is computed here from r-sized products only, never from the (out, in) matrix W + s B A
-(`LoRALinear.weight_norm`), which is what keeps DoRA's memory close to LoRA's.
+    The column norm ||.||_c is, in PyTorch's (out, in) layout, each output row's norm
+    (`LoRALinear.weight_norm`: from r-sized products only, so DoRA's memory stays close to LoRA's).
 """
 
 import math
@@ -238,8 +236,7 @@ def adapted_linears(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What the optimizer updates: every parameter that requires grad, i.e. the adapters' (plus
-    those of any module set as an `injection` hook, which the model then holds as a child)."""
+    """Every parameter of the model that requires grad: the adapters' (the rest is frozen)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 

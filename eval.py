@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.adapters import load_adapter
-from data.checkpoints import PRECISIONS, default_precision, resolve_checkpoint, resolve_device
+from data.checkpoints import PRECISIONS, default_precision, resolve_checkpoint, resolve_device, slow_precision_warning
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
 from data.files import code_version, output_files, output_folder, read_run_record, write_atomically
 from data.published import PROTOCOL_PRECISION, PUBLISHED, default_published, published_rows
@@ -591,6 +591,8 @@ def run(args) -> str:
     trained = read_train_config(args.adapter)  # a broken one is an error now, not after the decoding
     for name, why in missing.items():
         print(f"eval.py: {name}: {why}; skipped", file=sys.stderr)
+    if slow := slow_precision_warning(args.device, args.precision, EVAL_PRECISIONS[args.precision]):
+        print(f"eval.py: {slow}", file=sys.stderr)
     model, tokenizer = load_model(args)
     check_logits(model, tokenizer, test_sets, args)
     predictions, seconds = {}, {}

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,10 +369,6 @@ def save_run(cfg: Config, out: Path, step: int, total_steps: int, keep_last: boo
         save_checkpoint(out / "checkpoint.pt", step, model, echo, optimizer, best_val)
 
 
-# --------------------------------------------------------------------------------------------
-# Logging
-
-
 def run_summary(cfg: Config, model, echo, n_train: int, total_steps: int, device) -> str:
     n_adapter = sum(p.numel() for p in trainable_parameters(model))
     return (f"{cfg.method}: {n_adapter:,} adapter parameters"
@@ -390,6 +387,9 @@ def run(cfg: Config):
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, distributed = start_device(cfg, world)
+    slow = checkpoints.slow_precision_warning(device, cfg.precision, checkpoints.PRECISIONS[cfg.precision])
+    if slow and rank == 0:
+        print(slow, file=sys.stderr)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
 

@@ -11,6 +11,7 @@ unpickled that could run code (torch.load with weights_only).
 import hashlib
 import math
 import re
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -227,6 +228,34 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def default_precision(device) -> str:
     """bf16 on CUDA, fp32 elsewhere."""
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+# A half-precision matmul this many times slower than fp32 is emulated: a CPU with bf16
+# instructions (AVX-512 BF16, AMX) ran bf16 2.2x faster than fp32, an AVX2-only one 30-60x slower.
+SLOW_PRECISION = 4
+
+
+def slow_precision_warning(device, precision: str, dtype: torch.dtype) -> str | None:
+    """The line to print when --precision runs its matmuls much slower than fp32 on this CPU (a CPU
+    without instructions for it emulates them); None on a GPU, for fp32, or when it runs fast."""
+    if dtype == torch.float32 or torch.device(device).type != "cpu":
+        return None
+    slowdown = matmul_seconds(dtype) / matmul_seconds(torch.float32)
+    if slowdown < SLOW_PRECISION:
+        return None
+    return (f"--precision {precision}: a {precision} matmul runs {slowdown:.0f}x slower than fp32 on this CPU (no "
+            f"{precision} instructions); expect a slow run, --precision fp32 is faster here")
+
+
+def matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 3) -> float:
+    """The time of `reps` (n, n) matmuls in `dtype` on the CPU, after one untimed. Its own generator:
+    a seeded run's random stream is not touched."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    return time.perf_counter() - start
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -23,7 +23,7 @@ import eval as evaluator
 import llama
 import train
 from conftest import ROOT
-from data import adapters, download, prepare_smollm2, runs
+from data import adapters, checkpoints, download, prepare_smollm2, runs
 from data.commonsense import load_records
 from data.files import RUN_MARKER, inside, locked_folder, read_json, write_atomically
 from reference import write_hf_folder
@@ -438,3 +438,18 @@ def test_an_overwrite_cut_short_leaves_no_results_beside_old_predictions(ckpt, t
     with pytest.raises(KeyboardInterrupt):
         evaluator.main(eval_args(ckpt, out, "--overwrite", "--max-new-tokens", "3"))
     assert not (out / "results.json").exists()
+
+
+def test_a_precision_the_cpu_emulates_is_named_before_the_run(monkeypatch):
+    """bf16 on a CPU without bf16 instructions: its matmuls measured 30-60x slower than fp32
+    (docs/benchmarks.md). The warning says so; nothing is said where the precision runs fast, on a
+    GPU or for fp32. Timing it leaves a seeded run's random stream untouched."""
+    before = torch.get_rng_state()
+    checkpoints.matmul_seconds(torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), before)
+    seconds = {torch.bfloat16: 3.0, torch.float16: 0.15, torch.float32: 0.1}
+    monkeypatch.setattr(checkpoints, "matmul_seconds", lambda dtype: seconds[dtype])
+    assert "a bf16 matmul runs 30x slower than fp32" in checkpoints.slow_precision_warning("cpu", "bf16", torch.bfloat16)
+    assert checkpoints.slow_precision_warning("cpu", "fp16", torch.float16) is None  # 1.5x: not emulated
+    assert checkpoints.slow_precision_warning("cpu", "fp32", torch.float32) is None
+    assert checkpoints.slow_precision_warning("cuda", "bf16", torch.bfloat16) is None
