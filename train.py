@@ -387,8 +387,8 @@ def run(cfg: Config):
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, distributed = start_device(cfg, world)
-    slow = checkpoints.slow_precision_warning(device, cfg.precision, checkpoints.PRECISIONS[cfg.precision])
-    if slow and rank == 0:
+    if rank == 0 and (slow := checkpoints.slow_precision_warning(device, cfg.precision,
+                                                                 checkpoints.PRECISIONS[cfg.precision])):
         print(slow, file=sys.stderr)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
