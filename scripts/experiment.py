@@ -31,6 +31,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import platform
 import re
 import shlex
 import statistics
@@ -153,7 +155,21 @@ def main(argv=None) -> str:
 def device_name() -> str:
     import torch
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu: " + cpu_model()
+
+
+def cpu_model() -> str:
+    """The processor and its bf16 instructions: seeded bf16 runs are bit-identical on one CPU model, not across them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return platform.processor() or "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    bf16 = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags] or ["no bf16 instructions"]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(bf16)}"
 
 
 def write_json(path: Path, value: dict):
