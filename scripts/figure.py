@@ -5,8 +5,9 @@
 Left: the accuracy per arm (the mean over the test sets every run has), every seed's run a point,
 the mean ± std over seeds a bar beside them. Right: the Echo path's diagnostics over training
 steps, from metrics.jsonl, for every Echo run (the control's among them): CE(plain) and CE(echo)
-on the routed samples' answer tokens, and the mean gate g(e). A step without an Echo pass has no
-such values; its points are left out. matplotlib is imported here only (requirements-dev.txt).
+on the routed samples' answer tokens, their difference (below zero: the deep signal lowers the
+loss), and the mean gate g(e); each run's values per step faint, their running mean over
+SMOOTHING steps on top. A step without an Echo pass has no such values; its points are left out. matplotlib is imported here only (requirements-dev.txt).
 """
 
 import argparse
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiment.py beside
 import experiment  # noqa: E402
 
 CURVES = (("echo_diag_ce_plain", "CE(plain), routed answer tokens"), ("echo_diag_ce_echo", "CE(echo), the same tokens"),
-          ("echo_diag_gate", "gate g(e), mean"))
+          (("echo_diag_ce_echo", "echo_diag_ce_plain"), "CE(echo) - CE(plain)"), ("echo_diag_gate", "gate g(e), mean"))
+SMOOTHING = 20  # steps in the running mean: one step's CE is over a few dozen answer tokens, too noisy to read
 
 
 def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
@@ -33,6 +35,18 @@ def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
             steps.append(entry["step"])
             values.append(entry[key])
     return steps, values
+
+
+def difference(folder: Path, minuend: str, subtrahend: str) -> tuple[list[int], list[float]]:
+    """(steps, minuend - subtrahend) at the steps that log both."""
+    first, second = (dict(zip(*curve(folder, key))) for key in (minuend, subtrahend))
+    steps = [step for step in first if step in second]
+    return steps, [first[step] - second[step] for step in steps]
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the window - 1 before it (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 def draw(folders, file: Path, suffix: str = ""):
@@ -65,11 +79,15 @@ def draw(folders, file: Path, suffix: str = ""):
     for ax, (key, title) in zip(axes[1:], CURVES):
         labelled = set()
         for run in echo_runs:
-            steps, values = curve(run["folder"], key)
+            steps, values = difference(run["folder"], *key) if isinstance(key, tuple) else curve(run["folder"], key)
             if steps:
-                ax.plot(steps, values, color=colors[run["arm"]], alpha=0.8, linewidth=1,
-                        marker="." if len(steps) < 30 else None, label=None if run["arm"] in labelled else run["arm"])
+                ax.plot(steps, values, color=colors[run["arm"]], alpha=0.25, linewidth=0.7,
+                        marker="." if len(steps) < 30 else None)
+                ax.plot(steps, running_mean(values, SMOOTHING), color=colors[run["arm"]], linewidth=1.5,
+                        label=None if run["arm"] in labelled else run["arm"])
                 labelled.add(run["arm"])
+        if isinstance(key, tuple):
+            ax.axhline(0, color="black", linewidth=0.8)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

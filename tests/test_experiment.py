@@ -487,6 +487,9 @@ def test_figure_is_a_png_from_the_raw_files(fixture_runs):
     """As a user runs it: `python scripts/figure.py DIR` (the curves skip the steps without the key)."""
     assert figure.curve(fixture_runs / "echo-lora-s1", "echo_diag_gate") == ([1, 3], [0.12, 0.2])
     assert figure.curve(fixture_runs / "lora-s1", "echo_diag_gate") == ([], [])
+    steps, gaps = figure.difference(fixture_runs / "echo-lora-s1", "echo_diag_ce_echo", "echo_diag_ce_plain")
+    assert steps == [1, 3] and gaps == pytest.approx([1.3 - 1.4, 0.8 - 1.0])
+    assert figure.running_mean([1.0, 2.0, 3.0, 5.0], 2) == [1.0, 1.5, 2.5, 4.0]  # each value and the one before it
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "figure.py"), str(fixture_runs)],
                           capture_output=True, text=True, cwd=fixture_runs)
     assert done.returncode == 0, done.stderr
