@@ -201,7 +201,7 @@ def peft_step(model, device, precision: str):
         T = max(len(ids) for ids, _ in examples)
         ids = torch.tensor([e + [0] * (T - len(e)) for e, _ in examples], device=device)
         mask = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e, _ in examples], device=device)
-        with train.autocast(device, precision):
+        with checkpoints.autocast(device, precision):
             loss = model(input_ids=ids, attention_mask=mask, labels=torch.where(mask.bool(), ids, IGNORE_INDEX)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

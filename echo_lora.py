@@ -44,7 +44,6 @@ attached to the model and merged into its weights); the Echo path, item by item,
 """
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -240,24 +239,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """lora_A, lora_B (and magnitude for DoRA) of every adapted linear, keyed by model path.
-    The Echo path's parameters are not adapter parameters (METHOD.md item 8)."""
-    params = {}
-    for path, module in adapted_linears(model).items():
-        for name in ("lora_A", "lora_B", "magnitude") if module.dora else ("lora_A", "lora_B"):
-            params[f"{path}.{name}"] = getattr(module, name)
-    return params
-
-
-def block_and_target(path: str) -> tuple[int, str]:
-    """'layers.3.attention.wq' -> (3, 'wq')."""
-    m = re.fullmatch(r"layers\.(\d+)\.(\w+\.\w+)", path)
-    if not m or m.group(2) not in BLOCK_LINEARS.values():
-        raise ValueError(f"{path!r} is not a block linear of a LLaMA model")
-    return int(m.group(1)), m.group(2).split(".")[1]
-
-
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain nn.Linear back, in place.
@@ -286,14 +267,15 @@ def merge(model: nn.Module) -> nn.Module:
 # 232 positions.
 
 
-# The values each of EchoConfig's choice fields may take (train.py's flags offer the same).
+# The values each of EchoConfig's choice fields may take: the choices of train.py's --echo-* flags.
 ECHO_CHOICES = {"pool": ("mean", "last"), "mask": ("answer", "none"), "echo_pass": ("suffix", "full"),
                 "inject": ("echo", "zero")}
 
 
 @dataclass
 class EchoConfig:
-    """METHOD.md's flags. Block numbers are 1-based, as in METHOD.md (h_l leaves block l)."""
+    """METHOD.md's flags. Block numbers are 1-based, as in METHOD.md (h_l leaves block l). The
+    values are checked where they are given: train.py's --echo-* flags."""
 
     source_layers: tuple[int, ...] | None = None  # item 1; default: the deepest quarter of blocks
     target_layers: tuple[int, ...] | None = None  # item 3; default: the shallowest quarter of blocks
@@ -301,21 +283,9 @@ class EchoConfig:
     route_p: float = 0.5  # item 5
     distill: float = 1.0  # lambda, item 7
     tau: float = 1.0  # distillation temperature, item 7
-    mask: str = "answer"  # answer | none (items 2, 4; none leaks the answer: an ablation)
+    mask: str = "answer"  # answer | none (items 2, 4; none leaks the answer: an ablation; needs echo_pass full)
     echo_pass: str = "suffix"  # suffix | full (item 6)
     inject: str = "echo"  # echo | zero: the control, the Echo path without the deep signal (item 4)
-
-    def __post_init__(self):
-        for name, allowed in ECHO_CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"echo {name} must be one of {allowed}, found {getattr(self, name)!r}")
-        if self.mask == "none" and self.echo_pass == "suffix":
-            # Injecting at prompt positions changes them, so there is no shared prefix to reuse.
-            raise ValueError("--echo-mask none injects at every position: it needs --echo-pass full")
-        if not 0.0 <= self.route_p <= 1.0:
-            raise ValueError(f"--echo-route-p must be in [0, 1], found {self.route_p}")
-        if self.tau <= 0 or self.distill < 0:
-            raise ValueError(f"--echo-tau must be > 0 and --echo-distill >= 0, found {self.tau} and {self.distill}")
 
 
 def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
@@ -389,7 +359,8 @@ def echo_representation(source: list[torch.Tensor], masks: AnswerOnlyMasks, pool
 def echo_targets(model: nn.Module, target_layers: tuple[int, ...]) -> dict[str, LoRALinear]:
     """METHOD.md item 3: every adapted linear (LoRA or DoRA) of the target blocks (1-based), by
     model path; by default the shallowest quarter (LLaMA-7B: 8 blocks x q, k, v, up, down = 40)."""
-    targets = {path: m for path, m in adapted_linears(model).items() if block_and_target(path)[0] + 1 in target_layers}
+    targets = {path: m for path, m in adapted_linears(model).items()
+               if int(path.split(".")[1]) + 1 in target_layers}  # path: layers.<0-based block>....
     if not targets:
         raise ValueError(f"no LoRA/DoRA modules in echo target blocks {target_layers}")
     return targets
@@ -664,4 +635,4 @@ def output_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 #
 # Nothing to run: the model never holds the Echo path (EchoPath.injecting plugs it in only for
 # the Echo pass), so data/adapters.save_adapter, merge and eval.py see exactly a LoRA/DoRA model, and
-# adapter_parameters (the saved tensors) has no projection or gate.
+# data/adapters.adapter_parameters (the saved tensors) has no projection or gate.

@@ -139,47 +139,24 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """The keys and values one attention layer has seen so far, (B, n_kv_heads, T, head_dim).
 
-    Decoding appends one position per step. Training uses the same object two ways: an empty
-    cache handed to a pass *records* its keys and values (still in the autograd graph), and a
-    cache built from such a record lets a later pass attend to them as its prefix.
+    An empty cache handed to a pass *records* its keys and values (still in the autograd graph),
+    and a cache built from such a record lets a later pass attend to them as its prefix: the
+    echo suffix pass, and decoding (eval.py's DecodingCache, which appends in place).
     """
 
     def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
         self.k, self.v = k, v
-        self.buffers = None  # preallocated (k, v) with room to grow, see `reserve`
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k is None:
             self.k, self.v = k, v
-        elif self.buffers is not None:  # write in place: no copy of what is already cached
-            start, end = self.k.shape[2], self.k.shape[2] + k.shape[2]
-            self.buffers[0][:, :, start:end], self.buffers[1][:, :, start:end] = k, v
-            self.view_buffers(end)
         else:  # out of place, so a recorded training pass stays differentiable
             self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
         return self.k, self.v
 
-    def reserve(self, extra: int):
-        """Room for `extra` more positions, filled in place (decoding only, under no_grad).
-        Appending by concatenation copies the whole cache at every step: at 7B, batch 32 and 200
-        positions that is gigabytes of memory traffic per new token."""
-        B, H, T, D = self.k.shape
-        self.buffers = tuple(t.new_empty(B, H, T + extra, D) for t in (self.k, self.v))
-        self.buffers[0][:, :, :T], self.buffers[1][:, :, :T] = self.k, self.v
-        self.view_buffers(T)
-
-    def view_buffers(self, length: int):
-        """k and v become the first `length` positions of the preallocated buffers."""
-        self.k, self.v = self.buffers[0][:, :, :length], self.buffers[1][:, :, :length]
-
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache of a subset (or reordering) of the batch's samples."""
-        if self.buffers is None:
-            return KVCache(self.k[rows], self.v[rows])
-        chosen = KVCache()
-        chosen.buffers = (self.buffers[0][rows], self.buffers[1][rows])
-        chosen.view_buffers(self.k.shape[2])
-        return chosen
+        return KVCache(self.k[rows], self.v[rows])
 
 
 class Attention(nn.Module):

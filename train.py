@@ -16,7 +16,6 @@ library versions, the checkpoint's params) and metrics.jsonl.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -26,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import llama
 from data import checkpoints
@@ -35,9 +33,9 @@ from data.batches import Batch, TrainingData, collate, micro_batch_slices, padde
 from data.commonsense import IGNORE_INDEX
 from data.embedded import build_embedded_checkpoint
 from data.flags import NOT_NEGATIVE, POSITIVE, SEED, check_allowed, dataclass_parser, flag, given_flags
-from data.published import PUBLISHED_LR
+from data.published import default_lr
 from data.runs import (Progress, append_metrics, default_out, prepare_run_folder, restore_checkpoint, run_folder,
-                       run_record, save_checkpoint, stop_if_not_finite)
+                       run_record, run_summary, save_run, stop_if_not_finite)
 from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, EchoConfig, EchoPath, add_adapters, loss_terms, route,
                        trainable_parameters)
 
@@ -112,9 +110,11 @@ class Config:
     echo_target_layers: str = echo_flag("target_layers", "blocks whose adapters take the injection (item 3)",
                                         default_text="the shallowest quarter of blocks")
     echo_pool: str = echo_flag("pool", "the echo representation: mean over the prompt, or its last position (item 2)")
-    echo_route_p: float = echo_flag("route_p", "stochastic routing: each sample's chance of the echo pass (item 5)")
-    echo_distill: float = echo_flag("distill", "lambda, the masked distillation weight, >= 0 (item 7)")
-    echo_tau: float = echo_flag("tau", "tau, the masked distillation temperature, > 0 (item 7)")
+    echo_route_p: float = echo_flag("route_p", "stochastic routing: each sample's chance of the echo pass (item 5)",
+                                    allowed=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    echo_distill: float = echo_flag("distill", "lambda, the masked distillation weight (item 7)", allowed=NOT_NEGATIVE)
+    echo_tau: float = echo_flag("tau", "tau, the masked distillation temperature (item 7)",
+                                allowed=(lambda v: v > 0, "> 0"))
     echo_mask: str = echo_flag("mask", "answer-only masks; none leaks the answer (an ablation, needs --echo-pass full) "
                                "(item 4)")
     echo_pass: str = echo_flag("echo_pass", "suffix: recompute only the answer suffix; full: every position, the "
@@ -141,17 +141,6 @@ PRESETS = {
 }
 
 
-def default_lr(method: str, ckpt: str) -> float:
-    """The recipe's rates: 3e-4 for LoRA; for DoRA the published r = 32 row's rate of the base
-    model (data/published.PUBLISHED_LR: 1e-4 LLaMA-7B, 2e-4 Llama-2-7B, 1e-4 Llama-3-8B), else
-    2e-4 (DoRA's other rows)."""
-    if "dora" not in method:
-        return 3e-4
-    name = Path(ckpt).name.lower().replace("-", "").replace("_", "")
-    dora_rates = PUBLISHED_LR["DoRA r=32"]  # keyed llama-7b, llama2-7b, llama3-8b
-    return next((lr for key, lr in dora_rates.items() if key.replace("-", "") in name), 1e-4 if "llama3" in name else 2e-4)
-
-
 def config_parser() -> argparse.ArgumentParser:
     return dataclass_parser(Config, PRESETS, __doc__.split("\n")[0])
 
@@ -165,6 +154,8 @@ def parse_config(argv=None) -> Config:
     echo_flags = ["--" + k.replace("_", "-") for k in given if k.startswith("echo_")]
     if echo_flags and not cfg.method.startswith("echo-"):
         parser.error(f"{', '.join(echo_flags)} given with --method {cfg.method}, which has no Echo path")
+    if cfg.echo_mask == "none" and cfg.echo_pass == "suffix":  # injecting in the prompt leaves no shared prefix
+        parser.error("--echo-mask none injects at every position: it needs --echo-pass full")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out, --overwrite replaces it: give one")
     try:
@@ -184,10 +175,7 @@ def echo_config(cfg: Config) -> EchoConfig | None:
         return None
     layers = lambda s: tuple(int(x) for x in s.split(",")) if s else None  # noqa: E731
     values = {f.name: getattr(cfg, echo_flag_name(f.name)) for f in dataclasses.fields(EchoConfig)}
-    try:
-        return EchoConfig(**{k: layers(v) if k.endswith("_layers") else v for k, v in values.items()})
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    return EchoConfig(**{k: layers(v) if k.endswith("_layers") else v for k, v in values.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,11 +239,6 @@ def add_adapters_and_echo_path(model, cfg: Config, echo_cfg: EchoConfig | None, 
 ROUTING_SEED_STRIDE = 100003  # a prime above 10^5 steps (the recipe is 32k at batch 16)
 
 
-def set_lr(optimizer, lr: float):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def routed_samples(n: int, route_p: float, seed: int, step: int) -> torch.Tensor:
     """Stochastic routing (METHOD.md item 5) for this step: seeded by (seed, step), so every
     process, and a resumed run, draws the same samples."""
@@ -286,7 +269,7 @@ def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int
             batch = collate([examples[start + i] for i in part], not cfg.answer_only_loss, pad_id)
             tokens += int(batch.valid.sum())
             batch = batch.to(device)
-            with autocast(device, cfg.precision), cpu_attention_kernel(device):
+            with checkpoints.autocast(device, cfg.precision), checkpoints.cpu_attention_kernel(device):
                 ce_sum, echo_sum = loss_terms(model, batch, echo, routed[start:end][part].to(device))
             loss = ce_sum / ce_divisor + echo_sum / n_answer
             loss.backward()
@@ -314,28 +297,12 @@ def validation_loss(model, examples, cfg: Config, pad_id: int, device) -> float:
     total, count = 0.0, 0
     for start in range(0, len(examples), cfg.micro_batch_size):
         batch = collate(examples[start:start + cfg.micro_batch_size], not cfg.answer_only_loss, pad_id).to(device)
-        with autocast(device, cfg.precision):
+        with checkpoints.autocast(device, cfg.precision):
             ce_sum, _ = loss_terms(model, batch)
         total += ce_sum.item()
         count += int((batch.ce_targets != IGNORE_INDEX).sum())
     model.train()
     return total / max(count, 1)
-
-
-def autocast(device, precision: str = ""):
-    """The bf16 recipe's autocast, on any device: matmuls in bf16 while the adapters, the DoRA
-    norm and the losses stay fp32 (echo_lora.LoRALinear); off for fp32. Default: the device's."""
-    precision = precision or checkpoints.default_precision(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def cpu_attention_kernel(device):
-    """On a CPU, SDPA's math kernel for training: at the recipe's short sequences (under 256
-    tokens) its forward and backward take 0.6x the time of the CPU flash kernel, to the same
-    accuracy (measured against fp64 in bf16). Elsewhere SDPA's own choice."""
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def all_reduce_gradients(params):
@@ -352,28 +319,6 @@ def all_reduce_gradients(params):
 def training_parameters(model, echo: EchoPath | None) -> list[torch.nn.Parameter]:
     """What the optimizer updates: the adapters and, while training, the Echo path."""
     return trainable_parameters(model) + (list(echo.parameters()) if echo else [])
-
-
-def save_run(cfg: Config, out: Path, step: int, total_steps: int, keep_last: bool, model, echo, optimizer,
-             best_val: float):
-    """After a step: the adapter, when the last one is the one kept (no validation records) and
-    this is the last step; a resumable checkpoint every --save-every steps and at the end. Nothing
-    non-finite is saved."""
-    last = step == total_steps
-    if keep_last and last or step % cfg.save_every == 0:
-        flat = torch.cat([p.detach().flatten() for p in training_parameters(model, echo)])
-        stop_if_not_finite(step, out, cfg, largest_parameter=flat.abs().max().item())  # NaN propagates through max
-    if keep_last and last:
-        save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step})
-    if step % cfg.save_every == 0 or last:
-        save_checkpoint(out / "checkpoint.pt", step, model, echo, optimizer, best_val)
-
-
-def run_summary(cfg: Config, model, echo, n_train: int, total_steps: int, device) -> str:
-    n_adapter = sum(p.numel() for p in trainable_parameters(model))
-    return (f"{cfg.method}: {n_adapter:,} adapter parameters"
-            + (f" + {echo.n_parameters():,} echo parameters (training only)" if echo else "")
-            + f"; {n_train} training records, {total_steps} steps, lr {cfg.lr:g}, on {device}")
 
 
 def main(argv=None):
@@ -425,7 +370,8 @@ def run(cfg: Config):
         examples = data.batch(step)
         routed = routed_samples(len(examples), echo_cfg.route_p if echo_cfg else 0.0, cfg.seed, step)
         lr = lr_at(step, cfg, data.total_steps)
-        set_lr(optimizer, lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         # forward, loss and backward over this process's micro-batches; sum over processes
         losses, tokens = accumulate_gradients(model, echo, examples, routed, cfg, tokenizer.pad_id, device, world, rank)
         if distributed:
@@ -452,7 +398,7 @@ def run(cfg: Config):
             progress.bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
         append_metrics(out, entry)
         # save: without validation the last adapter is kept; a resumable checkpoint every --save-every steps
-        save_run(cfg, out, step, data.total_steps, not data.val, model, echo, optimizer, best_val)
+        save_run(cfg, out, step, data.total_steps, not data.val, model, echo, optimizer, params, best_val)
     progress.bar.close()
     if rank == 0:
         print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")

@@ -8,6 +8,7 @@ adapter put on another base model. peft's format: scripts/convert_peft.py.
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -16,9 +17,27 @@ from safetensors.torch import save as safetensors_bytes
 
 from data.checkpoints import read_tensor_file
 from data.files import check_json_types, read_bytes, read_json, write_atomically
-from echo_lora import BLOCK_LINEARS, adapted_linears, adapter_parameters, add_adapters, block_and_target
+from echo_lora import BLOCK_LINEARS, adapted_linears, add_adapters
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """lora_A, lora_B (and magnitude for DoRA) of every adapted linear, keyed by model path.
+    The Echo path's parameters are not adapter parameters (METHOD.md item 8)."""
+    params = {}
+    for path, module in adapted_linears(model).items():
+        for name in ("lora_A", "lora_B", "magnitude") if module.dora else ("lora_A", "lora_B"):
+            params[f"{path}.{name}"] = getattr(module, name)
+    return params
+
+
+def block_and_target(path: str) -> tuple[int, str]:
+    """'layers.3.attention.wq' -> (3, 'wq')."""
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+\.\w+)", path)
+    if not m or m.group(2) not in BLOCK_LINEARS.values():
+        raise ValueError(f"{path!r} is not a block linear of a LLaMA model")
+    return int(m.group(1)), m.group(2).split(".")[1]
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

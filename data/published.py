@@ -45,6 +45,17 @@ TRAIN_DEPARTURES = {"answer_only_loss": "answer-only loss", "token_mean_loss": "
 PROTOCOL_PRECISION = "fp16"
 
 
+def default_lr(method: str, ckpt: str) -> float:
+    """The recipe's rates: 3e-4 for LoRA; for DoRA the published r = 32 row's rate of the base
+    model (PUBLISHED_LR: 1e-4 LLaMA-7B, 2e-4 Llama-2-7B, 1e-4 Llama-3-8B), else
+    2e-4 (DoRA's other rows)."""
+    if "dora" not in method:
+        return 3e-4
+    name = Path(ckpt).name.lower().replace("-", "").replace("_", "")
+    dora_rates = PUBLISHED_LR["DoRA r=32"]  # keyed llama-7b, llama2-7b, llama3-8b
+    return next((lr for key, lr in dora_rates.items() if key.replace("-", "") in name), 1e-4 if "llama3" in name else 2e-4)
+
+
 def default_published(ckpt: str) -> str:
     """The published rows for the checkpoint's folder name, when it is one of PUBLISHED's."""
     name = Path(ckpt).name.lower()

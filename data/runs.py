@@ -21,9 +21,9 @@ import numpy
 import torch
 from tqdm import tqdm
 
-from data.adapters import copy_adapter_tensors
+from data.adapters import adapter_state, copy_adapter_tensors, save_adapter
 from data.files import EVAL_FILES, RUN_MARKER, code_version, locked_folder, output_folder, read_run_record, write_atomically
-from echo_lora import adapter_parameters
+from echo_lora import trainable_parameters
 
 
 # The files train.py writes in a run folder: it refuses to write over them unless asked, and
@@ -156,7 +156,7 @@ def run_record(cfg, args, n_train: int, n_echo_params: int) -> dict:
 
 
 def save_checkpoint(path: Path, step: int, model, echo, optimizer, best_val: float):
-    state = {"step": step, "adapter": {k: v.detach() for k, v in adapter_parameters(model).items()},
+    state = {"step": step, "adapter": adapter_state(model),
              "echo": echo.state_dict() if echo else None, "optimizer": optimizer.state_dict(),
              "best_val": best_val, "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -178,6 +178,29 @@ def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["best_val"]
+
+
+def save_run(cfg, out: Path, step: int, total_steps: int, keep_last: bool, model, echo, optimizer, params,
+             best_val: float):
+    """After a step: the adapter, when the last one is the one kept (no validation records) and
+    this is the last step; a resumable checkpoint every --save-every steps and at the end. Nothing
+    non-finite is saved. `params`: what the optimizer updates."""
+    last = step == total_steps
+    if keep_last and last or step % cfg.save_every == 0:
+        flat = torch.cat([p.detach().flatten() for p in params])
+        stop_if_not_finite(step, out, cfg, largest_parameter=flat.abs().max().item())  # NaN propagates through max
+    if keep_last and last:
+        save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step})
+    if step % cfg.save_every == 0 or last:
+        save_checkpoint(out / "checkpoint.pt", step, model, echo, optimizer, best_val)
+
+
+def run_summary(cfg, model, echo, n_train: int, total_steps: int, device) -> str:
+    """The line train.py prints as a run starts."""
+    n_adapter = sum(p.numel() for p in trainable_parameters(model))
+    return (f"{cfg.method}: {n_adapter:,} adapter parameters"
+            + (f" + {echo.n_parameters():,} echo parameters (training only)" if echo else "")
+            + f"; {n_train} training records, {total_steps} steps, lr {cfg.lr:g}, on {device}")
 
 
 def stop_if_not_finite(step: int, out: Path, cfg, **values: float):

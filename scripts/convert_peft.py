@@ -24,10 +24,10 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from data import checkpoints
-from data.adapters import CONFIG_FILE, adapter_config, adapter_state, copy_adapter_tensors, fit_adapters
+from data.adapters import CONFIG_FILE, adapter_config, adapter_state, block_and_target, copy_adapter_tensors, fit_adapters
 from data.checkpoints import read_tensor_file
 from data.files import check_json_types, read_json, write_atomically
-from echo_lora import BLOCK_LINEARS, block_and_target
+from echo_lora import BLOCK_LINEARS
 from scripts.convert_hf import HF_TO_META_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows
 
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"

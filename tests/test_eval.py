@@ -313,7 +313,7 @@ def test_adapter_is_merged_and_results_are_written_beside_it(tiny_checkpoint, ti
                                                               capsys, dora):
     adapted = echo_lora.add_adapters(copy.deepcopy(tiny_model), r=4, alpha=8, dropout=0.0, dora=dora)
     with torch.no_grad():  # a trained-looking adapter: B away from zero, the magnitude away from ||W||
-        for name, p in echo_lora.adapter_parameters(adapted).items():
+        for name, p in adapters.adapter_parameters(adapted).items():
             p.mul_(1 + 0.2 * torch.randn_like(p)) if name.endswith("magnitude") else p.normal_(0, 0.2)
     folder = tmp_path / "adapter"
     adapters.save_adapter(folder, adapted)

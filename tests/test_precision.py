@@ -69,7 +69,7 @@ def one_step(ckpt, precision: str, method: str):
     examples = batches.encode_examples(load_records(ARC_TRAIN)[:8], tokenizer, cutoff=160)
     batch = batches.collate(examples, False, tokenizer.pad_id)
     n = int((batch.answer_targets != -100).sum())
-    with train.autocast(CPU, precision):
+    with checkpoints.autocast(CPU, precision):
         ce_sum, echo_sum = loss_terms(model, batch, echo, torch.ones(len(examples), dtype=torch.bool))
     loss = (ce_sum + echo_sum) / n
     loss.backward()

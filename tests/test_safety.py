@@ -192,7 +192,7 @@ def test_diverging_run_stops_at_once_and_keeps_a_finite_adapter(ckpt, records, t
 def test_an_adapter_with_nan_is_refused_by_eval(ckpt, tmp_path, capsys):
     model, _ = llama.load(ckpt, dtype=torch.float32)
     echo_lora.add_adapters(model, r=4, alpha=8)
-    echo_lora.adapter_parameters(model)["layers.1.feed_forward.w2.lora_B"].data[3, 1] = math.nan
+    adapters.adapter_parameters(model)["layers.1.feed_forward.w2.lora_B"].data[3, 1] = math.nan
     adapters.save_adapter(tmp_path / "adapter", model)
     code = evaluator.main(["--ckpt", str(ckpt), "--adapter", str(tmp_path / "adapter"), "--data-dir", str(DATA),
                            "--datasets", "piqa", "--limit", "1", "--device", "cpu"])
@@ -210,7 +210,10 @@ def test_an_adapter_with_nan_is_refused_by_eval(ckpt, tmp_path, capsys):
     (["--eval-every", "0"], "--eval-every"), (["--grad-clip", "-1"], "--grad-clip"), (["--val-size", "-5"], "--val-size"),
     (["--epochs", "0"], "--epochs"), (["--max-steps", "-1"], "--max-steps"), (["--dropout", "1"], "--dropout"),
     (["--r", "0"], "--r"), (["--seed", "-1"], "--seed"), (["--save-every", "0"], "--save-every"),
-    (["--method", "lora", "--echo-route-p", "7"], "--echo-route-p given with --method lora"),
+    (["--method", "lora", "--echo-route-p", "0.7"], "--echo-route-p given with --method lora"),
+    (["--echo-route-p", "1.5"], "--echo-route-p must be in [0, 1], found 1.5"),
+    (["--echo-tau", "0"], "--echo-tau must be > 0"), (["--echo-distill", "-1"], "--echo-distill must be >= 0"),
+    (["--echo-mask", "none"], "--echo-mask none injects at every position: it needs --echo-pass full"),
     (["--resume", "--overwrite"], "--resume"), (["--device", "gpu"], "--device gpu"),
 ])
 def test_train_flags_out_of_range_are_one_parse_error(capsys, argv, named):
@@ -327,7 +330,7 @@ def test_a_kill_between_the_two_adapter_files_is_caught(ckpt, tmp_path, monkeypa
     model, _ = llama.load(ckpt, dtype=torch.float32)
     echo_lora.add_adapters(model, r=4, alpha=8)
     adapters.save_adapter(tmp_path, model, {"step": 1})
-    echo_lora.adapter_parameters(model)["layers.0.attention.wq.lora_B"].data.fill_(0.5)  # step 2
+    adapters.adapter_parameters(model)["layers.0.attention.wq.lora_B"].data.fill_(0.5)  # step 2
 
     def killed_before_the_config(file, write):
         if file.name == adapters.CONFIG_FILE:
