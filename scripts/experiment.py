@@ -22,8 +22,8 @@ call and each run's status and seconds.
 It ends by writing <out>/results.md from the run folders' own files alone (train.py's
 config.json, eval.py's results.json and predictions.jsonl; `--table-only` writes it again from
 them): per arm the accuracy mean ± std over seeds per test set and averaged, then Echo-LoRA
-paired with LoRA and with the control and Echo-DoRA with DoRA, seed by seed: the questions that
-flip each way and the exact McNemar test of those flips.
+paired with LoRA and with the control, the control with LoRA, and Echo-DoRA with DoRA, seed by
+seed: the questions that flip each way and the exact McNemar test of those flips.
 """
 
 import argparse
@@ -540,11 +540,13 @@ def mcnemar_exact_p(gained: int, lost: int) -> float:
 
 
 def pairs(arms: list[str]) -> list[tuple[str, str]]:
-    """Each Echo arm against its base method and against its control, where both were run."""
+    """Each Echo arm against its base method and against its control, and the control against the
+    base method (what the extra training terms do without the deep signal), where both were run."""
     found = []
     for arm in arms:
         if arm.startswith("echo-") and not arm.endswith(CONTROL):
-            found += [(arm, other) for other in (arm.removeprefix("echo-"), arm + CONTROL) if other in arms]
+            base, control = arm.removeprefix("echo-"), arm + CONTROL
+            found += [(a, b) for a, b in ((arm, base), (arm, control), (control, base)) if a in arms and b in arms]
     return found
 
 

@@ -408,6 +408,8 @@ def test_table_means_over_seeds_and_pairs_seed_by_seed(fixture_runs):
     assert "| echo-lora vs lora | pooled (2) | 56.2 ± 8.8 | 43.8 ± 8.8 | +12.5 ± 0.0 | 3 | 1 | 0.625 |" in text
     # echo vs the control, seed 2: echo right on ARC-e 0, 1 and ARC-c 0, 1, 2; control on ARC-e 3, ARC-c 3
     assert "| echo-lora vs echo-lora-control | 2 | 62.5 | 25.0 | +37.5 | 5 | 2 | 0.453 |" in text
+    # the control vs lora, seed 1: the control gains ARC-e 1 and ARC-c 2, loses ARC-c 1
+    assert "| echo-lora-control vs lora | 1 | 50.0 | 37.5 | +12.5 | 2 | 1 | 1 |" in text
     assert "- training: train.py on the training splits of ARC-Easy, ARC-Challenge (3250 records), every field " \
            "at train.py's default except `--lr=0.0003 --epochs=1`" in text
     assert "  - echo-lora-control: `--echo-inject=zero`" in text and "  - lora:" not in text
