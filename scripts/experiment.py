@@ -2,6 +2,7 @@
 
     python scripts/experiment.py --ckpt smollm2-135m --data-dir data --out results/smollm2-cpu/experiment --budget-minutes 60
     python scripts/experiment.py --table-only --out results/smollm2-cpu/experiment   # results.md again, nothing run
+    python scripts/experiment.py --table-only --out results/smollm2-cpu/experiment --readme README.md   # and README's tables
     python scripts/figure.py results/smollm2-cpu/experiment                          # figure.png
 
 The arms, in priority order: the untouched model ("none"); for seed 1, 2, 3 LoRA, Echo-LoRA and
@@ -23,7 +24,8 @@ It ends by writing <out>/results.md from the run folders' own files alone (train
 config.json, eval.py's results.json and predictions.jsonl; `--table-only` writes it again from
 them): per arm the accuracy mean ± std over seeds per test set and averaged, then Echo-LoRA
 paired with LoRA and with the control, the control with LoRA, and Echo-DoRA with DoRA, seed by
-seed: the questions that flip each way and the exact McNemar test of those flips.
+seed: the questions that flip each way and the exact McNemar test of those flips; then the Echo
+runs' diagnostics (metrics.jsonl's echo_diag_*, first step -> the mean of the last 20).
 """
 
 import argparse
@@ -48,6 +50,7 @@ import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the l
 import train  # noqa: E402
 from data import checkpoints, runs  # noqa: E402
 from data.files import inside, output_files, read_bytes, read_json, read_run_record, write_atomically  # noqa: E402
+from data.runs import metrics_lines  # noqa: E402
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
 ARMS = {"none": None,
@@ -55,6 +58,8 @@ ARMS = {"none": None,
         "dora": ("dora", ()), "echo-dora": ("echo-dora", ())}
 GROUPS = (("lora", "echo-lora", "echo-lora-control"), ("dora", "echo-dora"))  # each run seed by seed, in this order
 CONTROL = "-control"  # an Echo arm trained with --echo-inject zero: its name is the Echo arm's + this
+# The lines of a README between which `--table-only --readme` puts results.md's tables.
+README_BEGIN, README_END = "<!-- results.md: begin -->", "<!-- results.md: end -->"
 DEFAULT_SETS = ["ARC-Easy", "ARC-Challenge"]
 # The experiment's departures from the recipe, before --train-flags and --eval-flags (which can undo them).
 EXPERIMENT_TRAIN_FLAGS = ("--epochs", "1")  # the recipe trains 3 epochs
@@ -111,6 +116,9 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", type=Path, metavar="RUN",
                    help="with --table-only: tabulate these evaluated run folders instead of those in --out "
                         "(default: --out's)")
+    p.add_argument("--readme", type=Path, metavar="FILE",
+                   help=f"with --table-only: also put results.md's tables into FILE, between its {README_BEGIN} "
+                        f"and {README_END} lines (default: none)")
     p.add_argument("--scoring", help="with --table-only: which evaluation's files to read, a value of eval.py "
                                      "--scoring (default: the experiment's, from <out>/experiment.json; generate "
                                      "without one)")
@@ -123,9 +131,9 @@ def main(argv=None) -> str:
     a = p.parse_args(argv)
     if a.table_only:
         suffix = table_suffix(a.out, a.scoring)
-        return write_results(a.out, a.runs or run_folders(a.out, suffix), suffix)
-    if a.runs or a.scoring:
-        p.error("--runs and --scoring go with --table-only (the runs' scoring is --eval-flags')")
+        return write_results(a.out, a.runs or run_folders(a.out, suffix), suffix, a.readme)
+    if a.runs or a.scoring or a.readme:
+        p.error("--runs, --scoring and --readme go with --table-only (the runs' scoring is --eval-flags')")
     if not 0 < a.budget_minutes < math.inf:
         p.error(f"--budget-minutes must be > 0 and finite, found {a.budget_minutes}")
     if not all(0 <= seed < 2**32 for seed in a.seeds) or len(set(a.seeds)) < len(a.seeds):
@@ -586,10 +594,43 @@ def settings_lines(runs: list[dict], sets: list[str]) -> list[str]:
     return lines
 
 
+# The Echo path's diagnostics results.md tabulates per Echo run: metrics.jsonl's key, its column, its digits.
+DIAGNOSTICS = (("echo_diag_gate", "gate g(e)", 3), ("echo_diag_injection_rel", "injection / ‖A x‖", 2),
+               ("echo_diag_ce_plain", "CE(plain)", 3), ("echo_diag_ce_echo", "CE(echo)", 3), ("echo_diag_kl", "KL", 4))
+LAST_STEPS = 20  # a diagnostic's end value: the mean of its last 20 steps (one step's is over a few dozen tokens)
+
+
+def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in the run's metrics.jsonl, at the steps that log it."""
+    path = folder / "metrics.jsonl"
+    entries = [json.loads(line) for line in metrics_lines(path, math.inf)] if path.is_file() else []
+    return [e["step"] for e in entries if key in e], [e[key] for e in entries if key in e]
+
+
+def diagnostics_lines(runs: list[dict]) -> list[str]:
+    """results.md's diagnostics section: per Echo run, each diagnostic at its first step -> the mean
+    of its last LAST_STEPS steps."""
+    rows = []
+    for run in runs:
+        cells = []
+        for key, _, digits in DIAGNOSTICS:
+            values = curve(run["folder"], key)[1]
+            cells.append(f"{values[0]:.{digits}f} -> {statistics.mean(values[-LAST_STEPS:]):.{digits}f}" if values else "-")
+        if any(cell != "-" for cell in cells):
+            rows.append(f"| {run_name(run['arm'], run['seed'])} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "## The Echo path's diagnostics", "",
+            "On the routed samples' answer tokens, from each Echo run's metrics.jsonl: the value at the first step "
+            f"-> the mean of the last {LAST_STEPS} steps. The control injects nothing: it has no gate or injection.", "",
+            "| run | " + " | ".join(column for _, column, _ in DIAGNOSTICS) + " |", "|---|" + "---|" * len(DIAGNOSTICS),
+            *rows]
+
+
 def results_markdown(folders, suffix: str = "") -> str:
     """results.md: how the runs were made; per arm the accuracy (%) mean ± std over seeds per test
     set and averaged; each pair of arms seed by seed, with the questions that flip each way and
-    the exact McNemar p of those flips (and the seeds pooled)."""
+    the exact McNemar p of those flips (and the seeds pooled); the Echo runs' diagnostics."""
     runs, given_again = load_runs(folders, suffix)
     sets = shared_sets(runs)
     arms = {}
@@ -644,18 +685,37 @@ def results_markdown(folders, suffix: str = "") -> str:
                              f"{statistics.stdev(diffs):.1f} | {gained} | {lost} | {mcnemar_exact_p(gained, lost):.3g} |")
         if notes:
             lines += [""] + notes
+    lines += diagnostics_lines(runs)
     if given_again:
         lines += [""] + [f"- {note}" for note in given_again]
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, folders, suffix: str = "") -> str:
-    """<out>/results.md from the run folders; printed, and returned."""
+def results_block(text: str) -> str:
+    """results.md's tables as a README shows them: its sections from the first table on, each
+    '## heading' in bold (a README's own headings stay its outline)."""
+    return re.sub(r"^## (.+)$", r"**\1**", text[text.index("\n## ") + 1:], flags=re.M)
+
+
+def with_results_block(readme: Path, text: str) -> str:
+    """The README's text with results_block(text) between its README_BEGIN and README_END lines."""
+    head, begin, rest = read_bytes(readme).decode("utf-8").partition(README_BEGIN)
+    _, end, tail = rest.partition(README_END)
+    if not (begin and end) or README_BEGIN in rest or README_END in tail:
+        raise ValueError(f"{readme}: needs one {README_BEGIN} line and one {README_END} line after it")
+    return head + README_BEGIN + "\n" + results_block(text) + README_END + tail
+
+
+def write_results(out: Path, folders, suffix: str = "", readme: Path | None = None) -> str:
+    """<out>/results.md from the run folders (and its tables into `readme`); printed, and returned."""
     try:
         text = results_markdown(folders, suffix)
+        shown = readme and with_results_block(readme, text)
     except (OSError, ValueError) as e:
         raise SystemExit(f"experiment.py: {e}") from None
     write_atomically(out / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    if readme:
+        write_atomically(readme, lambda tmp: tmp.write_text(shown, encoding="utf-8"))
     print(text)
     return text
 

@@ -11,7 +11,6 @@ SMOOTHING steps on top. A step without an Echo pass has no such values; its poin
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,21 +24,9 @@ CURVES = (("echo_diag_ce_plain", "CE(plain), routed answer tokens"), ("echo_diag
 SMOOTHING = 20  # steps in the running mean: one step's CE is over a few dozen answer tokens, too noisy to read
 
 
-def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of `key` in the run's metrics.jsonl, at the steps that have it."""
-    steps, values = [], []
-    path = folder / "metrics.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        entry = json.loads(line)
-        if key in entry:
-            steps.append(entry["step"])
-            values.append(entry[key])
-    return steps, values
-
-
 def difference(folder: Path, minuend: str, subtrahend: str) -> tuple[list[int], list[float]]:
     """(steps, minuend - subtrahend) at the steps that log both."""
-    first, second = (dict(zip(*curve(folder, key))) for key in (minuend, subtrahend))
+    first, second = (dict(zip(*experiment.curve(folder, key))) for key in (minuend, subtrahend))
     steps = [step for step in first if step in second]
     return steps, [first[step] - second[step] for step in steps]
 
@@ -79,7 +66,7 @@ def draw(folders, file: Path, suffix: str = ""):
     for ax, (key, title) in zip(axes[1:], CURVES):
         labelled = set()
         for run in echo_runs:
-            steps, values = difference(run["folder"], *key) if isinstance(key, tuple) else curve(run["folder"], key)
+            steps, values = difference(run["folder"], *key) if isinstance(key, tuple) else experiment.curve(run["folder"], key)
             if steps:
                 ax.plot(steps, values, color=colors[run["arm"]], alpha=0.25, linewidth=0.7,
                         marker="." if len(steps) < 30 else None)

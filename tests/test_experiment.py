@@ -214,7 +214,8 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
                "--data-dir", str(tmp_path))
     assert "--seeds must be distinct" in error("--seeds", "1", "1")
     assert "--budget-minutes must be > 0 and finite, found nan" in error("--budget-minutes", "nan")
-    assert "--runs and --scoring go with --table-only" in error("--runs", str(tmp_path))
+    assert "--runs, --scoring and --readme go with --table-only" in error("--runs", str(tmp_path))
+    assert "--runs, --scoring and --readme go with --table-only" in error("--readme", "README.md")
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert "holds files but no experiment.json" in error()
@@ -410,6 +411,11 @@ def test_table_means_over_seeds_and_pairs_seed_by_seed(fixture_runs):
     assert "| echo-lora vs echo-lora-control | 2 | 62.5 | 25.0 | +37.5 | 5 | 2 | 0.453 |" in text
     # the control vs lora, seed 1: the control gains ARC-e 1 and ARC-c 2, loses ARC-c 1
     assert "| echo-lora-control vs lora | 1 | 50.0 | 37.5 | +12.5 | 2 | 1 | 1 |" in text
+    # diagnostics: the first step's value -> the mean of the last 20 steps (here steps 1 and 3); a
+    # key a run never logs is "-", a run with no diagnostics has no row
+    assert "| echo-lora-s1 | 0.120 -> 0.160 | - | 1.400 -> 1.200 | 1.300 -> 1.050 | - |" in text
+    assert "| echo-lora-control-s1 | 0.120 -> 0.120 | - | 1.400 -> 1.400 | 1.300 -> 1.300 | - |" in text
+    assert "echo-lora-control-s2 |" not in text.split("## The Echo path's diagnostics")[1]
     assert "- training: train.py on the training splits of ARC-Easy, ARC-Challenge (3250 records), every field " \
            "at train.py's default except `--lr=0.0003 --epochs=1`" in text
     assert "  - echo-lora-control: `--echo-inject=zero`" in text and "  - lora:" not in text
@@ -488,8 +494,8 @@ def test_mcnemar_p_is_the_exact_binomial_test_by_its_definition():
 
 def test_figure_is_a_png_from_the_raw_files(fixture_runs):
     """As a user runs it: `python scripts/figure.py DIR` (the curves skip the steps without the key)."""
-    assert figure.curve(fixture_runs / "echo-lora-s1", "echo_diag_gate") == ([1, 3], [0.12, 0.2])
-    assert figure.curve(fixture_runs / "lora-s1", "echo_diag_gate") == ([], [])
+    assert experiment.curve(fixture_runs / "echo-lora-s1", "echo_diag_gate") == ([1, 3], [0.12, 0.2])
+    assert experiment.curve(fixture_runs / "lora-s1", "echo_diag_gate") == ([], [])
     steps, gaps = figure.difference(fixture_runs / "echo-lora-s1", "echo_diag_ce_echo", "echo_diag_ce_plain")
     assert steps == [1, 3] and gaps == pytest.approx([1.3 - 1.4, 0.8 - 1.0])
     assert figure.running_mean([1.0, 2.0, 3.0, 5.0], 2) == [1.0, 1.5, 2.5, 4.0]  # each value and the one before it
@@ -515,5 +521,21 @@ def test_the_readme_shows_the_table_made_from_the_committed_runs():
     shown = readme.split("<!-- results.md: begin -->")[1].split("<!-- results.md: end -->")[0].strip()
     suffix = experiment.table_suffix(out, None)
     made = experiment.results_markdown(experiment.run_folders(out, suffix), suffix)
-    rows = [[line for line in text.splitlines() if line.startswith("|")] for text in (shown, made)]
-    assert rows[0] and rows[0] == rows[1]
+    assert "| lora | 1, 2, 3 |" in shown and shown == experiment.results_block(made).strip()
+
+
+def test_table_only_puts_the_tables_into_the_readme_between_its_markers_only(fixture_runs, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nBefore.\n<!-- results.md: begin -->\nold table\n<!-- results.md: end -->\n\nAfter.\n")
+    text = experiment.main(["--table-only", "--out", str(fixture_runs), "--readme", str(readme)])
+    head, rest = readme.read_text().split("<!-- results.md: begin -->\n")
+    block, tail = rest.split("<!-- results.md: end -->")
+    assert head == "# Title\n\nBefore.\n" and tail == "\n\nAfter.\n"
+    assert block.startswith("**Accuracy (%), mean ± std over seeds**\n\n| arm |") and "## " not in block
+    assert block == experiment.results_block(text) and "**The Echo path's diagnostics**" in block
+    unmarked = tmp_path / "other.md"
+    unmarked.write_text("no markers\n")
+    with pytest.raises(SystemExit, match=r"other.md: needs one <!-- results.md: begin --> line and one "
+                                         r"<!-- results.md: end --> line after it"):
+        experiment.main(["--table-only", "--out", str(fixture_runs), "--readme", str(unmarked)])
+    assert unmarked.read_text() == "no markers\n"
