@@ -359,8 +359,8 @@ def echo_representation(source: list[torch.Tensor], masks: AnswerOnlyMasks, pool
 def echo_targets(model: nn.Module, target_layers: tuple[int, ...]) -> dict[str, LoRALinear]:
     """METHOD.md item 3: every adapted linear (LoRA or DoRA) of the target blocks (1-based), by
     model path; by default the shallowest quarter (LLaMA-7B: 8 blocks x q, k, v, up, down = 40)."""
-    targets = {path: m for path, m in adapted_linears(model).items()
-               if int(path.split(".")[1]) + 1 in target_layers}  # path: layers.<0-based block>....
+    targets = {f"layers.{layer - 1}.{name}": m for layer in sorted(set(target_layers))  # in the model's order
+               for name, m in model.layers[layer - 1].named_modules() if isinstance(m, LoRALinear)}
     if not targets:
         raise ValueError(f"no LoRA/DoRA modules in echo target blocks {target_layers}")
     return targets
