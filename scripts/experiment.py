@@ -600,10 +600,15 @@ DIAGNOSTICS = (("echo_diag_gate", "gate g(e)", 3), ("echo_diag_injection_rel", "
 LAST_STEPS = 20  # a diagnostic's end value: the mean of its last 20 steps (one step's is over a few dozen tokens)
 
 
+def metrics_entries(folder: Path) -> list[dict]:
+    """The entries of the run's metrics.jsonl ([] without one)."""
+    path = folder / "metrics.jsonl"
+    return [json.loads(line) for line in metrics_lines(path, math.inf)] if path.is_file() else []
+
+
 def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of `key` in the run's metrics.jsonl, at the steps that log it."""
-    path = folder / "metrics.jsonl"
-    entries = [json.loads(line) for line in metrics_lines(path, math.inf)] if path.is_file() else []
+    entries = metrics_entries(folder)
     return [e["step"] for e in entries if key in e], [e[key] for e in entries if key in e]
 
 
@@ -612,9 +617,9 @@ def diagnostics_lines(runs: list[dict]) -> list[str]:
     of its last LAST_STEPS steps."""
     rows = []
     for run in runs:
-        cells = []
+        entries, cells = metrics_entries(run["folder"]), []  # read once for every diagnostic
         for key, _, digits in DIAGNOSTICS:
-            values = curve(run["folder"], key)[1]
+            values = [e[key] for e in entries if key in e]
             cells.append(f"{values[0]:.{digits}f} -> {statistics.mean(values[-LAST_STEPS:]):.{digits}f}" if values else "-")
         if any(cell != "-" for cell in cells):
             rows.append(f"| {run_name(run['arm'], run['seed'])} | " + " | ".join(cells) + " |")
