@@ -12,7 +12,9 @@ the same precision. Each row: real (non-pad) tokens/s, peak memory (CUDA), ours 
 method, an Echo row's step time over our own base method's, and the fraction of the LoRA ceiling:
 4N FLOP per real token (forward 2N, input gradients 2N; frozen weights need no weight gradient),
 N the block linears plus the output head, at the matmul rate of the run's precision measured in the same
-run (a CPU without bf16 instructions runs bf16 matmuls tens of times slower than fp32).
+run (a CPU without bf16 instructions runs bf16 matmuls tens of times slower than fp32). A square
+matmul overstates what a small model's shapes reach, so each row also gives its fraction of the
+real-shape limit: the same frozen matmuls timed at the rows the step really computes.
 Evaluation: eval.py's greedy decoding of real test prompts beside transformers' `generate` on the
 same prompts (same batches, same max_new_tokens, stopping at EOS), in questions/s.
 Prints one table; writes bench.json (and bench.md) after every row, so a run cut short keeps its rows.
@@ -93,6 +95,45 @@ def ceiling_tokens_per_s(args: llama.ModelArgs, tflops: float) -> float:
     return tflops * 1e12 / (4 * n)
 
 
+def real_shape_limit(args: llama.ModelArgs, step_batches: list[list], device, dtype, answer_only: bool,
+                     reps: int = 3) -> float:
+    """Real tokens/s if a step were nothing but the model's frozen matmuls at the shapes the step
+    really runs: for every length-sorted part of every batch (train.py's `padded_parts`, padding
+    included), each block linear's forward x W^T and input gradient g W on the part's B x T rows,
+    and the output head on the rows the loss is taken at (each record's tokens but its last; with
+    `answer_only`, its answer tokens). The frozen weights need no weight gradient; everything else a step does (attention,
+    norms, the adapters, dropout, the optimizer) is what a row's fraction of this limit leaves out."""
+    shapes = [(args.dim, args.n_heads * args.head_dim), (args.dim, args.kv_heads * args.head_dim),
+              (args.dim, args.kv_heads * args.head_dim), (args.n_heads * args.head_dim, args.dim),
+              (args.dim, args.hidden_dim), (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
+    measured = {}
+
+    def seconds(rows: int, n_in: int, n_out: int) -> float:
+        """The time of one forward and one input-gradient matmul of `rows` rows, min over reps."""
+        if (rows, n_in, n_out) not in measured:
+            x = torch.randn(rows, n_in, device=device, dtype=dtype)
+            g = torch.randn(rows, n_out, device=device, dtype=dtype)
+            w = torch.randn(n_out, n_in, device=device, dtype=dtype)
+            times = []
+            for _ in range(reps + 1):  # the first is a warm-up
+                with timed(device, times):
+                    torch.nn.functional.linear(x, w)
+                    g @ w
+            measured[rows, n_in, n_out] = min(times[1:])
+        return measured[rows, n_in, n_out]
+
+    total, tokens = 0.0, 0
+    for examples in step_batches:
+        lengths = [len(ids) for ids, _ in examples]
+        head_rows = [sum(y != IGNORE_INDEX for y in labels) if answer_only else len(ids) - 1 for ids, labels in examples]
+        for part in batches.padded_parts(lengths):
+            rows = len(part) * max(lengths[i] for i in part)
+            total += args.n_layers * sum(seconds(rows, n_in, n_out) for n_in, n_out in shapes)
+            total += seconds(sum(head_rows[i] for i in part), args.dim, args.vocab_size)
+            tokens += sum(lengths[i] for i in part)
+    return tokens / total
+
+
 def peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -162,16 +203,18 @@ def peft_model(folder: Path, method: str, device, dtype):
 # Training steps
 
 
-def recipe_batches(records: list[dict], tokenizer, batch_size: int, n: int) -> list[list]:
-    """The first n batches of the recipe's epoch 0 (random order, cutoff 256), as examples."""
-    examples = batches.encode_examples(records, tokenizer, 256)
+def recipe_batches(records: list[dict], tokenizer, batch_size: int, n: int, cloze: bool) -> list[list]:
+    """The first n batches of the recipe's epoch 0 (random order, cutoff 256), as examples: the
+    protocol's prompts, or with `cloze` the cloze form (train.py --cloze)."""
+    examples = batches.encode_examples(records, tokenizer, 256, cloze)
     return [[examples[i] for i in b] for b in batches.random_batches(len(examples), batch_size, seed=0)[:n]]
 
 
-def our_step(model, tokenizer, method: str, device, precision: str, batch_size: int):
+def our_step(model, tokenizer, method: str, device, precision: str, batch_size: int, answer_only: bool):
     """train.py's step: accumulate_gradients (length-sorted parts, the Echo path for echo- methods),
     clipping, AdamW. Returns a function of one batch's examples -> real tokens computed."""
-    cfg = train.Config(method=method, precision=precision, batch_size=batch_size, micro_batch_size=batch_size)
+    cfg = train.Config(method=method, precision=precision, batch_size=batch_size, micro_batch_size=batch_size,
+                       answer_only_loss=answer_only)
     torch.manual_seed(0)
     add_adapters(model, tuple(cfg.targets.split(",")), cfg.r, cfg.alpha, cfg.dropout, dora="dora" in method)
     echo = EchoPath(model, EchoConfig()).to(device) if method.startswith("echo") else None
@@ -190,9 +233,10 @@ def our_step(model, tokenizer, method: str, device, precision: str, batch_size: 
     return run
 
 
-def peft_step(model, device, precision: str):
+def peft_step(model, device, precision: str, answer_only: bool):
     """The same step through peft: each batch padded to its longest, labels the real tokens (the
-    whole-text loss; transformers shifts them), the mean over the batch's tokens."""
+    whole-text loss; transformers shifts them) or with `answer_only` the answer's, the mean over
+    the batch's labelled tokens."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     model.train()
@@ -201,8 +245,10 @@ def peft_step(model, device, precision: str):
         T = max(len(ids) for ids, _ in examples)
         ids = torch.tensor([e + [0] * (T - len(e)) for e, _ in examples], device=device)
         mask = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e, _ in examples], device=device)
+        labels = (torch.tensor([y + [IGNORE_INDEX] * (T - len(y)) for _, y in examples], device=device)
+                  if answer_only else torch.where(mask.bool(), ids, IGNORE_INDEX))
         with checkpoints.autocast(device, precision):
-            loss = model(input_ids=ids, attention_mask=mask, labels=torch.where(mask.bool(), ids, IGNORE_INDEX)).loss
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -284,6 +330,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bf16: the recipe's autocast; fp32 (default: bf16 on cuda, fp32 elsewhere)")
     p.add_argument("--data", default=DEFAULT_DATA, help="training records, comma-separated JSON files "
                                                         "(default: the four training splits in tests/assets)")
+    p.add_argument("--cloze", action="store_true",
+                   help="time the cloze form with the answer-only loss (train.py --cloze --answer-only-loss) "
+                        "instead of the recipe's prompts and whole-text loss (default: the recipe's)")
     p.add_argument("--batch-size", type=int, default=16, help="records per training step (default: 16)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per configuration (default: 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
@@ -320,12 +369,15 @@ def main(argv=None) -> dict:
         model, tokenizer = our_model(folder, device, dtype, a.tokenizer)
         args = model.args
         del model
-        batches = recipe_batches(records, tokenizer, a.batch_size, a.warmup + a.steps)
+        step_batches = recipe_batches(records, tokenizer, a.batch_size, a.warmup + a.steps, a.cloze)
         tflops = matmul_tflops(device, dtype)  # the run's own precision: a CPU may lack fast bf16
         result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   "torch": torch.__version__, "model": a.ckpt or f"{a.shape} (random weights)",
-                  "precision": precision, "threads": torch.get_num_threads(), "matmul_tflops": tflops,
-                  "ceiling_tokens_per_s": ceiling_tokens_per_s(args, tflops), "train": [], "evaluation": {},
+                  "precision": precision, "form": "cloze, answer-only loss" if a.cloze else "the recipe's",
+                  "threads": torch.get_num_threads(), "matmul_tflops": tflops,
+                  "ceiling_tokens_per_s": ceiling_tokens_per_s(args, tflops),
+                  "real_shape_limit_tokens_per_s": real_shape_limit(args, step_batches[a.warmup:], device, dtype, a.cloze),
+                  "train": [], "evaluation": {},
                   "date": time.strftime("%Y-%m-%d")}
 
         def write(row=None):
@@ -337,11 +389,11 @@ def main(argv=None) -> dict:
         for method in a.method:
             model, _ = our_model(folder, device, dtype, a.tokenizer)
             write({"impl": "ours", "method": method} | time_training(
-                our_step(model, tokenizer, method, device, precision, a.batch_size), batches, a.warmup, device))
+                our_step(model, tokenizer, method, device, precision, a.batch_size, a.cloze), step_batches, a.warmup, device))
             del model
             if not a.no_peft and method in ("lora", "dora"):
                 write({"impl": "peft", "method": method} | time_training(
-                    peft_step(peft_model(peer, method, device, dtype), device, precision), batches, a.warmup, device))
+                    peft_step(peft_model(peer, method, device, dtype), device, precision, a.cloze), step_batches, a.warmup, device))
 
         test_sets = {k: v for k, v in test_prompts(a.test_sets, a.questions).items() if k in a.eval_sets}
         model, _ = our_model(folder, device, dtype, a.tokenizer)
@@ -363,6 +415,7 @@ def add_ratios(result: dict):
     rows = {(r["impl"], r["method"]): r for r in result["train"]}
     for (impl, method), r in rows.items():
         r["of_ceiling"] = r["tokens_per_s"] / result["ceiling_tokens_per_s"]
+        r["of_real_shape_limit"] = r["tokens_per_s"] / result["real_shape_limit_tokens_per_s"]
         peer, own = rows.get(("peft", method)), rows.get(("ours", method.removeprefix("echo-")))
         if impl == "ours" and peer:
             r["vs_peft"] = r["tokens_per_s"] / peer["tokens_per_s"]
@@ -375,13 +428,17 @@ def format_table(result: dict) -> str:
         return "-" if value is None else f"{value:{spec}}{suffix}"
 
     lines = [f"{result['model']} on {result['device']} ({result['threads']} threads), {result['precision']}, "
-             f"torch {result['torch']}, {result['date']}",
+             f"{result['form']} form, torch {result['torch']}, {result['date']}",
              f"{result['precision']} matmul {result['matmul_tflops'] * 1000:.0f} GFLOP/s -> ceiling "
-             f"{result['ceiling_tokens_per_s']:,.0f} real tokens/s (4N FLOP per token)", "",
-             "| impl | method | real tokens/s | of ceiling | vs peft | step / base method | step s | peak GiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"{result['ceiling_tokens_per_s']:,.0f} real tokens/s (4N FLOP per token)",
+             f"the model's frozen matmuls at the step's real shapes -> limit "
+             f"{result['real_shape_limit_tokens_per_s']:,.0f} real tokens/s", "",
+             "| impl | method | real tokens/s | of ceiling | of real-shape limit | vs peft | step / base method | "
+             "step s | peak GiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["train"]:
         lines.append(f"| {r['impl']} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['of_ceiling']:.1%} | "
+                     f"{r['of_real_shape_limit']:.1%} | "
                      f"{cell(r.get('vs_peft'), '.2f', 'x')} | {cell(r.get('step_vs_base'), '.2f', 'x')} | "
                      f"{r['step_s']:.2f} | {cell(r['peak_gib'], '.1f')} |")
     e = result["evaluation"]

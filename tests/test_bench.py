@@ -13,7 +13,7 @@ def test_bench_tiny_writes_every_row(tmp_path, capsys):
     result = json.loads(out.read_text())
     rows = {(r["impl"], r["method"]): r for r in result["train"]}
     assert set(rows) == {("ours", "lora"), ("peft", "lora"), ("ours", "echo-dora"), ("ours", "dora"), ("peft", "dora")}
-    assert all(r["tokens_per_s"] > 0 and 0 < r["of_ceiling"] for r in rows.values())
+    assert all(r["tokens_per_s"] > 0 and 0 < r["of_ceiling"] and 0 < r["of_real_shape_limit"] for r in rows.values())
     assert "vs_peft" in rows[("ours", "lora")] and "step_vs_base" in rows[("ours", "echo-dora")]
     evaluation = result["evaluation"]
     assert evaluation["questions"] == 2 and evaluation["ours"]["questions_per_s"] > 0
