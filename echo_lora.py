@@ -470,17 +470,46 @@ def route(n_samples: int, p: float, generator: torch.Generator) -> torch.Tensor:
 # ---- 6. The Echo pass, and its suffix form
 
 
-def echo_pass(echo_path: EchoPath, model, batch: "Batch", rows: torch.Tensor, states: dict, caches) -> torch.Tensor:
+@dataclass
+class PlainPass:
+    """What the Echo pass needs of one plain pass (one length-sorted part of a micro-batch): the
+    part, its routed samples `rows` (8,), the source states it collected and, for the suffix
+    form, the keys and values it kept."""
+
+    batch: Batch
+    rows: torch.Tensor
+    states: dict
+    caches: list | None
+
+
+def echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass]) -> torch.Tensor:
     """METHOD.md item 6: z_echo (N_echo, 32000), the logits of the Echo pass at the routed samples'
-    answer positions, in the order of `h[rows][answer[rows]]` of the plain pass. `rows` (8,): the
-    routed samples; `states`, `caches`: what the plain pass collected and kept."""
+    answer positions, in the order of `h[rows][answer[rows]]` of the plain passes, one after another.
+
+    The routed samples of every part run as one Echo pass: a part's few routed samples alone make
+    matmuls too small to run at speed. Each part's rows are right-padded to the longest part; the
+    padding is no answer position and, under causal attention, changes no real position."""
     config = echo_path.config
-    masks = answer_only_masks(batch.answer_targets[rows], batch.valid[rows], config.mask)
-    e = echo_representation(source_states(states, echo_path.source_layers, rows), masks, config.pool)
-    tokens = batch.tokens[rows]  # (8, 256)
+    e = torch.cat([echo_representation(source_states(p.states, echo_path.source_layers, p.rows),
+                                       answer_only_masks(p.batch.answer_targets[p.rows], p.batch.valid[p.rows],
+                                                         config.mask), config.pool)
+                   for p in plain_passes])  # (8, 4096)
+    length = max(p.batch.tokens.shape[1] for p in plain_passes)
+
+    def rows(p: PlainPass, tensor: torch.Tensor, fill) -> torch.Tensor:
+        return F.pad(tensor[p.rows], (0, length - tensor.shape[1]), value=fill)  # (8, 256)
+
+    tokens = torch.cat([rows(p, p.batch.tokens, 0) for p in plain_passes])  # (8, 256)
+    masks = answer_only_masks(torch.cat([rows(p, p.batch.answer_targets, IGNORE_INDEX) for p in plain_passes]),
+                              torch.cat([rows(p, p.batch.valid, False) for p in plain_passes]), config.mask)
     if config.echo_pass == "full":
         return full_echo_pass(echo_path, model, tokens, e, masks)
-    return suffix_echo_pass(echo_path, model, tokens, e, masks, [cache.select(rows) for cache in caches])
+
+    def prefix(layer: int, name: str) -> torch.Tensor:  # (8, 32, 256, 128): every part's, padded past its end
+        return torch.cat([F.pad(getattr(p.caches[layer], name)[p.rows], (0, 0, 0, length - p.batch.tokens.shape[1]))
+                          for p in plain_passes])
+    caches = [KVCache(prefix(layer, "k"), prefix(layer, "v")) for layer in range(len(model.layers))]
+    return suffix_echo_pass(echo_path, model, tokens, e, masks, caches)
 
 
 def full_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMasks) -> torch.Tensor:
@@ -536,10 +565,11 @@ def suffix_attention_mask(answer_start: torch.Tensor, prefix_len: int, suffix_le
 # ---- 7. Loss, with masked distillation
 
 
-def loss_terms(model, batch: Batch, echo_path: EchoPath | None = None, routed: torch.Tensor | None = None):
-    """METHOD.md item 7, the loss of one batch, as two sums over tokens (not averages):
+def loss_terms(model, parts: list[Batch], echo_path: EchoPath | None = None, routed: list[torch.Tensor] | None = None):
+    """METHOD.md item 7, the loss of a micro-batch given as length-sorted parts (one plain pass
+    each, one Echo pass for all), as two sums over tokens (not averages):
 
-        ce_sum     = sum CE(z_plain)                                  over the batch's ce_targets
+        ce_sum     = sum CE(z_plain)                                  over the parts' ce_targets
         routed_sum = sum CE(z_echo) + lambda tau^2 sum KL             over the routed samples' answer tokens
 
     and the step's loss divides them by counts of the whole step (train.accumulate_gradients):
@@ -550,27 +580,31 @@ def loss_terms(model, batch: Batch, echo_path: EchoPath | None = None, routed: t
     weigh what they would in a mean over the whole step. N_ce, the recipe's: the micro-batch's own
     ce target tokens x the step's number of micro-batches (--token-mean-loss: the step's ce target
     tokens). Sums let gradient accumulation and data-parallel ranks add up to exactly one big
-    batch. `routed` (16,) bool: `route`'s draw. Logits are made only where a loss is taken: never
-    a (16, 256, 32000) fp32 tensor.
+    batch. `routed`: each part's (4,) bool rows of `route`'s draw. Logits are made only where a
+    loss is taken: never a (16, 256, 32000) fp32 tensor.
     """
-    answer = batch.answer_targets != IGNORE_INDEX  # (16, 256): the answer positions A
-    ce_at = batch.ce_targets != IGNORE_INDEX  # (16, 256): where the plain CE is taken
-    if echo_path is not None:
-        routed = routed & answer.any(1)  # a sample cut off before its answer has no Echo terms
-    rows = routed.nonzero()[:, 0] if echo_path is not None else None  # (8,): the routed samples
-    run_echo = rows is not None and len(rows) > 0
-    # The plain pass, the one deployed; for the Echo pass it also collects the source states
-    # (item 1) and, for the suffix form, keeps its keys and values (item 6).
-    caches = model.new_caches() if run_echo and echo_path.config.echo_pass == "suffix" else None
-    h, states = model.trunk(batch.tokens, caches=caches, collect=echo_path.source_layers if run_echo else ())
-    ce_sum = output_cross_entropy(h[ce_at], model.output.weight, batch.ce_targets[ce_at])
-    if not run_echo:
+    ce_sum, plain_passes, routed_states, targets = 0, [], [], []
+    for batch, routed_rows in zip(parts, routed or [None] * len(parts)):
+        answer = batch.answer_targets != IGNORE_INDEX  # (4, 256): the answer positions A
+        ce_at = batch.ce_targets != IGNORE_INDEX  # (4, 256): where the plain CE is taken
+        # a sample cut off before its answer has no Echo terms
+        rows = (routed_rows & answer.any(1)).nonzero()[:, 0] if echo_path is not None else []  # (2,): routed
+        # The plain pass, the one deployed; for the Echo pass it also collects the source states
+        # (item 1) and, for the suffix form, keeps its keys and values (item 6).
+        caches = model.new_caches() if len(rows) and echo_path.config.echo_pass == "suffix" else None
+        h, states = model.trunk(batch.tokens, caches=caches, collect=echo_path.source_layers if len(rows) else ())
+        ce_sum = ce_sum + output_cross_entropy(h[ce_at], model.output.weight, batch.ce_targets[ce_at])
+        if len(rows):
+            plain_passes.append(PlainPass(batch, rows, states, caches))
+            routed_answer = answer[rows]  # (2, 256): the routed samples' answer positions
+            routed_states.append(h[rows][routed_answer])
+            targets.append(batch.answer_targets[rows][routed_answer])
+    if not plain_passes:
         return ce_sum, ce_sum.new_zeros(())
-    z_echo = echo_pass(echo_path, model, batch, rows, states, caches)  # (N_echo, 32000)
-    routed_answer = answer & routed[:, None]  # (16, 256): the routed samples' answer positions
-    z_plain = model.output(h[routed_answer]).float()  # (N_echo, 32000), in the order of z_echo
+    z_echo = echo_pass(echo_path, model, plain_passes)  # (N_echo, 32000)
+    z_plain = model.output(torch.cat(routed_states)).float()  # (N_echo, 32000), in the order of z_echo
     tau, distill = echo_path.config.tau, echo_path.config.distill
-    targets = batch.answer_targets[routed_answer]
+    targets = torch.cat(targets)
     ce_echo, kl = F.cross_entropy(z_echo, targets, reduction="sum"), masked_distillation(z_plain, z_echo, tau)
     echo_path.diagnostics.add(n=len(targets), ce_echo=ce_echo, kl=kl,
                               ce_plain=F.cross_entropy(z_plain.detach(), targets, reduction="sum"))

@@ -254,7 +254,9 @@ def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int
 
     A micro-batch is computed as length-sorted parts (`padded_parts`): its loss is a sum over its
     tokens divided by counts of the whole micro-batch, so how its rows are grouped for the forward
-    pass changes nothing but the padding computed."""
+    pass changes nothing but the padding computed. Without the Echo path each part runs its
+    backward at once (only one part's activations are held); with it, the micro-batch's parts
+    share one Echo pass, so their backward runs together."""
     step_batch = collate(examples, not cfg.answer_only_loss, pad_id)
     n_ce_step = micro_batch_targets(step_batch)
     n_answer = max(int((step_batch.answer_targets != IGNORE_INDEX).sum()), 1)
@@ -265,12 +267,15 @@ def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int
         # the recipe: each micro-batch's mean over its own target tokens, divided by the step's
         # number of micro-batches (HF Trainer's gradient accumulation; DDP averages the processes)
         ce_divisor = n_ce_step if cfg.token_mean_loss else micro_batch_targets(micro) * micros_per_step
-        for part in padded_parts([len(ids) for ids, _ in examples[start:end]]):
-            batch = collate([examples[start + i] for i in part], not cfg.answer_only_loss, pad_id)
-            tokens += int(batch.valid.sum())
-            batch = batch.to(device)
+        parts = padded_parts([len(ids) for ids, _ in examples[start:end]])
+        batches = [collate([examples[start + i] for i in part], not cfg.answer_only_loss, pad_id) for part in parts]
+        tokens += sum(int(batch.valid.sum()) for batch in batches)
+        batches = [batch.to(device) for batch in batches]
+        routed_rows = [routed[start:end][part].to(device) for part in parts]
+        for together in ([list(range(len(parts)))] if echo is not None else [[i] for i in range(len(parts))]):
             with checkpoints.autocast(device, cfg.precision), checkpoints.cpu_attention_kernel(device):
-                ce_sum, echo_sum = loss_terms(model, batch, echo, routed[start:end][part].to(device))
+                ce_sum, echo_sum = loss_terms(model, [batches[i] for i in together], echo,
+                                              [routed_rows[i] for i in together])
             loss = ce_sum / ce_divisor + echo_sum / n_answer
             loss.backward()
             losses += torch.stack([ce_sum.detach() / ce_divisor, echo_sum.detach() / n_answer])
@@ -298,7 +303,7 @@ def validation_loss(model, examples, cfg: Config, pad_id: int, device) -> float:
     for start in range(0, len(examples), cfg.micro_batch_size):
         batch = collate(examples[start:start + cfg.micro_batch_size], not cfg.answer_only_loss, pad_id).to(device)
         with checkpoints.autocast(device, cfg.precision):
-            ce_sum, _ = loss_terms(model, batch)
+            ce_sum, _ = loss_terms(model, [batch])
         total += ce_sum.item()
         count += int((batch.ce_targets != IGNORE_INDEX).sum())
     model.train()

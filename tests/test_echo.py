@@ -52,7 +52,7 @@ def ragged_batch(seed=1, prompt_lengths=(9, 4, 13, 6), answer_lengths=(4, 6, 3, 
 
 def test_plain_loss_is_cross_entropy_on_answer_tokens():
     model, batch = adapted_model(), ragged_batch()
-    ce_sum, echo_sum = loss_terms(model, batch)
+    ce_sum, echo_sum = loss_terms(model, [batch])
     logits = model(batch.tokens)
     labels = torch.full_like(batch.tokens, IGNORE_INDEX)
     for i, (p, a) in enumerate(zip((9, 4, 13, 6), (4, 6, 3, 0))):
@@ -119,7 +119,7 @@ def test_distillation_gradient_reaches_the_plain_path_not_the_teacher():
     for distill in (0.0, 1.0):
         model, batch = adapted_model(), ragged_batch()
         echo = echo_path(model, distill=distill, echo_pass="full")
-        _, echo_sum = loss_terms(model, batch, echo, torch.ones(4, dtype=torch.bool))
+        _, echo_sum = loss_terms(model, [batch], echo, [torch.ones(4, dtype=torch.bool)])
         params = trainable_parameters(model) + list(echo.parameters())
         grads[distill] = torch.autograd.grad(echo_sum, params, allow_unused=True)
     n_adapter = len(trainable_parameters(model))
@@ -146,7 +146,7 @@ def test_stripped_echo_adapter_is_a_plain_lora_adapter(tmp_path, dora):
     echo = echo_path(model)
     opt = torch.optim.AdamW(trainable_parameters(model) + list(echo.parameters()), lr=1e-2)
     for _ in range(2):
-        ce, es = loss_terms(model, batch, echo, torch.ones(4, dtype=torch.bool))
+        ce, es = loss_terms(model, [batch], echo, [torch.ones(4, dtype=torch.bool)])
         (ce + es).backward()
         opt.step()
         opt.zero_grad()
@@ -173,7 +173,7 @@ def loss_and_grads(dora, echo_pass, routed, batch=None, checkpointing=False):
     model, batch = adapted_model(dora=dora), batch or ragged_batch()
     model.gradient_checkpointing = checkpointing
     echo = echo_path(model, echo_pass=echo_pass)
-    ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
+    ce_sum, echo_sum = loss_terms(model, [batch], echo, [routed])
     loss = ce_sum + echo_sum
     loss.backward()
     grads = {n: p.grad for n, p in list(model.named_parameters()) + list(echo.named_parameters()) if p.requires_grad}
@@ -194,6 +194,38 @@ def test_suffix_echo_pass_equals_full_recomputation(dora, routed):
             assert f is None and s is None, name  # e.g. echo modules when nothing is routed
             continue
         assert (f - s).abs().max() < 1e-5, name
+
+
+def examples_of(prompt_lengths, answer_lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for p, a in zip(prompt_lengths, answer_lengths):
+        ids = [1] + torch.randint(3, 101, (p + a - 1,), generator=g).tolist()
+        examples.append((ids, [IGNORE_INDEX] * p + ids[p:]))
+    return examples
+
+
+@pytest.mark.parametrize("echo_pass", ["suffix", "full"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_parts_of_a_micro_batch_share_one_echo_pass_of_the_same_function(echo_pass, dora):
+    """A micro-batch given as two length-sorted parts (two plain passes, one Echo pass over both
+    parts' routed samples, right-padded to the longer part) computes the loss and gradients of the
+    same samples given as one batch."""
+    examples = examples_of((9, 4, 13, 6, 22, 3), (4, 6, 3, 0, 5, 2), seed=3)
+    routed = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    results = []
+    for parts in ([[0, 1, 2, 3, 4, 5]], [[1, 5, 3], [0, 2, 4]]):
+        model = adapted_model(dora=dora)
+        echo = echo_path(model, echo_pass=echo_pass)
+        batches = [collate([examples[i] for i in part], train_on_inputs=True, pad_id=0) for part in parts]
+        ce_sum, echo_sum = loss_terms(model, batches, echo, [routed[part] for part in parts])
+        (ce_sum + echo_sum).backward()
+        grads = {n: p.grad for n, p in list(model.named_parameters()) + list(echo.named_parameters()) if p.requires_grad}
+        results.append((ce_sum.item(), echo_sum.item(), grads))
+    (ce, es, grads), (parts_ce, parts_es, parts_grads) = results
+    assert abs(ce - parts_ce) < 1e-4 and abs(es - parts_es) < 1e-4 and es > 0
+    for name in grads:
+        assert (grads[name] - parts_grads[name]).abs().max() < 1e-5, name
 
 
 @pytest.mark.parametrize("echo_pass", ["suffix", "full"])
@@ -217,7 +249,7 @@ def saved_activation_bytes(echo_pass):
     model, batch = adapted_model(), ragged_batch(prompt_lengths=(40, 33, 51, 27), answer_lengths=(4, 6, 3, 5))
     echo = echo_path(model, echo_pass=echo_pass)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_terms(model, batch, echo, torch.ones(4, dtype=torch.bool))
+        loss_terms(model, [batch], echo, [torch.ones(4, dtype=torch.bool)])
     return sum(seen.values())
 
 
@@ -235,7 +267,7 @@ def test_the_control_runs_every_echo_term_without_the_deep_signal(dora):
     for inject in ("zero", "echo"):
         model = adapted_model(dora=dora)
         echo = echo_path(model, inject=inject)
-        ce_sum, echo_sum = loss_terms(model, batch, echo, routed)
+        ce_sum, echo_sum = loss_terms(model, [batch], echo, [routed])
         d = echo.diagnostics.read()
         assert echo_sum > 0 and math.isfinite(d["echo_diag_ce_echo"])
         if inject == "zero":

@@ -70,7 +70,7 @@ def one_step(ckpt, precision: str, method: str):
     batch = batches.collate(examples, False, tokenizer.pad_id)
     n = int((batch.answer_targets != -100).sum())
     with checkpoints.autocast(CPU, precision):
-        ce_sum, echo_sum = loss_terms(model, batch, echo, torch.ones(len(examples), dtype=torch.bool))
+        ce_sum, echo_sum = loss_terms(model, [batch], echo, [torch.ones(len(examples), dtype=torch.bool)])
     loss = (ce_sum + echo_sum) / n
     loss.backward()
     params = {f"adapter.{k}": p for k, p in model.named_parameters() if p.requires_grad}
