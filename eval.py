@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data.adapters import load_adapter
 from data.checkpoints import PRECISIONS, default_precision, resolve_checkpoint, resolve_device, slow_precision_warning
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
-from data.files import code_version, output_files, output_folder, read_run_record, write_atomically
+from data.files import code_version, output_files, output_folder, read_run_record, recorded_path, write_atomically
 from data.published import PROTOCOL_PRECISION, PUBLISHED, default_published, published_rows
 from data.tokenizer import Tokenizer
 from echo_lora import merge
@@ -592,7 +592,8 @@ def report(args, trained: dict | None, predictions: dict[str, list[dict]], missi
     likelihood ranking) under args.out; return the markdown."""
     results = {name: score(preds) for name, preds in predictions.items()}
     published, notes = published_rows(args, trained)
-    lines = [f"# {args.ckpt}" + (f" + {args.adapter}" if args.adapter else " (base model)"),
+    # paths relative to the repository (recorded_path): committed results name no machine's folders
+    lines = [f"# {args.ckpt}" + (f" + {recorded_path(args.adapter)}" if args.adapter else " (base model)"),
              "", scoring_description(args), "", format_table(results, published)]
     lines += [f"- {name}: not run, {why}" for name, why in missing.items()] + notes
     markdown = "\n".join(lines) + "\n"
@@ -606,7 +607,7 @@ def report(args, trained: dict | None, predictions: dict[str, list[dict]], missi
     write_text(markdown_file, markdown)
     summary = dict(results=results, average=average_accuracy(results), missing=missing, seconds=seconds,
                    published={args.published: published} if published else {},
-                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version(),
+                   args={k: recorded_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version(),
                    predictions_sha256=hashlib.sha256(lines.encode("utf-8")).hexdigest())
     write_text(results_file, json.dumps(summary, indent=2) + "\n")
     return markdown
