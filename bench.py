@@ -15,7 +15,8 @@ N the block linears plus the output head, at the matmul rate of the run's precis
 run (a CPU without bf16 instructions runs bf16 matmuls tens of times slower than fp32).
 Evaluation: eval.py's greedy decoding of real test prompts beside transformers' `generate` on the
 same prompts (same batches, same max_new_tokens, stopping at EOS), in questions/s.
-Prints one table; writes bench.json (and bench.md) after every row, so a run cut short keeps its rows.
+Prints one table; writes bench.json after every row, so a run cut short keeps its rows, and bench.md
+(the table) at the end.
 """
 
 import argparse

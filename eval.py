@@ -15,8 +15,9 @@ One difference, on purpose: upstream pads batches on the left but passes no atte
 its answers are right only at batch size 1 (LLM-Adapters issue 61). Here the padding is masked
 and positions count only real tokens, so every batch size gives the answers of batch size 1.
 The protocol's 4 beams are the default; `--num-beams 1` (greedy, one row per question instead of
-four) is the fast departure. `--scoring likelihood` ranks the labels by log-likelihood instead of generating: a
-different measurement, written to its own files.
+four) is the fast departure. `--scoring likelihood` ranks the labels by log-likelihood instead of
+generating, and `--scoring cloze` each choice's text (with train.py --cloze): different
+measurements, each written to its own files.
 """
 
 import argparse
@@ -500,7 +501,8 @@ def positive_int(text: str) -> int:
 
 def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder (required)")
+    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta-layout LLaMA folder (an HF folder: "
+                                       "scripts/convert_hf.py first) (required)")
     parser.add_argument("--adapter", type=Path, help="adapter folder from train.py, merged into the weights "
                                                      "(default: evaluate the base model)")
     parser.add_argument("--datasets", nargs="+", default=["all"], metavar="NAME",
@@ -588,8 +590,8 @@ def write_text(path: Path, text: str):
 
 def report(args, trained: dict | None, predictions: dict[str, list[dict]], missing: dict[str, str],
            seconds: dict[str, float]) -> str:
-    """Write results.md, results.json and predictions.jsonl (with a -likelihood suffix for
-    likelihood ranking) under args.out; return the markdown."""
+    """Write results.md, results.json and predictions.jsonl under args.out (for --scoring likelihood
+    or cloze with a -likelihood or -cloze suffix; generate has none); return the markdown."""
     results = {name: score(preds) for name, preds in predictions.items()}
     published, notes = published_rows(args, trained)
     # paths relative to the repository (recorded_path): committed results name no machine's folders

@@ -1,6 +1,5 @@
-"""Reading and writing the project's files, torch-free: the bottom of the import chain.
-
-    data/ (files, commonsense, tokenizer) <- data/checkpoints <- llama <- echo_lora <- train, eval <- bench
+"""Reading and writing the project's files, torch-free: the bottom of the import chain, whose
+order tests/test_layers.py states and checks.
 
 Every module above reads its JSON and writes its outputs through these helpers, and the data/
 scripts use them without importing the model or torch.
