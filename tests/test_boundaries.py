@@ -1,6 +1,6 @@
-"""Safe at the boundaries (issue 24): one mechanism per class of hostile input, each where files
-and flags enter (data/files.py, llama.py's loading, the command lines), and each fed here the
-real inputs of the issue's table and one more of the same class."""
+"""Safe at the boundaries (docs/safety.md): one mechanism per class of hostile input, each where
+files and flags enter (data/files.py, data/checkpoints.py, the command lines), and each fed here
+real hostile inputs of its class."""
 
 import hashlib
 import io
@@ -451,7 +451,7 @@ def test_an_overwrite_cut_short_leaves_no_results_beside_old_predictions(ckpt, t
 
 def test_a_precision_the_cpu_emulates_is_named_before_the_run(monkeypatch):
     """bf16 on a CPU without bf16 instructions: its matmuls measured 30-60x slower than fp32
-    (docs/benchmarks.md). The warning says so; nothing is said where the precision runs fast, on a
+    (results/bench/NOTES.md). The warning says so; nothing is said where the precision runs fast, on a
     GPU or for fp32. Timing it leaves a seeded run's random stream untouched."""
     before = torch.get_rng_state()
     checkpoints.matmul_seconds(torch.bfloat16)
