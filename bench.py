@@ -17,7 +17,8 @@ matmul overstates what a small model's shapes reach, so each row also gives its 
 real-shape limit: the same frozen matmuls timed at the rows the step really computes.
 Evaluation: eval.py's greedy decoding of real test prompts beside transformers' `generate` on the
 same prompts (same batches, same max_new_tokens, stopping at EOS), in questions/s.
-Prints one table; writes bench.json (and bench.md) after every row, so a run cut short keeps its rows.
+Prints one table; writes bench.json after every row, so a run cut short keeps its rows, and bench.md
+(the table) at the end.
 """
 
 import argparse

@@ -15,8 +15,9 @@ One difference, on purpose: upstream pads batches on the left but passes no atte
 its answers are right only at batch size 1 (LLM-Adapters issue 61). Here the padding is masked
 and positions count only real tokens, so every batch size gives the answers of batch size 1.
 The protocol's 4 beams are the default; `--num-beams 1` (greedy, one row per question instead of
-four) is the fast departure. `--scoring likelihood` ranks the labels by log-likelihood instead of generating: a
-different measurement, written to its own files.
+four) is the fast departure. `--scoring likelihood` ranks the labels by log-likelihood instead of
+generating, and `--scoring cloze` each choice's text (with train.py --cloze): different
+measurements, each written to its own files.
 """
 
 import argparse
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from data.adapters import load_adapter
 from data.checkpoints import PRECISIONS, default_precision, resolve_checkpoint, resolve_device, slow_precision_warning
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
-from data.files import code_version, output_files, output_folder, read_run_record, write_atomically
+from data.files import code_version, output_files, output_folder, read_run_record, recorded_path, write_atomically
 from data.published import PROTOCOL_PRECISION, PUBLISHED, default_published, published_rows
 from data.tokenizer import Tokenizer
 from echo_lora import merge
@@ -500,7 +501,8 @@ def positive_int(text: str) -> int:
 
 def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta or HF LLaMA folder (required)")
+    parser.add_argument("--ckpt", help="checkpoints/NAME, or a path to a Meta-layout LLaMA folder (an HF folder: "
+                                       "scripts/convert_hf.py first) (required)")
     parser.add_argument("--adapter", type=Path, help="adapter folder from train.py, merged into the weights "
                                                      "(default: evaluate the base model)")
     parser.add_argument("--datasets", nargs="+", default=["all"], metavar="NAME",
@@ -588,11 +590,12 @@ def write_text(path: Path, text: str):
 
 def report(args, trained: dict | None, predictions: dict[str, list[dict]], missing: dict[str, str],
            seconds: dict[str, float]) -> str:
-    """Write results.md, results.json and predictions.jsonl (with a -likelihood suffix for
-    likelihood ranking) under args.out; return the markdown."""
+    """Write results.md, results.json and predictions.jsonl under args.out (for --scoring likelihood
+    or cloze with a -likelihood or -cloze suffix; generate has none); return the markdown."""
     results = {name: score(preds) for name, preds in predictions.items()}
     published, notes = published_rows(args, trained)
-    lines = [f"# {args.ckpt}" + (f" + {args.adapter}" if args.adapter else " (base model)"),
+    # paths relative to the repository (recorded_path): committed results name no machine's folders
+    lines = [f"# {args.ckpt}" + (f" + {recorded_path(args.adapter)}" if args.adapter else " (base model)"),
              "", scoring_description(args), "", format_table(results, published)]
     lines += [f"- {name}: not run, {why}" for name, why in missing.items()] + notes
     markdown = "\n".join(lines) + "\n"
@@ -606,7 +609,7 @@ def report(args, trained: dict | None, predictions: dict[str, list[dict]], missi
     write_text(markdown_file, markdown)
     summary = dict(results=results, average=average_accuracy(results), missing=missing, seconds=seconds,
                    published={args.published: published} if published else {},
-                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version(),
+                   args={k: recorded_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version(),
                    predictions_sha256=hashlib.sha256(lines.encode("utf-8")).hexdigest())
     write_text(results_file, json.dumps(summary, indent=2) + "\n")
     return markdown

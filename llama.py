@@ -1,4 +1,4 @@
-"""LLaMA 1, 2 and 3 in plain PyTorch: the model, batched decoding, checkpoint loading.
+"""LLaMA 1, 2 and 3 in plain PyTorch: the model (with a key/value cache) and checkpoint loading.
 
 One file, nothing about fine-tuning. Parameter names are Meta's state-dict keys, so a Meta
 checkpoint (params.json + consolidated.*.pth) loads with a plain `load_state_dict`.

@@ -60,7 +60,8 @@ def echo_flag_name(name: str) -> str:
 
 @dataclass
 class Config:
-    ckpt: str = flag(EMBEDDED, "checkpoints/NAME or a path to a Meta or HF LLaMA folder; tiny is built on first use")
+    ckpt: str = flag(EMBEDDED, "checkpoints/NAME or a path to a Meta-layout LLaMA folder (an HF folder: "
+                               "scripts/convert_hf.py first); tiny is built on first use")
     method: str = flag("echo-lora", "lora and dora: the baselines; echo-: the same adapter trained with the Echo path",
                        choices=METHODS)
     data: str = flag("data/commonsense_170k.json", "one or more commonsense JSON files, comma-separated")

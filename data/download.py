@@ -62,7 +62,7 @@ SOURCES = {
     "commonsense_170k": Source("ft-training_set/commonsense_170k.json", "commonsense_170k.json",
                                "529e426b33d4cdb1d0c4a275a1a7245ad081fd91", None),
     # Four benchmarks' training splits, also committed upstream: real training data of a size a small
-    # model can be fine-tuned on in minutes (docs/experiment.md).
+    # model can be fine-tuned on in minutes (results/smollm2-cpu/NOTES.md).
     "ARC-Easy-train": _train_split("ARC-Easy", "488a8e5e5bbbd7a630ebbfe07a1fd91b7d9d8c9b",
                                    "6a06cece3dec32f4fb1c1b0fc29dab14be7cf3053b417290dbc6cd845359f5ff"),
     "ARC-Challenge-train": _train_split("ARC-Challenge", "d7e080b04bff9fd16dd85455fb04481807a088d8",

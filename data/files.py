@@ -1,6 +1,5 @@
-"""Reading and writing the project's files, torch-free: the bottom of the import chain.
-
-    data/ (files, commonsense, tokenizer) <- data/checkpoints <- llama <- echo_lora <- train, eval <- bench
+"""Reading and writing the project's files, torch-free: the bottom of the import chain, whose
+order tests/test_layers.py states and checks.
 
 Every module above reads its JSON and writes its outputs through these helpers, and the data/
 scripts use them without importing the model or torch.
@@ -9,6 +8,7 @@ scripts use them without importing the model or torch.
 import fcntl
 import json
 import os
+import shlex
 import stat
 import subprocess
 import tempfile
@@ -155,17 +155,34 @@ def read_run_record(folder) -> dict | None:
     return record if isinstance(record, dict) and record.get(RUN_MARKER) == 1 else None
 
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
 def code_version() -> dict:
     """The git commit this code is at, and whether its files differ from it (None outside a git
     checkout): what a run's numbers can be traced back to."""
-    root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": None, "modified": None}
     return {"git_commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
+
+
+def recorded_path(path) -> str:
+    """`path` as a run's files record it: relative to the repository when it lies inside it, so
+    committed results name no folder of the machine that made them; as given otherwise."""
+    try:
+        return Path(path).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def recorded_command(argv: list[str]) -> str:
+    """A command line as a run's files record it: its absolute paths inside the repository made
+    relative (recorded_path), every other argument as typed."""
+    return shlex.join(recorded_path(arg) if os.path.isabs(arg) else arg for arg in argv)
 
 
 def output_files(suffix: str) -> tuple[str, str, str]:

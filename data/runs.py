@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from data.adapters import adapter_state, copy_adapter_tensors, save_adapter
-from data.files import EVAL_FILES, RUN_MARKER, code_version, locked_folder, output_folder, read_run_record, write_atomically
+from data.files import (EVAL_FILES, RUN_MARKER, code_version, locked_folder, output_folder, read_run_record,
+                        recorded_command, recorded_path, write_atomically)
 from echo_lora import trainable_parameters
 
 
@@ -148,8 +149,9 @@ def run_record(cfg, args, n_train: int, n_echo_params: int) -> dict:
     import sentencepiece
     import tiktoken
 
-    return {RUN_MARKER: 1, "config": dataclasses.asdict(cfg), "model_args": dataclasses.asdict(args), "train_records": n_train,
-            "echo_parameters": n_echo_params, "command": " ".join(sys.argv), "code": code_version(),
+    # the folder and the command relative to the repository: a committed run names no machine's folders
+    return {RUN_MARKER: 1, "config": dataclasses.asdict(cfg) | {"out": recorded_path(cfg.out)}, "model_args": dataclasses.asdict(args), "train_records": n_train,
+            "echo_parameters": n_echo_params, "command": recorded_command(sys.argv), "code": code_version(),
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
                          "sentencepiece": sentencepiece.__version__, "tiktoken": tiktoken.__version__,
                          "safetensors": safetensors.__version__}}

@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
 import train  # noqa: E402
 from data import checkpoints, runs  # noqa: E402
-from data.files import inside, output_files, read_bytes, read_json, read_run_record, write_atomically  # noqa: E402
+from data.files import (inside, output_files, read_bytes, read_json, read_run_record, recorded_command,  # noqa: E402
+                        write_atomically)
 from data.runs import metrics_lines  # noqa: E402
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
@@ -148,7 +149,7 @@ def main(argv=None) -> str:
     manifest = open_experiment(a.out, experiment_settings(a, flags, files))
     started = clock()
     call = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(), "command":
-            "python scripts/experiment.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "python scripts/experiment.py " + recorded_command(sys.argv[1:] if argv is None else argv),
             "budget_minutes": a.budget_minutes, "runs_done": []}
     manifest["calls"].append(call)
     print(f"experiment on {call['device']}, budget {a.budget_minutes:g} min: {a.out}/", flush=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The instrument tries on SmolLM2-135M-Instruct (docs/experiment.md): can LoRA lift ARC-Easy
+# The instrument tries on SmolLM2-135M-Instruct (results/smollm2-cpu/NOTES.md): can LoRA lift ARC-Easy
 # accuracy clearly above chance and the untouched model at this scale? One try per argument:
 #   bash scripts/instrument.sh protocol-4splits      # the protocol, the four training splits
 #   bash scripts/instrument.sh untouched-cloze       # the untouched model, cloze scoring

@@ -1,6 +1,6 @@
-"""Safe at the boundaries (issue 24): one mechanism per class of hostile input, each where files
-and flags enter (data/files.py, llama.py's loading, the command lines), and each fed here the
-real inputs of the issue's table and one more of the same class."""
+"""Safe at the boundaries (docs/safety.md): one mechanism per class of hostile input, each where
+files and flags enter (data/files.py, data/checkpoints.py, the command lines), and each fed here
+real hostile inputs of its class."""
 
 import hashlib
 import io
@@ -25,7 +25,7 @@ import train
 from conftest import ROOT
 from data import adapters, checkpoints, download, prepare_smollm2, runs
 from data.commonsense import load_records
-from data.files import RUN_MARKER, inside, locked_folder, read_json, write_atomically
+from data.files import RUN_MARKER, inside, locked_folder, read_json, recorded_command, recorded_path, write_atomically
 from reference import write_hf_folder
 from scripts import convert_hf
 from test_safety import DATA, SHAPE, ckpt, meta_ckpt, records, train_args  # noqa: F401 (fixtures)
@@ -110,6 +110,15 @@ def test_inside_resolves_dot_dot_within_the_folder(tmp_path):
 
 
 # ---- 2. Meta shards: exactly consolidated.NN.pth, numbered 00 to K-1
+
+
+def test_recorded_paths_are_relative_to_the_repository(tmp_path):
+    """A run's files name no folder of the machine that made them: a path inside the repository is
+    recorded relative to it, one outside it as given, every other argument as typed."""
+    assert recorded_path(ROOT / "results" / "x" / ".." / "run") == "results/run"
+    assert recorded_path(tmp_path / "run") == str(tmp_path / "run")
+    argv = [str(ROOT / "train.py"), "--out", str(ROOT / "out" / "a b"), "--data", "data/x.json", "--seed", "1"]
+    assert recorded_command(argv) == "train.py --out 'out/a b' --data data/x.json --seed 1"
 
 
 def test_a_stray_file_the_loose_pattern_takes_is_ignored(tmp_path):
@@ -442,7 +451,7 @@ def test_an_overwrite_cut_short_leaves_no_results_beside_old_predictions(ckpt, t
 
 def test_a_precision_the_cpu_emulates_is_named_before_the_run(monkeypatch):
     """bf16 on a CPU without bf16 instructions: its matmuls measured 30-60x slower than fp32
-    (docs/benchmarks.md). The warning says so; nothing is said where the precision runs fast, on a
+    (results/bench/NOTES.md). The warning says so; nothing is said where the precision runs fast, on a
     GPU or for fp32. Timing it leaves a seeded run's random stream untouched."""
     before = torch.get_rng_state()
     checkpoints.matmul_seconds(torch.bfloat16)

@@ -1,5 +1,5 @@
 """The published recipe is the default: each place we once departed from it, against the reference
-that defines it (issue 14). References: `datasets`' train_test_split (LLM-Adapters' finetune.py
+that defines it (docs/recipe.md). References: `datasets`' train_test_split (LLM-Adapters' finetune.py
 splits off its 120 validation records with it), peft's DoRA layer under dropout, transformers'
 LLaMA loss, transformers 4.36.0's beam-search rule (written out below: 4.36 cannot be installed
 beside transformers 5), and the recipe's settings as its scripts and README state them.

@@ -1,4 +1,4 @@
-"""Safe and loud (issue 18): each hostile input of the issue's table, fed for real, and the
+"""Safe and loud (docs/safety.md): each hostile input, fed for real, and the
 behaviour it must now meet: nothing unpickled, no finished run overwritten, no run silently
 wrong, and one clear line naming the flag or file instead of a traceback."""
 

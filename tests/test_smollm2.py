@@ -185,7 +185,7 @@ def test_logits_equal_transformers_on_real_prompts(smollm2_hf, smollm2):
 
 def test_the_converted_folder_computes_what_the_hf_folder_read_directly_computes(smollm2_hf, smollm2):
     """Bit for bit: the model llama.load builds from the Meta folder against one built, as
-    llama.load built it before the conversion moved out (issue 23), from the HF folder's weights
+    llama.load built it before the conversion moved to scripts/convert_hf.py, from the HF folder's weights
     as scripts/convert_hf.py reads them, with no file in between."""
     model, tokenizer = smollm2
     args, state, _ = read_hf_folder(smollm2_hf)
