@@ -136,11 +136,17 @@ class TrainingData:
 
 
 def read_records(data: str) -> list[dict]:
-    """The records of --data's comma-separated files; a malformed file is one error line."""
-    try:
-        return [r for path in data.split(",") for r in load_records(path)]
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    """The records of --data's comma-separated files. One file given twice (under another name, a
+    link or a copy: the same records) is a ValueError: trained on twice, and split at random, its
+    records would validate on their own training copies."""
+    files = []
+    for path in data.split(","):
+        records = load_records(path)
+        twin = next((other for other, earlier in files if records and earlier == records), None)
+        if twin is not None:
+            raise ValueError(f"--data: {path} holds the same records as {twin}: one file given twice")
+        files.append((path, records))
+    return [r for _, records in files for r in records]
 
 
 def micro_batch_slices(n: int, world: int, rank: int, micro_batch_size: int, micros: int) -> list[tuple[int, int]]:

@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from data.adapters import adapter_state, copy_adapter_tensors, save_adapter
-from data.files import EVAL_FILES, RUN_MARKER, code_version, locked_folder, output_folder, read_run_record, write_atomically
+from data.files import (EVAL_FILES, RUN_MARKER, Rule, check_shape, code_version, locked_folder, output_folder, read_bytes,
+                        read_run_record, refuse_constant, write_atomically)
 from echo_lora import trainable_parameters
 
 
@@ -121,19 +122,27 @@ def prepare_run_folder(cfg, out: Path, step: int, record: dict):
     write_atomically(metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
-def metrics_lines(path: Path, up_to_step: int) -> list[str]:
+# A metrics.jsonl line's shape (data.files.check_shape): its step, then numbers.
+METRICS_ENTRY = {"step": Rule(int, lambda v: v >= 0, "a step >= 0"), str: float | None}
+
+
+def metrics_lines(path: Path, up_to_step: float) -> list[str]:
     """The lines of metrics.jsonl up to `up_to_step`. A partial last line (the run was killed
-    during its append) is dropped; a malformed line before it is an error."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    during its append) is dropped; a malformed line before it, or an entry of the wrong shape,
+    is a ValueError naming the file and line."""
+    try:
+        lines = read_bytes(path).decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     kept = []
     for n, line in enumerate(lines, 1):
         try:
-            step = json.loads(line)["step"]
-        except (json.JSONDecodeError, TypeError, KeyError):
+            entry = json.loads(line, parse_constant=refuse_constant)
+        except (ValueError, RecursionError):
             if n == len(lines):
                 break
-            raise SystemExit(f"{path}: line {n} is not a metrics entry") from None
-        if step <= up_to_step:
+            raise ValueError(f"{path}: line {n} is not a metrics entry") from None
+        if check_shape(f"{path}: line {n}", entry, METRICS_ENTRY)["step"] <= up_to_step:
             kept.append(line)
     return kept
 

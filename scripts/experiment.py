@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
 import train  # noqa: E402
 from data import checkpoints, runs  # noqa: E402
-from data.files import inside, output_files, read_bytes, read_json, read_run_record, write_atomically  # noqa: E402
+from data.files import (Rule, check_shape, inside, output_files, read_bytes, read_json, read_json_shaped,  # noqa: E402
+                        read_run_record, write_atomically)
 from data.runs import metrics_lines  # noqa: E402
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
@@ -248,6 +249,18 @@ def experiment_settings(a, flags: dict, files: dict) -> dict:
             "data_sha256": {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items()}}
 
 
+# experiment.json's shape (data.files.check_shape): what this program wrote, read back before any use.
+SECONDS = Rule(float | None, lambda v: v is None or 0 <= v < math.inf, "seconds >= 0, or null")
+EXPERIMENT = {
+    "settings": {"ckpt?": str, "train_sets?": [str], "test_sets?": [str], "train_flags?": [str], "echo_flags?": [str],
+                 "eval_flags?": [str], "data_sha256?": {str: str}},
+    "calls": [{"runs_done?": [str], "seconds?": SECONDS, str: (str, float, bool, list, None)}],
+    "runs": {str: {"arm": Rule(str, lambda v: v in ARMS, "an arm: " + ", ".join(ARMS)), "seed?": int | None,
+                   "status?": str, "train_seconds?": SECONDS, "eval_seconds?": SECONDS, "estimate_seconds?": SECONDS,
+                   "seconds_left?": SECONDS, "resumed?": bool, "call?": int, "stopped_by?": str}},
+}
+
+
 def check_run_names(out: Path, names):
     """The run names an experiment.json gives: each a folder inside `out` (data.files.inside: no
     `../x`) and a run's name, <arm>-s<seed> or none."""
@@ -271,11 +284,9 @@ def open_experiment(out: Path, settings: dict) -> dict:
             raise SystemExit(f"{out}: holds files but no experiment.json; give another --out")
         return {"settings": settings, "calls": [], "runs": {}}
     try:
-        manifest = read_json(file)
+        manifest = read_json_shaped(file, EXPERIMENT)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if not isinstance(manifest, dict) or not {"settings", "calls", "runs"} <= set(manifest):
-        raise SystemExit(f"{file}: not an experiment's manifest (settings, calls, runs)")
     check_run_names(out, manifest["runs"])
     saved = manifest["settings"]
     show = lambda v: shlex.join(v) if isinstance(v, list) else v  # noqa: E731
@@ -432,9 +443,9 @@ def table_suffix(out: Path, scoring: str | None) -> str:
     """The evaluation files' suffix for --scoring, or for the scoring of the experiment in `out`."""
     if scoring is None and (out / "experiment.json").is_file():
         try:
-            eval_flags = read_json(out / "experiment.json")["settings"]["eval_flags"]
-        except (ValueError, KeyError, TypeError):
-            raise SystemExit(f"{out / 'experiment.json'}: not an experiment's manifest; give --scoring") from None
+            eval_flags = read_json_shaped(out / "experiment.json", EXPERIMENT)["settings"].get("eval_flags", [])
+        except ValueError as e:
+            raise SystemExit(f"{e}; or give --scoring") from None
     else:
         eval_flags = [] if scoring is None else ["--scoring", scoring]  # checked by eval.py's own parser
     return evaluator.results_suffix(evaluator.arg_parser().parse_args(eval_flags))

@@ -453,3 +453,168 @@ def test_a_precision_the_cpu_emulates_is_named_before_the_run(monkeypatch):
     assert checkpoints.slow_precision_warning("cpu", "fp16", torch.float16) is None  # 1.5x: not emulated
     assert checkpoints.slow_precision_warning("cpu", "fp32", torch.float32) is None
     assert checkpoints.slow_precision_warning("cuda", "bf16", torch.bfloat16) is None
+
+
+# ---- issue 37: the five cases left over, and one mechanism per class
+
+
+def refused_when_parsed(capsys, argv) -> str:
+    """train.py's parser refuses argv: exit status 2 and its one `error:` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    return line
+
+
+def refused_by_train(argv) -> str:
+    """train.main(argv) stops with one line (its exit message: a non-zero exit), no traceback."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and "\n" not in message and "Traceback" not in message
+    return message
+
+
+# F03 and every list flag: items of their kind, none empty, none given twice
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--echo-source-layers", "4,4,4,1"], "--echo-source-layers 4,4,4,1: gives 4 more than once"),  # F03
+    (["--echo-source-layers", "a"], "--echo-source-layers a: 'a' is not a block number"),  # class 1's example
+    (["--echo-target-layers", "2,02"], "--echo-target-layers 2,02: gives 2 more than once"),
+    (["--echo-target-layers", "1,,2"], "--echo-target-layers 1,,2: '' is not a block number"),
+    (["--echo-source-layers", "0"], "'0' is not a block number"),
+    (["--echo-source-layers", "-1"], "'-1' is not a block number"),
+    (["--echo-source-layers", "1.5"], "'1.5' is not a block number"),
+    (["--targets", "wq,wv,wq"], "--targets wq,wv,wq: gives wq more than once"),
+    (["--targets", "wq,"], "--targets wq,: '' is not a name"),
+    (["--data", "a.json,b.json,a.json"], "--data a.json,b.json,a.json: gives a.json more than once"),  # E14
+])
+def test_a_list_flag_with_a_repeated_or_bad_item_is_a_parse_error(capsys, argv, why):
+    assert why in refused_when_parsed(capsys, argv)
+
+
+def test_list_flags_that_are_fine_still_parse():
+    cfg = train.parse_config(["--echo-source-layers", "4,1", "--echo-target-layers", " 2, 3", "--targets", "wq,wv"])
+    assert train.echo_config(cfg).source_layers == (4, 1) and train.echo_config(cfg).target_layers == (2, 3)
+
+
+# E14: one dataset file given twice, under any name
+
+
+@pytest.mark.parametrize("how", ["copy", "symlink", "dot-path", "hard link"])
+def test_one_data_file_given_twice_under_another_name_is_one_line(ckpt, records, tmp_path, how):
+    twin = tmp_path / "twin.json"
+    if how == "copy":
+        shutil.copy(records, twin)
+    elif how == "symlink":
+        twin.symlink_to(records)
+    elif how == "hard link":
+        os.link(records, twin)
+    else:
+        twin = f"{records.parent}/./{records.name}"  # a string: Path would drop the "."
+    message = refused_by_train(train_args(ckpt, f"{records},{twin}", tmp_path / "run"))
+    assert f"--data: {twin} holds the same records as {records}: one file given twice" in message
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+# F27: the embedded model's preset keys on the embedded default itself, not on a folder's name
+
+
+def test_a_ckpt_folder_named_tiny_gets_no_preset_of_the_embedded_model(ckpt, tmp_path, monkeypatch):
+    assert ckpt.name == "tiny"  # test_safety's checkpoint: another model that happens to be named tiny
+    cfg = train.parse_config(["--ckpt", str(ckpt)])
+    assert (cfg.lr, cfg.val_size, cfg.data, cfg.epochs) == (3e-4, 120, "data/commonsense_170k.json", 3)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # a relative folder named tiny, beside no checkpoints/tiny
+    assert train.parse_config(["--ckpt", "tiny/"]).lr == 3e-4
+    for embedded in ([], ["--ckpt", "tiny"], ["--ckpt", "checkpoints/tiny"], ["--ckpt", str(tmp_path / "checkpoints" / "tiny")]):
+        cfg = train.parse_config(embedded)
+        assert (cfg.lr, cfg.val_size, cfg.epochs) == (2e-3, 40, 2) and cfg.data == train.PRESETS["tiny"]["data"]
+
+
+# D07: a tokenizer that loses text is refused where it is read (a round trip of every kind of character)
+
+
+def byte_level_tokenizer(folder, pre_tokenizer, eos="</s>"):
+    """A tokenizer.json of GPT-2's 256 byte tokens and no merges (the smallest byte-level BPE)
+    with `pre_tokenizer`, and its tokenizer_config.json naming `eos`."""
+    from data.tokenizer import byte_level_alphabet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {char: byte for char, byte in byte_level_alphabet().items()}
+    spec = {"normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None,
+            "added_tokens": [{"id": 256, "content": "</s>", "special": True}],
+            "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return folder / "tokenizer.json"
+
+
+def split_then_byte_level(regex):
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def test_a_tokenizer_json_whose_split_regex_covers_some_text_is_refused(tmp_path):
+    good = Tokenizer(byte_level_tokenizer(tmp_path / "good", split_then_byte_level(r"\s+|\S+")))
+    assert good.decode(good.encode("The answer is 42, true.")) == "The answer is 42, true."
+    for n, regex in enumerate([r"\p{L}+",  # D07: "The answer is 42, true." -> "Theansweristrue"
+                               r"\p{L}+|\p{N}+|\s+",  # no punctuation
+                               r"[A-Za-z0-9 ,.]+|\n",  # ASCII letters only: "café" loses its é
+                               r"[ -~]+",  # printable ASCII, no newline
+                               r"\S+| ",  # single spaces: the 16-space indent is kept... but not "\n"
+                               r"[^\d]+"]):  # no digits
+        path = byte_level_tokenizer(tmp_path / str(n), split_then_byte_level(regex))
+        with pytest.raises(ValueError, match=r"tokenizer\.json: text does not survive encoding and decoding") as e:
+            Tokenizer(path)
+        assert "\n" not in str(e.value)
+
+
+def test_a_model_whose_tokenizer_loses_text_is_one_line_in_train_and_eval(ckpt, records, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt, folder)
+    (folder / "tokenizer.model").unlink()
+    byte_level_tokenizer(folder, split_then_byte_level(r"\p{L}+"))
+    params = read_json(folder / "params.json")
+    (folder / "params.json").write_text(json.dumps({**params, "vocab_size": 257}))
+    assert "text does not survive encoding" in refused_by_train(train_args(folder, records, tmp_path / "run"))
+    assert evaluator.main(eval_args(folder, tmp_path / "eval")) == 1
+    assert "tokenizer.json: text does not survive encoding" in one_line(capsys)
+
+
+# G06: the adapter's settings are recorded under the tensor file's checksum; an edited config is refused
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c | {"alpha": 2 * c["alpha"]}, "alpha"),  # G06: tensors untouched, the merged weights change
+    (lambda c: c | {"alpha": c["alpha"] + 1e-6}, "alpha"),
+    (lambda c: c | {"dropout": 0.5}, "dropout"),
+    (lambda c: c | {"layers": [0]}, "layers"),  # a block's adapters dropped: the rest loads, silently less
+    (lambda c: c | {"base_model": {**c["base_model"], "fingerprint": "0" * 16}}, "base_model"),
+    (lambda c: c | {"targets": c["targets"][::-1]}, "targets"),
+])
+def test_an_adapter_config_edited_after_the_save_is_refused(tmp_path, edit, key):
+    model = echo_lora.add_adapters(small_model(), r=2, alpha=4, targets=("wq", "wv"))
+    adapters.save_adapter(tmp_path, model)
+    config = read_json(tmp_path / "adapter_config.json")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: '{key}' is .*, but adapter\.safetensors was saved "
+                                         r"with .*: the config was edited after the save") as e:
+        adapters.load_adapter(tmp_path, small_model())
+    assert "\n" not in str(e.value)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))  # as saved: loads
+    adapters.load_adapter(tmp_path, small_model())
+
+
+def test_eval_refuses_an_adapter_whose_alpha_was_edited(ckpt, tmp_path, capsys):
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    config = read_json(tmp_path / "adapter" / "adapter_config.json")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha": 64}))
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
+    assert "'alpha' is 64, but adapter.safetensors was saved with 4" in one_line(capsys)
+    assert not (tmp_path / "eval" / "results.json").exists()
