@@ -203,7 +203,7 @@ def start_device(cfg: Config, world: int) -> tuple[torch.device, bool]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.batch_size % (world * cfg.micro_batch_size):
-        raise SystemExit(f"--batch-size {cfg.batch_size} must split into {world} processes x "
+        raise ValueError(f"--batch-size {cfg.batch_size} must split into {world} processes x "
                          f"--micro-batch-size {cfg.micro_batch_size}")
     return device, distributed
 
@@ -216,13 +216,10 @@ def load_model(cfg: Config, device, rank: int, world: int):
             build_embedded_checkpoint(Path("checkpoints") / EMBEDDED, Path(PRESETS[EMBEDDED]["data"]))
         if world > 1:
             dist.barrier()
-    try:
-        model, tokenizer = llama.load(checkpoints.resolve_checkpoint(cfg.ckpt), device=device,
-                                      dtype=checkpoints.PRECISIONS[cfg.precision])
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    model, tokenizer = llama.load(checkpoints.resolve_checkpoint(cfg.ckpt), device=device,
+                                  dtype=checkpoints.PRECISIONS[cfg.precision])
     if tokenizer is None:
-        raise SystemExit(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
+        raise FileNotFoundError(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tokenizer
 
@@ -230,12 +227,10 @@ def load_model(cfg: Config, device, rank: int, world: int):
 def add_adapters_and_echo_path(model, cfg: Config, echo_cfg: EchoConfig | None, device) -> EchoPath | None:
     """Freeze the model, add the LoRA or DoRA adapters and, for echo- methods, the Echo path."""
     torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
-    try:  # a target name or an echo layer the model does not have
-        add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                     dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
-        return EchoPath(model, echo_cfg).to(device) if echo_cfg else None
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    # a target name or an echo layer the model does not have is a ValueError: train.main's one line
+    add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                 dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
+    return EchoPath(model, echo_cfg).to(device) if echo_cfg else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,13 +325,30 @@ def training_parameters(model, echo: EchoPath | None) -> list[torch.nn.Parameter
     return trainable_parameters(model) + (list(echo.parameters()) if echo else [])
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says what is left (the command line prints it)."""
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     try:
         with run_folder(cfg, int(os.environ.get("RANK", 0))):
             run(cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad input found where it entered: one line, no traceback
+    except (OSError, ValueError) as e:  # bad input found where it entered, a full disk: one line, no traceback
         raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:  # every file is written through a rename: what is on disk is whole
+        kept = (f"{cfg.out}/checkpoint.pt is intact; --resume continues from it" if (Path(cfg.out) / "checkpoint.pt").is_file()
+                else "no checkpoint was saved yet")
+        raise Interrupted(f"train.py: interrupted; {kept}") from None
+
+
+def cli(argv=None):
+    """The command line: main, with Ctrl-C as one line (exit status 130, as a shell reports it)."""
+    try:
+        main(argv)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
 
 
 def run(cfg: Config):
@@ -421,4 +433,4 @@ def run(cfg: Config):
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -94,11 +94,16 @@ def check_shape(source, value, shape, where: str = ""):
         if not shape.test(value):
             raise wrong(shape.allowed)
     elif isinstance(shape, tuple):
+        errors = []
         for option in shape:
             try:
                 return check_shape(source, value, option, where)
-            except ValueError:
-                pass
+            except ValueError as e:
+                inner = option.shape if isinstance(option, Rule) else option
+                if isinstance(inner, (dict, list)) and isinstance(value, type(inner)):
+                    errors.append(e)  # the form the value has: its own error says what is wrong inside
+        if len(errors) == 1:
+            raise errors[0]
         raise wrong(" or ".join(shape_name(option) for option in shape))
     elif isinstance(shape, list):
         if not isinstance(value, list):
@@ -163,7 +168,10 @@ def write_atomically(file: Path, write):
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         os.close(fd)
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:  # torch.save's word for a failed write (a full disk): an OSError naming the file
+            raise OSError(f"{file}: cannot write: {str(e).splitlines()[0]}") from None
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)  # only left over when the write failed
@@ -217,7 +225,15 @@ def read_run_record(folder) -> dict | None:
     if not file.exists():
         return None
     record = read_json(file)
-    return record if isinstance(record, dict) and record.get(RUN_MARKER) == 1 else None
+    if not (isinstance(record, dict) and record.get(RUN_MARKER) == 1):
+        return None
+    return check_shape(file, record, RUN_RECORD)
+
+
+# A run record's shape: the flags its readers use (eval.py, the experiment's table, --resume).
+RUN_RECORD = {"config": {"method": str, "seed": int, "ckpt?": str, "data?": str, "echo_inject?": str, "lr?": float,
+                         "max_steps?": int, str: (str, float, bool, None)},
+              "train_records?": int, "model_args?": dict}
 
 
 def code_version() -> dict:

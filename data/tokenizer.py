@@ -77,7 +77,7 @@ class Tokenizer:
         except OSError as e:
             raise FileNotFoundError(f"{self.path}: cannot read tokenizer: {e}") from None
         self.add_bos = True
-        if head.lstrip().startswith(b"{"):
+        if head.lstrip().startswith((b"{", b"[")):  # JSON: a tokenizer.json, whose shape is checked
             self._init_tokenizer_json()
         elif re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
             self._init_tiktoken()

@@ -101,21 +101,24 @@ def read_hf_rope(cfg: dict, path: Path) -> tuple[float, bool]:
     return rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), rope_type == "llama3"
 
 
-def hf_weight_files(ckpt_dir: Path) -> list[Path]:
-    """Exactly the files an HF folder's index lists (model.safetensors.index.json), or its single
-    model.safetensors (then the same for pytorch_model.bin): never every *.safetensors in the
-    folder, where a stray copy would silently replace the real weights."""
+def hf_weight_files(ckpt_dir: Path) -> dict[Path, set[str] | None]:
+    """Exactly the files an HF folder's index lists (model.safetensors.index.json), each with the
+    weights the index names it for, or its single model.safetensors (None: all of its weights;
+    then the same for pytorch_model.bin): never every *.safetensors in the folder, where a stray
+    copy would silently replace the real weights, nor a weight from a file the index does not
+    name for it (a stale duplicate)."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (ckpt_dir / index).exists():
             weight_map = read_json_shaped(ckpt_dir / index, HF_INDEX)["weight_map"]
-            files = [inside(ckpt_dir, name, ckpt_dir / index) for name in sorted(set(weight_map.values()))]
+            files = {inside(ckpt_dir, name, ckpt_dir / index): {k for k, v in weight_map.items() if v == name}
+                     for name in sorted(set(weight_map.values()))}
             absent = [f.name for f in files if not f.exists()]
             if absent:
                 raise FileNotFoundError(f"{ckpt_dir / index}: lists {absent} but they are not in the folder")
             return files
         if (ckpt_dir / single).is_file():
-            return [ckpt_dir / single]
+            return {ckpt_dir / single: None}
     raise FileNotFoundError(f"{ckpt_dir}: config.json but no model.safetensors, model.safetensors.index.json, "
                             "pytorch_model.bin or pytorch_model.bin.index.json")
 
@@ -124,8 +127,14 @@ def read_hf_weights(ckpt_dir: Path, args: ModelArgs, tied: bool) -> dict[str, to
     """Meta-named weights from the files of `hf_weight_files`, q/k rows un-permuted."""
     files = hf_weight_files(ckpt_dir)
     state = {}
-    for file in files:
-        for key, tensor in read_tensor_file(file).items():
+    for file, named in files.items():
+        tensors = read_tensor_file(file)
+        lacking = sorted((named or set()) - set(tensors))
+        if lacking:
+            raise ValueError(f"{file}: the index names it for {lacking[:3]}, which it does not hold")
+        for key, tensor in tensors.items():
+            if named is not None and key not in named:
+                continue  # the index names another file for it: this copy is not the model's
             try:
                 name = hf_key_to_meta(key)
             except ValueError as e:

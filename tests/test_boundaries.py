@@ -618,3 +618,456 @@ def test_eval_refuses_an_adapter_whose_alpha_was_edited(ckpt, tmp_path, capsys):
     assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
     assert "'alpha' is 64, but adapter.safetensors was saved with 4" in one_line(capsys)
     assert not (tmp_path / "eval" / "results.json").exists()
+
+
+# ---- class 1: every file the project reads has its shape checked once, where it is read
+
+
+def rewrite_json(path, edit):
+    path.write_text(json.dumps(edit(read_json(path))))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c | {"layers": ["0"]}, r"'layers/0' is \"0\", expected int"),  # the issue's examples
+    (lambda c: c | {"r": 2**62}, r"rank r 4611686018427387904 is above the model's width 32"),
+    (lambda c: c | {"r": 0}, r"'r' is 0, expected an integer >= 1"),
+    (lambda c: c | {"alpha": -4}, r"'alpha' is -4, expected a number > 0"),
+    (lambda c: c | {"dropout": 1.5}, r"'dropout' is 1.5, expected a number in \[0, 1\)"),
+    (lambda c: c | {"targets": []}, r"'targets' is \[\], expected a non-empty list of names"),
+    (lambda c: c | {"layers": [-1]}, r"'layers/0' is -1, expected a block index >= 0"),
+    (lambda c: {k: v for k, v in c.items() if k != "dora"}, r"has no 'dora'"),
+    (lambda c: [c], r"holds \[.*, expected an object"),
+    (lambda c: c | {"base_model": {"shape": "32x1"}}, r"'base_model/shape' is \"32x1\", expected an object"),
+])
+def test_an_adapter_config_of_the_wrong_shape_is_one_line(tmp_path, edit, message):
+    adapters.save_adapter(tmp_path, echo_lora.add_adapters(small_model(), r=2, alpha=4))
+    rewrite_json(tmp_path / "adapter_config.json", edit)
+    with pytest.raises(ValueError, match=r"adapter_config\.json: " + message) as e:
+        adapters.load_adapter(tmp_path, small_model())
+    assert "\n" not in str(e.value)
+
+
+def test_eval_with_an_adapter_config_of_the_wrong_shape_is_one_line(ckpt, tmp_path, capsys):
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    rewrite_json(tmp_path / "adapter" / "adapter_config.json", lambda c: c | {"layers": ["0"]})
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
+    assert "adapter_config.json: 'layers/0' is \"0\", expected int" in one_line(capsys)
+
+
+@pytest.mark.parametrize("index, message", [
+    ([], r"holds \[\], expected an object"),  # the issue's example
+    ({}, r"has no 'weight_map'"),
+    ({"weight_map": []}, r"'weight_map' is \[\], expected an object"),
+    ({"weight_map": {"model.norm.weight": 3}}, r"'weight_map/model\.norm\.weight' is 3, expected str"),
+    ("model.safetensors", r"holds \"model\.safetensors\", expected an object"),
+])
+def test_a_safetensors_index_of_the_wrong_shape_is_one_line(tmp_path, index, message):
+    folder = write_hf_folder(small_model(), tmp_path / "hf")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=r"convert_hf\.py: .*model\.safetensors\.index\.json: " + message) as e:
+        convert_hf.main([str(folder), str(tmp_path / "meta")])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, r"has no 'hidden_size'"),  # a KeyError before
+    (lambda c: c | {"architectures": "LlamaForCausalLM"}, r"'architectures' is \"LlamaForCausalLM\", expected"),
+    (lambda c: c | {"rope_parameters": {"rope_theta": "10000", "rope_type": "default"}},
+     r"'rope_parameters/rope_theta' is \"10000\", expected float"),
+    (lambda c: c | {"rope_scaling": "llama3"}, r"'rope_scaling' is \"llama3\", expected"),
+    (lambda c: [c], r"holds \[.*, expected an object"),
+    (lambda c: c | {"num_hidden_layers": 1.0}, r"'num_hidden_layers' is 1.0, expected int"),
+])
+def test_an_hf_config_of_the_wrong_shape_is_one_line(tmp_path, edit, message):
+    folder = write_hf_folder(small_model(), tmp_path / "hf")
+    rewrite_json(folder / "config.json", edit)
+    with pytest.raises(ValueError, match=r"config\.json: " + message) as e:
+        convert_hf.read_hf_config(folder / "config.json")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer_config.json", {"eos_token": ["</s>"]}, r"'eos_token' is \[\"</s>\"\], expected"),  # the issue's
+    ("tokenizer_config.json", {"eos_token": {"text": "</s>"}}, r"'eos_token' has no 'content'"),
+    ("tokenizer_config.json", {"eos_token": "</s>", "add_bos_token": "yes"}, r"'add_bos_token' is \"yes\""),
+    ("tokenizer_config.json", ["</s>"], r"holds \[\"</s>\"\], expected an object"),
+    ("config.json", {"eos_token_id": []}, r"'eos_token_id' is \[\], expected"),  # ids[0]: an IndexError before
+    ("config.json", {"eos_token_id": "2"}, r"'eos_token_id' is \"2\", expected"),
+    ("config.json", {"pad_token_id": -5}, r"'pad_token_id' is -5, expected"),
+    ("tokenizer.json", [], r"holds \[\], expected an object"),
+])
+def test_tokenizer_files_of_the_wrong_shape_are_one_line(tmp_path, name, content, message):
+    path = byte_level_tokenizer(tmp_path, split_then_byte_level(r"\s+|\S+"))
+    (tmp_path / name).write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=rf"{name}: " + message) as e:
+        Tokenizer(path)
+    assert "\n" not in str(e.value)
+
+
+def metrics_run(tmp_path, metrics_text):
+    from test_experiment import write_run
+
+    run = write_run(tmp_path / "echo-lora-s1", "echo-lora", 1, {"ARC-Easy": [True, False]})
+    (run / "metrics.jsonl").write_text(metrics_text)
+    return run
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"step": "2", "loss": 1.0}\n', r"line 1: 'step' is \"2\", expected int"),  # the issue's example
+    ('{"step": -1}\n', r"line 1: 'step' is -1, expected a step >= 0"),
+    ('{"step": 1, "echo_diag_gate": "0.5"}\n', r"line 1: 'echo_diag_gate' is \"0.5\", expected float"),
+    ('[1, 2]\n{"step": 1}\n', r"line 1: holds \[1, 2\], expected an object"),
+    ('{"loss": 1.0}\n{"step": 1}\n', r"line 1: has no 'step'"),
+    ('{"step": 1, "loss": NaN}\n{"step": 2}\n', r"line 1 is not a metrics entry"),
+])
+def test_a_metrics_file_of_the_wrong_shape_is_one_line_in_the_table(tmp_path, text, message):
+    run = metrics_run(tmp_path, text)
+    with pytest.raises(SystemExit, match=r"experiment\.py: .*metrics\.jsonl: " + message) as e:
+        experiment.write_results(tmp_path, [run])
+    assert "\n" not in str(e.value)
+
+
+def test_a_metrics_file_of_the_wrong_shape_is_one_line_on_resume(finished_run, ckpt, records, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.jsonl").write_text('{"step": "0", "val_loss": 1.0}\n{"step": 1}\n')
+    message = refused_by_train(train_args(ckpt, records, run, "--resume", "--max-steps", "3"))
+    assert "metrics.jsonl: line 1: 'step' is \"0\", expected int" in message
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m | {"runs": {"lora-s1": "done"}}, r"'runs/lora-s1' is \"done\", expected an object"),  # the issue's
+    (lambda m: m | {"runs": {"lora-s1": {"arm": "lora", "seed": "1"}}}, r"'runs/lora-s1/seed' is \"1\", expected int"),
+    (lambda m: m | {"runs": {"lora-s1": {"arm": "gpt"}}}, r"'runs/lora-s1/arm' is \"gpt\", expected an arm"),
+    (lambda m: m | {"calls": {}}, r"'calls' is \{\}, expected a list"),
+    (lambda m: m | {"settings": {**m["settings"], "eval_flags": "--limit 5"}}, r"'settings/eval_flags' is \"--limit 5\""),
+    (lambda m: {k: v for k, v in m.items() if k != "runs"}, r"has no 'runs'"),
+    (lambda m: m | {"runs": {"lora-s1": {"arm": "lora", "eval_seconds": -3}}}, r"'runs/lora-s1/eval_seconds' is -3"),
+])
+def test_an_experiment_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, edit, message):
+    manifest = {"settings": {"eval_flags": []}, "calls": [], "runs": {}}
+    (tmp_path / "experiment.json").write_text(json.dumps(edit(manifest)))
+    for call in (lambda: experiment.main(["--table-only", "--out", str(tmp_path)]),
+                 lambda: experiment.open_experiment(tmp_path, {"eval_flags": []})):
+        with pytest.raises(SystemExit, match=r"experiment\.json: " + message) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("file, edit, message", [
+    ("results.json", lambda r: r | {"args": {**r["args"], "num_beams": "1"}}, r"'args/num_beams' is \"1\", expected int"),
+    ("results.json", lambda r: [r], r"holds \[.*expected an object"),
+    ("results.json", lambda r: r | {"test_sha256": ["abc"]}, r"'test_sha256' is \[\"abc\"\], expected an object"),
+    ("config.json", lambda c: c | {"config": {**c["config"], "seed": "1"}}, r"'config/seed' is \"1\", expected int"),
+    ("config.json", lambda c: c | {"config": {**c["config"], "method": None}}, r"'config/method' is null, expected str"),
+    ("config.json", lambda c: c | {"config": "lora"}, r"'config' is \"lora\", expected an object"),
+])
+def test_results_and_run_records_of_the_wrong_shape_are_one_line_in_the_table(tmp_path, file, edit, message):
+    run = metrics_run(tmp_path, "")
+    rewrite_json(run / file, edit)
+    with pytest.raises(SystemExit, match=rf"experiment\.py: .*{file}: " + message) as e:
+        experiment.write_results(tmp_path, [run])
+    assert "\n" not in str(e.value)
+
+
+# ---- class 2: the results table trusts nothing it can recompute
+
+
+def scored_run(tmp_path, name="echo-lora-s1", arm="echo-lora", **kw):
+    from test_experiment import write_run
+
+    return write_run(tmp_path / name, arm, 1, {"ARC-Easy": [True, False], "ARC-Challenge": [False, True]}, **kw)
+
+
+def edit_predictions(run, edit):
+    """Rewrite the run's predictions and reseal results.json with their SHA-256, as a forger would."""
+    lines = [json.dumps(edit(json.loads(line))) + "\n" for line in (run / "predictions.jsonl").read_text().splitlines()]
+    (run / "predictions.jsonl").write_text("".join(lines))
+    digest = hashlib.sha256("".join(lines).encode()).hexdigest()
+    rewrite_json(run / "results.json", lambda r: r | {"predictions_sha256": digest})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p | {"answer": "answer9", "correct": True}, r"'correct' is true but the answer is 'answer9'"),  # the issue's
+    (lambda p: p | {"correct": not p["correct"]}, r"'correct' is (true|false) but the answer"),
+    (lambda p: p | {"gold": "answer9", "answer": "answer9"}, r"gold 'answer9' is no label of ARC-"),
+    (lambda p: p | {"index": str(p["index"])}, r"'index' is \"0\", expected int"),
+    (lambda p: p | {"dataset": "mmlu"}, r"'dataset' is \"mmlu\", expected a benchmark"),
+    (lambda p: {k: v for k, v in p.items() if k != "gold"}, r"has no 'gold'"),
+    (lambda p: p | {"correct": 1}, r"'correct' is 1, expected bool"),
+])
+def test_the_table_recomputes_correctness_from_answer_and_gold(tmp_path, edit, message):
+    run = scored_run(tmp_path)
+    edit_predictions(run, edit)
+    with pytest.raises(SystemExit, match=r"experiment\.py: .*predictions\.jsonl: line 1: " + message) as e:
+        experiment.write_results(tmp_path, [run])
+    assert "\n" not in str(e.value)
+
+
+def test_runs_scored_on_different_test_files_are_not_paired(tmp_path):
+    lora, echo = scored_run(tmp_path, "lora-s1", "lora"), scored_run(tmp_path)
+    for run, digest in ((lora, "a" * 64), (echo, "b" * 64)):  # two boolq/test.json files of one name
+        rewrite_json(run / "results.json", lambda r: r | {"test_sha256": {"ARC-Easy": digest, "ARC-Challenge": "c" * 64}})
+    with pytest.raises(SystemExit, match=r"the runs scored different ARC-Easy test files: aaaaaaaaaaaa .*lora-s1.*"
+                                         r"bbbbbbbbbbbb .*echo-lora-s1") as e:
+        experiment.write_results(tmp_path, [lora, echo])
+    assert "\n" not in str(e.value)
+    rewrite_json(echo / "results.json", lambda r: r | {"test_sha256": {"ARC-Easy": "a" * 64, "ARC-Challenge": "c" * 64}})
+    assert "| echo-lora vs lora | 1 |" in experiment.write_results(tmp_path, [lora, echo])
+
+
+def test_a_run_whose_predictions_are_missing_is_an_error_not_a_seed_fewer(tmp_path, capsys):
+    lora, echo = scored_run(tmp_path, "lora-s1", "lora"), scored_run(tmp_path)
+    (echo / "predictions.jsonl").unlink()
+    for call in (lambda: experiment.write_results(tmp_path, [lora, echo]),
+                 lambda: experiment.main(["--table-only", "--out", str(tmp_path), "--scoring", "generate"])):
+        with pytest.raises(SystemExit, match=r"echo-lora-s1: results\.json but no predictions\.jsonl") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_eval_records_the_test_files_and_the_adapter_it_scored(ckpt, tmp_path):
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 0
+    summary = read_json(tmp_path / "eval" / "results.json")
+    assert summary["test_sha256"] == {"piqa": hashlib.sha256((DATA / "piqa" / "test.json").read_bytes()).hexdigest()}
+    assert summary["adapter_sha256"] == read_json(tmp_path / "adapter" / "adapter_config.json")["tensors_sha256"]
+
+
+# ---- class 3: a result names the adapter it scored, and a run folder has one writer
+
+
+def test_the_table_refuses_a_result_whose_adapter_changed_since(tmp_path):
+    run = scored_run(tmp_path)
+    adapters.save_adapter(run, echo_lora.add_adapters(small_model(), r=2, alpha=4))
+    scored = read_json(run / "adapter_config.json")["tensors_sha256"]
+    rewrite_json(run / "results.json", lambda r: r | {"adapter_sha256": scored})
+    experiment.write_results(tmp_path, [run])  # the adapter scored is the one there
+    adapters.save_adapter(run, echo_lora.add_adapters(small_model(seed=1), r=2, alpha=4))  # trained again since
+    with pytest.raises(SystemExit, match=rf"results\.json: scored adapter {scored[:12]}, but .*adapter\.safetensors "
+                                         r"is now [0-9a-f]{12}: evaluate it again") as e:
+        experiment.write_results(tmp_path, [run])
+    assert "\n" not in str(e.value)
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        (run / name).unlink(missing_ok=True)  # gone altogether
+    with pytest.raises(SystemExit, match=r"adapter_config\.json: cannot read JSON"):
+        experiment.write_results(tmp_path, [run])
+
+
+def test_eval_refuses_a_folder_train_is_writing(finished_run, ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from data.files import locked_folder\n"
+         f"with locked_folder({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert evaluator.main(eval_args(ckpt, run, "--adapter", str(run))) == 1
+        assert "another process is writing a run there" in one_line(capsys)
+        assert not (run / "results.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked_folder(run):  # in this process too
+        assert evaluator.main(eval_args(ckpt, run, "--adapter", str(run))) == 1
+        assert "another process is writing a run there" in one_line(capsys)
+    assert evaluator.main(eval_args(ckpt, run, "--adapter", str(run))) == 0  # nobody writing: it runs
+    with locked_folder(run):  # and train.py, started while nobody holds it, takes it: eval's lock is released
+        pass
+
+
+@pytest.mark.parametrize("direction", ["from-peft", "to-peft"])
+def test_a_conversion_into_a_folder_holding_an_adapter_needs_overwrite(finished_run, ckpt, tmp_path, capsys, direction):
+    from scripts import convert_peft
+
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    echo_lora.add_adapters(model, r=2, alpha=4)
+    convert_peft.export_peft(tmp_path / "peft", model)
+    dest = tmp_path / "dest"
+    shutil.copytree(finished_run if direction == "from-peft" else tmp_path / "peft", dest)
+    source = tmp_path / "peft" if direction == "from-peft" else finished_run
+    before = {f.name: f.read_bytes() for f in dest.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        convert_peft.main([direction, str(source), str(dest), "--ckpt", str(ckpt)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{dest} holds " in err and "--overwrite replaces it" in err
+    assert {f.name: f.read_bytes() for f in dest.iterdir()} == before
+    convert_peft.main([direction, str(source), str(dest), "--ckpt", str(ckpt), "--overwrite"])
+    assert {f.name: f.read_bytes() for f in dest.iterdir()} != before
+
+
+# ---- class 4: --resume continues only the same run (the same base weights)
+
+
+def test_resume_after_the_base_weights_were_replaced_is_refused(finished_run, ckpt, records, tmp_path):
+    base = tmp_path / "tiny"
+    shutil.copytree(ckpt, base)
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    rewrite_json(run / "config.json", lambda r: r | {"config": {**r["config"], "ckpt": str(base)}})
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"}
+    for seed, change in ((1, None), (2, "one weight")):  # other weights of the same shapes
+        state = torch.load(base / "consolidated.00.pth", weights_only=True)
+        fresh = meta_ckpt(tmp_path / f"other{seed}", seed=seed)
+        if change:  # only the first value of one weight differs: the fingerprint sees it
+            fresh_state, state["norm.weight"][0] = state, state["norm.weight"][0] + 1
+            torch.save(fresh_state, fresh / "consolidated.00.pth")
+        shutil.copy(fresh / "consolidated.00.pth", base / "consolidated.00.pth")
+        message = refused_by_train(train_args(base, records, run, "--resume", "--max-steps", "3"))
+        assert "checkpoint.pt: the run trained on other base weights" in message and "--resume continues only" in message
+        assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"} == before
+
+
+# ---- class 5: records checked where they are parsed, the cloze form included
+
+
+def arc_record(**change):
+    record = {"instruction": "Please choose the correct answer to the question: Which is largest?\n\n"
+                             "Answer1: 7 Answer2: 12 Answer3: 18\n\nAnswer format: answer1/answer2/answer3",
+              "input": "", "output": "the correct answer is answer3", "answer": "answer3"}
+    return record | change
+
+
+@pytest.mark.parametrize("record, message", [
+    (arc_record(instruction="Choose: Which is largest?\n\nAnswer1: 7 Answer2:  Answer3: 18\n\nAnswer format: "
+                            "answer1/answer2/answer3"), "do not match its labels"),  # an empty choice text
+    (arc_record(instruction="Choose: Which is largest?\n\nAnswer format: answer1/answer2/answer3"),
+     "no choices listed"),  # ARC without its choices: the label names were ranked as choices
+    (arc_record(instruction="Choose: Which is largest?\n\nAnswer1: 7 Answer2: 12\n\nAnswer format: "
+                            "answer1/answer2/answer3"), "do not match its labels"),  # fewer choices than labels
+    (arc_record(answer="answer4"), "do not match its labels"),  # a gold label not among them
+    (arc_record(instruction="Which is largest? Answer1: 7 Answer2: 12 Answer3: 18"), "no choices listed"),
+    (arc_record(instruction="Q: is it?\n\nAnswer format: yes/no", answer="yes"), "no choices listed"),
+])
+def test_a_record_without_a_cloze_form_is_one_line_before_any_work(ckpt, tmp_path, capsys, monkeypatch, record,
+                                                                    message):
+    tests = tmp_path / "tests" / "ARC-Easy"
+    tests.mkdir(parents=True)
+    good = load_records(DATA / "ARC-Easy" / "test.json")[:3]
+    (tests / "test.json").write_text(json.dumps(good + [record]))
+    scored = []
+    monkeypatch.setattr(evaluator, "rank_by_likelihood", lambda *a: scored.append(a) or [])
+    argv = eval_args(ckpt, tmp_path / "eval", "--data-dir", str(tmp_path / "tests"), "--datasets", "ARC-Easy",
+                     "--scoring", "cloze", "--limit", "4")
+    assert evaluator.main(argv) == 1
+    line = one_line(capsys)
+    assert "test.json: record 3: " in line and message in line and not scored
+    data = tmp_path / "train.json"  # and in training
+    data.write_text(json.dumps(good * 4 + [record]))
+    line = refused_by_train(train_args(ckpt, data, tmp_path / "run", "--cloze"))
+    assert "--cloze: record 12 of --data: " in line and message in line
+
+
+# ---- class 6: every question checked before the work; class 7: non-finite values anywhere stop the run
+
+
+@pytest.mark.parametrize("scoring", ["generate", "likelihood", "cloze"])
+def test_a_question_too_long_for_the_model_is_found_before_any_is_scored(tmp_path, capsys, monkeypatch, scoring):
+    folder = meta_ckpt(tmp_path / "short", max_seq_len=100)  # a 200-position rotary table
+    tests = tmp_path / "tests"
+    for name in ("ARC-Easy", "ARC-Challenge"):
+        records = load_records(DATA / name / "test.json")[:4]
+        if name == "ARC-Challenge":  # the last question of the second set is the long one
+            records[3]["instruction"] = records[3]["instruction"].replace("\n\n", " word" * 200 + "\n\n", 1)
+        (tests / name).mkdir(parents=True)
+        (tests / name / "test.json").write_text(json.dumps(records))
+    work = []
+    monkeypatch.setattr(evaluator, "evaluate", lambda *a: work.append(a) or [])
+    monkeypatch.setattr(evaluator, "rank_by_likelihood", lambda *a: work.append(a) or [])
+    argv = eval_args(folder, tmp_path / "eval", "--data-dir", str(tests), "--datasets", "ARC-Easy", "ARC-Challenge",
+                     "--scoring", scoring, "--limit", "4")
+    assert evaluator.main(argv) == 1
+    assert "ARC-Challenge item 3: " in one_line(capsys) and not work
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+@pytest.mark.parametrize("scoring", ["generate", "likelihood", "cloze"])
+def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys, monkeypatch, scoring):
+    trunk = llama.Transformer.trunk
+    calls = []
+
+    def nan_from_the_third_call(self, tokens, *a, **kw):
+        hidden, states = trunk(self, tokens, *a, **kw)
+        calls.append(1)
+        return (hidden * float("nan") if len(calls) >= 3 else hidden), states
+
+    monkeypatch.setattr(llama.Transformer, "trunk", nan_from_the_third_call)
+    argv = eval_args(ckpt, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "4", "--batch-size", "1",
+                     "--scoring", scoring)
+    assert evaluator.main(argv) == 1
+    err = capsys.readouterr().err  # beside tqdm's progress bar
+    [line] = [line for line in err.splitlines() if line.startswith("eval.py:")]
+    assert "ARC-Easy item" in line and "not finite" in line and "nothing written" in line and "Traceback" not in err
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+# ---- class 8: converters read like loaders: a weight comes only from the file the index names for it
+
+
+def test_convert_hf_takes_each_weight_from_the_shard_the_index_names(tmp_path):
+    real, stale = small_model(0), small_model(1)
+    folder = write_hf_folder(real, tmp_path / "hf")
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    stale_tensors = load_file(str(write_hf_folder(stale, tmp_path / "stale") / "model.safetensors"))
+    # shard 1 holds its own weights and a stale copy of one of shard 2's, sorting first
+    save_file({**{k: tensors[k] for k in first}, second[0]: stale_tensors[second[0]]}, str(folder / "a-00001.safetensors"))
+    save_file({k: tensors[k] for k in second}, str(folder / "b-00002.safetensors"))
+    index = {k: "a-00001.safetensors" for k in first} | {k: "b-00002.safetensors" for k in second}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    convert_hf.convert(folder, tmp_path / "meta")
+    assert same_weights(llama.load(tmp_path / "meta", dtype=torch.float32)[0], real)
+    # and the index naming a shard for a weight it lacks is one line
+    save_file({k: tensors[k] for k in second[1:]}, str(folder / "b-00002.safetensors"))
+    with pytest.raises(SystemExit, match=rf"b-00002\.safetensors: the index names it for \['{second[0]}'\]") as e:
+        convert_hf.main([str(folder), str(tmp_path / "meta2")])
+    assert "\n" not in str(e.value)
+
+
+# ---- class 9: Ctrl-C and a full disk are one line
+
+
+def test_ctrl_c_during_training_is_one_line_saying_the_checkpoint_is_intact(ckpt, records, tmp_path, capsys,
+                                                                           monkeypatch):
+    out, original = tmp_path / "run", runs.save_checkpoint
+
+    def interrupted(path, step, *a):  # Ctrl-C just after the first checkpoint
+        original(path, step, *a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_checkpoint", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.cli(train_args(ckpt, records, out, "--max-steps", "3"))  # what `python train.py` runs
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "train.py:" in line]  # after the progress bar
+    assert line.endswith(f"train.py: interrupted; {out}/checkpoint.pt is intact; --resume continues from it")
+    monkeypatch.setattr(runs, "save_checkpoint", original)
+    train.main(train_args(ckpt, records, out, "--max-steps", "3", "--resume"))  # and it does
+    with pytest.raises(SystemExit) as e:  # before any checkpoint: said so
+        monkeypatch.setattr(train, "run", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
+        train.cli(train_args(ckpt, records, tmp_path / "other"))
+    assert e.value.code == 130 and "train.py: interrupted; no checkpoint was saved yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "open"])
+def test_a_full_disk_while_saving_is_one_line(ckpt, records, tmp_path, monkeypatch, failing):
+    def full(*a, **kw):
+        if failing == "torch.save":
+            raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed\nmore")
+        raise OSError(28, "No space left on device")
+
+    if failing == "torch.save":
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        monkeypatch.setattr(train, "save_adapter", full)  # the best adapter, after the first validation
+    message = refused_by_train(train_args(ckpt, records, tmp_path / "run"))
+    assert ("checkpoint.pt: cannot write: [enforce fail" in message if failing == "torch.save"
+            else "No space left on device" in message)
