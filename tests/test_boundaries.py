@@ -903,23 +903,25 @@ def test_a_conversion_into_a_folder_holding_an_adapter_needs_overwrite(finished_
 # ---- class 4: --resume continues only the same run (the same base weights)
 
 
-def test_resume_after_the_base_weights_were_replaced_is_refused(finished_run, ckpt, records, tmp_path):
+@pytest.mark.parametrize("change", ["another seed", "norm.weight", "tok_embeddings.weight",
+                                    "layers.1.feed_forward.w2.weight", "output.weight"])
+def test_resume_after_the_base_weights_were_replaced_is_refused(finished_run, ckpt, records, tmp_path, change):
+    """The same shapes, other values: the whole model (another seed), or the first value of one weight."""
     base = tmp_path / "tiny"
     shutil.copytree(ckpt, base)
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     rewrite_json(run / "config.json", lambda r: r | {"config": {**r["config"], "ckpt": str(base)}})
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"}
-    for seed, change in ((1, None), (2, "one weight")):  # other weights of the same shapes
+    if change == "another seed":
+        shutil.copy(meta_ckpt(tmp_path / "other", seed=1) / "consolidated.00.pth", base / "consolidated.00.pth")
+    else:
         state = torch.load(base / "consolidated.00.pth", weights_only=True)
-        fresh = meta_ckpt(tmp_path / f"other{seed}", seed=seed)
-        if change:  # only the first value of one weight differs: the fingerprint sees it
-            fresh_state, state["norm.weight"][0] = state, state["norm.weight"][0] + 1
-            torch.save(fresh_state, fresh / "consolidated.00.pth")
-        shutil.copy(fresh / "consolidated.00.pth", base / "consolidated.00.pth")
-        message = refused_by_train(train_args(base, records, run, "--resume", "--max-steps", "3"))
-        assert "checkpoint.pt: the run trained on other base weights" in message and "--resume continues only" in message
-        assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"} == before
+        state[change].view(-1)[0] += 1
+        torch.save(state, base / "consolidated.00.pth")
+    message = refused_by_train(train_args(base, records, run, "--resume", "--max-steps", "3"))
+    assert "checkpoint.pt: the run trained on other base weights" in message and "--resume continues only" in message
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"} == before
 
 
 # ---- class 5: records checked where they are parsed, the cloze form included
@@ -965,8 +967,10 @@ def test_a_record_without_a_cloze_form_is_one_line_before_any_work(ckpt, tmp_pat
 # ---- class 6: every question checked before the work; class 7: non-finite values anywhere stop the run
 
 
-@pytest.mark.parametrize("scoring", ["generate", "likelihood", "cloze"])
-def test_a_question_too_long_for_the_model_is_found_before_any_is_scored(tmp_path, capsys, monkeypatch, scoring):
+@pytest.mark.parametrize("scoring, extra", [("generate", ()), ("likelihood", ()), ("cloze", ()),
+                                           ("generate", ("--num-beams", "2")), ("likelihood", ("--batch-size", "1"))])
+def test_a_question_too_long_for_the_model_is_found_before_any_is_scored(tmp_path, capsys, monkeypatch, scoring,
+                                                                          extra):
     folder = meta_ckpt(tmp_path / "short", max_seq_len=100)  # a 200-position rotary table
     tests = tmp_path / "tests"
     for name in ("ARC-Easy", "ARC-Challenge"):
@@ -979,25 +983,36 @@ def test_a_question_too_long_for_the_model_is_found_before_any_is_scored(tmp_pat
     monkeypatch.setattr(evaluator, "evaluate", lambda *a: work.append(a) or [])
     monkeypatch.setattr(evaluator, "rank_by_likelihood", lambda *a: work.append(a) or [])
     argv = eval_args(folder, tmp_path / "eval", "--data-dir", str(tests), "--datasets", "ARC-Easy", "ARC-Challenge",
-                     "--scoring", scoring, "--limit", "4")
+                     "--scoring", scoring, "--limit", "4", *extra)
     assert evaluator.main(argv) == 1
     assert "ARC-Challenge item 3: " in one_line(capsys) and not work
     assert not (tmp_path / "eval" / "results.json").exists()
 
 
-@pytest.mark.parametrize("scoring", ["generate", "likelihood", "cloze"])
-def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys, monkeypatch, scoring):
+def test_a_max_new_tokens_past_the_model_is_found_before_any_is_scored(tmp_path, capsys, monkeypatch):
+    folder = meta_ckpt(tmp_path / "short", max_seq_len=100)  # 200 positions: each ARC prompt fits, + 150 does not
+    work = []
+    monkeypatch.setattr(evaluator, "evaluate", lambda *a: work.append(a) or [])
+    argv = eval_args(folder, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "3", "--max-new-tokens", "150")
+    assert evaluator.main(argv) == 1
+    assert "ARC-Easy item 0: prompt + --max-new-tokens 150 is" in one_line(capsys) and not work
+
+
+@pytest.mark.parametrize("scoring, value, extra", [
+    ("generate", "nan", ()), ("likelihood", "nan", ()), ("cloze", "nan", ()),
+    ("generate", "inf", ("--num-beams", "2")), ("likelihood", "inf", ()), ("generate", "nan", ("--num-beams", "2"))])
+def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys, monkeypatch, scoring, value, extra):
     trunk = llama.Transformer.trunk
     calls = []
 
-    def nan_from_the_third_call(self, tokens, *a, **kw):
+    def nan_from_the_third_call(self, tokens, *a, **kw):  # the first question (check_logits') is finite
         hidden, states = trunk(self, tokens, *a, **kw)
         calls.append(1)
-        return (hidden * float("nan") if len(calls) >= 3 else hidden), states
+        return (hidden * float(value) if len(calls) >= 3 else hidden), states
 
     monkeypatch.setattr(llama.Transformer, "trunk", nan_from_the_third_call)
     argv = eval_args(ckpt, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "4", "--batch-size", "1",
-                     "--scoring", scoring)
+                     "--scoring", scoring, *extra)
     assert evaluator.main(argv) == 1
     err = capsys.readouterr().err  # beside tqdm's progress bar
     [line] = [line for line in err.splitlines() if line.startswith("eval.py:")]
@@ -1008,7 +1023,8 @@ def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys,
 # ---- class 8: converters read like loaders: a weight comes only from the file the index names for it
 
 
-def test_convert_hf_takes_each_weight_from_the_shard_the_index_names(tmp_path):
+@pytest.mark.parametrize("stale_in", ["a-00001.safetensors", "b-00002.safetensors", "both"])
+def test_convert_hf_takes_each_weight_from_the_shard_the_index_names(tmp_path, stale_in):
     real, stale = small_model(0), small_model(1)
     folder = write_hf_folder(real, tmp_path / "hf")
     tensors = load_file(str(folder / "model.safetensors"))
@@ -1016,9 +1032,11 @@ def test_convert_hf_takes_each_weight_from_the_shard_the_index_names(tmp_path):
     names = sorted(tensors)
     first, second = names[: len(names) // 2], names[len(names) // 2:]
     stale_tensors = load_file(str(write_hf_folder(stale, tmp_path / "stale") / "model.safetensors"))
-    # shard 1 holds its own weights and a stale copy of one of shard 2's, sorting first
-    save_file({**{k: tensors[k] for k in first}, second[0]: stale_tensors[second[0]]}, str(folder / "a-00001.safetensors"))
-    save_file({k: tensors[k] for k in second}, str(folder / "b-00002.safetensors"))
+    # a shard holds its own weights and a stale copy of one of the other shard's
+    extra_a = {second[0]: stale_tensors[second[0]]} if stale_in in ("a-00001.safetensors", "both") else {}
+    extra_b = {first[-1]: stale_tensors[first[-1]]} if stale_in in ("b-00002.safetensors", "both") else {}
+    save_file({**{k: tensors[k] for k in first}, **extra_a}, str(folder / "a-00001.safetensors"))
+    save_file({**{k: tensors[k] for k in second}, **extra_b}, str(folder / "b-00002.safetensors"))
     index = {k: "a-00001.safetensors" for k in first} | {k: "b-00002.safetensors" for k in second}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     convert_hf.convert(folder, tmp_path / "meta")
@@ -1058,6 +1076,7 @@ def test_ctrl_c_during_training_is_one_line_saying_the_checkpoint_is_intact(ckpt
 
 @pytest.mark.parametrize("failing", ["torch.save", "open"])
 def test_a_full_disk_while_saving_is_one_line(ckpt, records, tmp_path, monkeypatch, failing):
+    """While saving the checkpoint (torch.save's RuntimeError) or the best adapter (an OSError)."""
     def full(*a, **kw):
         if failing == "torch.save":
             raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
@@ -1071,3 +1090,23 @@ def test_a_full_disk_while_saving_is_one_line(ckpt, records, tmp_path, monkeypat
     message = refused_by_train(train_args(ckpt, records, tmp_path / "run"))
     assert ("checkpoint.pt: cannot write: [enforce fail" in message if failing == "torch.save"
             else "No space left on device" in message)
+
+
+@pytest.mark.parametrize("file", ["config.json", "metrics.jsonl", "adapter.safetensors", "adapter_config.json"])
+def test_a_full_disk_while_writing_any_run_file_is_one_line_naming_it(ckpt, records, tmp_path, monkeypatch, file):
+    from pathlib import Path
+
+    write_text, write_bytes, opened = Path.write_text, Path.write_bytes, Path.open
+
+    def full(method):
+        def write(self, *a, **kw):
+            if self.name.startswith(f".{file}.") or self.name == file and method is opened and "a" in str(a[:1]):
+                raise OSError(28, "No space left on device", str(self))
+            return method(self, *a, **kw)
+        return write
+
+    monkeypatch.setattr(Path, "write_text", full(write_text))
+    monkeypatch.setattr(Path, "write_bytes", full(write_bytes))
+    monkeypatch.setattr(Path, "open", full(opened))
+    message = refused_by_train(train_args(ckpt, records, tmp_path / "run"))
+    assert "No space left on device" in message and file in message
