@@ -23,6 +23,7 @@ measurements, each written to its own files.
 import argparse
 import hashlib
 import json
+import math
 import re
 import sys
 import time
@@ -36,7 +37,8 @@ from tqdm import tqdm
 from data.adapters import load_adapter
 from data.checkpoints import PRECISIONS, default_precision, resolve_checkpoint, resolve_device, slow_precision_warning
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
-from data.files import code_version, output_files, output_folder, read_run_record, recorded_path, write_atomically
+from data.files import (code_version, locked_folder, output_files, output_folder, read_bytes, read_run_record,
+                        recorded_path, write_atomically)
 from data.published import PROTOCOL_PRECISION, PUBLISHED, default_published, published_rows
 from data.tokenizer import Tokenizer
 from echo_lora import merge
@@ -187,7 +189,14 @@ def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, p
     hidden, _ = model.trunk(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
     for cache in caches:
         cache.reserve(max_new_tokens)
-    return model.output(hidden[:, -1]), caches, valid, positions[:, -1] + 1
+    logits = model.output(hidden[:, -1])
+    if not torch.isfinite(logits).all():  # every batch, not the first question only: nothing non-finite is scored
+        raise NonFiniteLogits("the model's logits are not finite (NaN or inf)")
+    return logits, caches, valid, positions[:, -1] + 1
+
+
+class NonFiniteLogits(ValueError):
+    """A model that computes NaN or infinity on a question: stops the evaluation, nothing written."""
 
 
 @torch.no_grad()
@@ -343,8 +352,11 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, dataset: str, records: li
     with tqdm(total=len(records), desc=dataset, unit="q") as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            new_ids = decode_batch(model, tokenizer, [prompts[i] for i in batch], num_beams, max_new_tokens,
-                                   beam_rule)
+            try:
+                new_ids = decode_batch(model, tokenizer, [prompts[i] for i in batch], num_beams, max_new_tokens,
+                                       beam_rule)
+            except NonFiniteLogits as e:
+                raise NonFiniteLogits(f"{dataset} items {sorted(batch)}: {e}; nothing written") from None
             for i, ids in zip(batch, new_ids):
                 generated[i] = tokenizer.decode(ids)
             bar.update(len(batch))
@@ -413,6 +425,9 @@ def rank_by_likelihood(model: Transformer, tokenizer: Tokenizer, dataset: str, r
     predictions = []
     for i, record in enumerate(tqdm(records, desc=f"{dataset} ({scoring})", unit="q")):
         logprobs = label_scores(model, tokenizer, dataset, record)
+        if not all(math.isfinite(v) for v in logprobs.values()):
+            raise NonFiniteLogits(f"{dataset} item {i}: the model's log-likelihoods are not finite (NaN or inf); "
+                                  "nothing written")
         pred = prediction(dataset, i, record, None, max(logprobs, key=logprobs.get))
         predictions.append(pred | {"label_logprobs": logprobs})
     return predictions
@@ -474,14 +489,17 @@ def dataset_names(requested: list[str]) -> list[str]:
     return [name for name in BENCHMARKS if name in requested or "all" in requested]
 
 
-def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tuple[dict, dict]:
-    """({name: records}, {name: why it is missing}); a malformed file is an error."""
-    test_sets, missing = {}, {}
+def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tuple[dict, dict, dict]:
+    """({name: records}, {name: why it is missing}, {name: the test file's SHA-256}: results.json
+    records what was scored, so runs are compared only on the same questions); a malformed file
+    is an error."""
+    test_sets, missing, digests = {}, {}, {}
     for name in datasets:
         path = data_dir / name / "test.json"
         if not path.exists():  # a FIFO or a folder there is load_records' error, not a skipped set
             missing[name] = f"no test set at {path} (python data/download.py fetches it)"
             continue
+        digests[name] = hashlib.sha256(read_bytes(path)).hexdigest()
         records = load_records(path)[:limit]
         if not records:  # averaged in, it would count as 0% (a third of 33.3 gone for nothing)
             missing[name] = f"the test set {path} holds no records"
@@ -489,7 +507,7 @@ def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tu
         test_sets[name] = records
     if not test_sets:
         raise FileNotFoundError(f"none of the test sets found: {'; '.join(missing.values())}")
-    return test_sets, missing
+    return test_sets, missing, {name: digests[name] for name in test_sets}
 
 
 def positive_int(text: str) -> int:
@@ -561,8 +579,8 @@ def load_model(args) -> tuple[Transformer, Tokenizer]:
     model, tokenizer = load(resolve_checkpoint(args.ckpt), args.device, EVAL_PRECISIONS[args.precision])
     if tokenizer is None:
         raise FileNotFoundError(f"{args.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
-    if args.adapter is not None:
-        load_adapter(args.adapter, model)
+    if args.adapter is not None:  # the checksum of the tensors loaded: results.json names the adapter scored
+        args.adapter_sha256 = load_adapter(args.adapter, model).get("tensors_sha256")
         merge(model)  # plain linears again: decoding costs what the base model costs
     return model, tokenizer
 
@@ -589,7 +607,7 @@ def write_text(path: Path, text: str):
 
 
 def report(args, trained: dict | None, predictions: dict[str, list[dict]], missing: dict[str, str],
-           seconds: dict[str, float]) -> str:
+           seconds: dict[str, float], tests: dict[str, str]) -> str:
     """Write results.md, results.json and predictions.jsonl under args.out (for --scoring likelihood
     or cloze with a -likelihood or -cloze suffix; generate has none); return the markdown."""
     results = {name: score(preds) for name, preds in predictions.items()}
@@ -609,7 +627,9 @@ def report(args, trained: dict | None, predictions: dict[str, list[dict]], missi
     write_text(markdown_file, markdown)
     summary = dict(results=results, average=average_accuracy(results), missing=missing, seconds=seconds,
                    published={args.published: published} if published else {},
-                   args={k: recorded_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, code=code_version(),
+                   args={k: recorded_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                         if k != "adapter_sha256"},
+                   code=code_version(), test_sha256=tests, adapter_sha256=getattr(args, "adapter_sha256", None),
                    predictions_sha256=hashlib.sha256(lines.encode("utf-8")).hexdigest())
     write_text(results_file, json.dumps(summary, indent=2) + "\n")
     return markdown
@@ -620,19 +640,27 @@ def results_suffix(args) -> str:
 
 
 def run(args) -> str:
+    """The evaluation, holding --out as its one writer (a train.py still writing there is
+    refused, as it refuses eval.py: results.json must name the adapter the folder holds)."""
+    with locked_folder(args.out):
+        return evaluate_all(args)
+
+
+def evaluate_all(args) -> str:
     # Everything about the input and the output is checked before the model (minutes at 7B) is loaded.
     output_folder(args.out)
     finished = args.out / output_files(results_suffix(args))[2]
     if finished.exists() and not args.overwrite:
         raise FileExistsError(f"{finished}: an earlier evaluation's results; --overwrite replaces them, "
                               "--out writes elsewhere")
-    test_sets, missing = read_test_sets(args.data_dir, dataset_names(args.datasets), args.limit)
+    test_sets, missing, tests = read_test_sets(args.data_dir, dataset_names(args.datasets), args.limit)
     trained = read_train_config(args.adapter)  # a broken one is an error now, not after the decoding
     for name, why in missing.items():
         print(f"eval.py: {name}: {why}; skipped", file=sys.stderr)
     if slow := slow_precision_warning(args.device, args.precision, EVAL_PRECISIONS[args.precision]):
         print(f"eval.py: {slow}", file=sys.stderr)
     model, tokenizer = load_model(args)
+    check_questions(model, tokenizer, test_sets, args)
     check_logits(model, tokenizer, test_sets, args)
     predictions, seconds = {}, {}
     for name, records in test_sets.items():
@@ -643,7 +671,32 @@ def run(args) -> str:
             predictions[name] = evaluate(model, tokenizer, name, records, args.batch_size, args.num_beams,
                                          args.max_new_tokens, args.beam_rule)
         seconds[name] = time.perf_counter() - start
-    return report(args, trained, predictions, missing, seconds)
+    return report(args, trained, predictions, missing, seconds, tests)
+
+
+def check_questions(model: Transformer, tokenizer: Tokenizer, test_sets: dict[str, list[dict]], args):
+    """Every question of every test set, before any is scored: its cloze form (for --scoring
+    cloze) and its length with what is scored after it, within the model's positions. A question
+    found wrong only when reached would leave the sets before it scored and nothing written."""
+    def length(text):
+        return len(tokenizer.encode(text, bos=True, eos=False))
+
+    for name, records in test_sets.items():
+        if args.scoring == "generate":
+            what, lengths = (f"prompt + --max-new-tokens {args.max_new_tokens}",
+                             [length(eval_prompt(r)) + args.max_new_tokens for r in records])
+        elif args.scoring == "likelihood":
+            what, lengths = "prompt + answer", [max(length(eval_prompt(r) + ANSWER_TEMPLATE.format(label))
+                                                    for label in candidate_labels(name, r)) for r in records]
+        else:
+            what, lengths = "cloze prompt + choice", []
+            for i, record in enumerate(records):
+                try:
+                    question, choices, _ = cloze_choices(record)
+                except ValueError as e:
+                    raise ValueError(f"{args.data_dir / name / 'test.json'}: record {i}: {e}") from None
+                lengths.append(max(length(cloze_prompt(question) + " " + choice) for choice in choices))
+        check_fits(model, name, lengths, what)
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ from data.adapters import save_adapter
 from data.batches import Batch, TrainingData, collate, micro_batch_slices, padded_parts, read_records
 from data.commonsense import IGNORE_INDEX
 from data.embedded import build_embedded_checkpoint
-from data.flags import NOT_NEGATIVE, POSITIVE, SEED, check_allowed, dataclass_parser, flag, given_flags
+from data.flags import (BLOCK_NUMBERS, NAMES, NOT_NEGATIVE, POSITIVE, SEED, check_allowed, dataclass_parser, flag,
+                        given_flags, list_items)
 from data.published import default_lr
 from data.runs import (Progress, append_metrics, default_out, prepare_run_folder, restore_checkpoint, run_folder,
                        run_record, run_summary, save_run, stop_if_not_finite)
@@ -64,7 +65,7 @@ class Config:
                                "scripts/convert_hf.py first); tiny is built on first use")
     method: str = flag("echo-lora", "lora and dora: the baselines; echo-: the same adapter trained with the Echo path",
                        choices=METHODS)
-    data: str = flag("data/commonsense_170k.json", "one or more commonsense JSON files, comma-separated")
+    data: str = flag("data/commonsense_170k.json", "one or more commonsense JSON files, comma-separated", items=NAMES)
     out: str = flag("", "the run's folder: adapter, config.json, metrics.jsonl, checkpoint.pt",
                     default_text="out/<method>-<ckpt name>, or the first free -2, -3, ... beside it")
     # adapters (the recipe)
@@ -73,7 +74,7 @@ class Config:
                         allowed=(lambda v: 0 < v < math.inf, "> 0 and finite"))
     dropout: float = flag(0.05, "dropout on the adapters' input", allowed=(lambda v: 0 <= v < 1, "in [0, 1)"))
     targets: str = flag(",".join(DEFAULT_TARGETS), "adapted linears of every block, comma-separated Meta names "
-                        "(wq, wk, wv, wo: attention; w1, w3, w2: gate, up, down)")
+                        "(wq, wk, wv, wo: attention; w1, w3, w2: gate, up, down)", items=NAMES)
     # optimisation (the recipe)
     lr: float = flag(0.0, "peak learning rate",
                      allowed=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0: the recipe's rate)"),
@@ -107,9 +108,9 @@ class Config:
                      allowed=SEED)
     # the Echo path (METHOD.md items 1-7; defaults and choices from EchoConfig); block numbers 1-based, comma-separated
     echo_source_layers: str = echo_flag("source_layers", "blocks whose states make the echo representation (item 1)",
-                                        default_text="the deepest quarter of blocks")
+                                        default_text="the deepest quarter of blocks", items=BLOCK_NUMBERS)
     echo_target_layers: str = echo_flag("target_layers", "blocks whose adapters take the injection (item 3)",
-                                        default_text="the shallowest quarter of blocks")
+                                        default_text="the shallowest quarter of blocks", items=BLOCK_NUMBERS)
     echo_pool: str = echo_flag("pool", "the echo representation: mean over the prompt, or its last position (item 2)")
     echo_route_p: float = echo_flag("route_p", "stochastic routing: each sample's chance of the echo pass (item 5)",
                                     allowed=(lambda v: 0 <= v <= 1, "in [0, 1]"))
@@ -142,6 +143,14 @@ PRESETS = {
 }
 
 
+def embedded_name(ckpt: str) -> str | None:
+    """EMBEDDED when --ckpt is the embedded default itself (its name, or the folder it is built
+    in), else None: a folder elsewhere that happens to be named tiny is another model, and gets
+    no preset of the embedded one."""
+    built = Path("checkpoints") / EMBEDDED
+    return EMBEDDED if ckpt == EMBEDDED or Path(ckpt).resolve() == built.resolve() else None
+
+
 def config_parser() -> argparse.ArgumentParser:
     return dataclass_parser(Config, PRESETS, __doc__.split("\n")[0])
 
@@ -150,7 +159,7 @@ def parse_config(argv=None) -> Config:
     """The run's Config: the flags given, else the checkpoint's PRESETS, else Config's defaults."""
     parser = config_parser()
     given = given_flags(parser, argv)
-    cfg = Config(**{**PRESETS.get(Path(given.get("ckpt", EMBEDDED)).name, {}), **given})
+    cfg = Config(**{**PRESETS.get(embedded_name(given.get("ckpt", EMBEDDED)), {}), **given})
     check_allowed(parser, cfg)
     echo_flags = ["--" + k.replace("_", "-") for k in given if k.startswith("echo_")]
     if echo_flags and not cfg.method.startswith("echo-"):
@@ -174,7 +183,7 @@ def echo_config(cfg: Config) -> EchoConfig | None:
     """The Echo path's EchoConfig from its --echo-* flags (None for lora and dora)."""
     if not cfg.method.startswith("echo-"):
         return None
-    layers = lambda s: tuple(int(x) for x in s.split(",")) if s else None  # noqa: E731
+    layers = lambda s: tuple(list_items("", s, BLOCK_NUMBERS)) if s else None  # noqa: E731  (checked when parsed)
     values = {f.name: getattr(cfg, echo_flag_name(f.name)) for f in dataclasses.fields(EchoConfig)}
     return EchoConfig(**{k: layers(v) if k.endswith("_layers") else v for k, v in values.items()})
 
@@ -195,7 +204,7 @@ def start_device(cfg: Config, world: int) -> tuple[torch.device, bool]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.batch_size % (world * cfg.micro_batch_size):
-        raise SystemExit(f"--batch-size {cfg.batch_size} must split into {world} processes x "
+        raise ValueError(f"--batch-size {cfg.batch_size} must split into {world} processes x "
                          f"--micro-batch-size {cfg.micro_batch_size}")
     return device, distributed
 
@@ -208,13 +217,10 @@ def load_model(cfg: Config, device, rank: int, world: int):
             build_embedded_checkpoint(Path("checkpoints") / EMBEDDED, Path(PRESETS[EMBEDDED]["data"]))
         if world > 1:
             dist.barrier()
-    try:
-        model, tokenizer = llama.load(checkpoints.resolve_checkpoint(cfg.ckpt), device=device,
-                                      dtype=checkpoints.PRECISIONS[cfg.precision])
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    model, tokenizer = llama.load(checkpoints.resolve_checkpoint(cfg.ckpt), device=device,
+                                  dtype=checkpoints.PRECISIONS[cfg.precision])
     if tokenizer is None:
-        raise SystemExit(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
+        raise FileNotFoundError(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tokenizer
 
@@ -222,12 +228,10 @@ def load_model(cfg: Config, device, rank: int, world: int):
 def add_adapters_and_echo_path(model, cfg: Config, echo_cfg: EchoConfig | None, device) -> EchoPath | None:
     """Freeze the model, add the LoRA or DoRA adapters and, for echo- methods, the Echo path."""
     torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
-    try:  # a target name or an echo layer the model does not have
-        add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                     dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
-        return EchoPath(model, echo_cfg).to(device) if echo_cfg else None
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    # a target name or an echo layer the model does not have is a ValueError: train.main's one line
+    add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                 dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
+    return EchoPath(model, echo_cfg).to(device) if echo_cfg else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,10 +331,30 @@ def training_parameters(model, echo: EchoPath | None) -> list[torch.nn.Parameter
     return trainable_parameters(model) + (list(echo.parameters()) if echo else [])
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says what is left (the command line prints it)."""
+
+
 def main(argv=None):
     cfg = parse_config(argv)
-    with run_folder(cfg, int(os.environ.get("RANK", 0))):
-        run(cfg)
+    try:
+        with run_folder(cfg, int(os.environ.get("RANK", 0))):
+            run(cfg)
+    except (OSError, ValueError) as e:  # bad input found where it entered, a full disk: one line, no traceback
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:  # every file is written through a rename: what is on disk is whole
+        kept = (f"{cfg.out}/checkpoint.pt is intact; --resume continues from it" if (Path(cfg.out) / "checkpoint.pt").is_file()
+                else "no checkpoint was saved yet")
+        raise Interrupted(f"train.py: interrupted; {kept}") from None
+
+
+def cli(argv=None):
+    """The command line: main, with Ctrl-C as one line (exit status 130, as a shell reports it)."""
+    try:
+        main(argv)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
 
 
 def run(cfg: Config):
@@ -408,11 +432,11 @@ def run(cfg: Config):
     progress.bar.close()
     if rank == 0:
         print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")
-        data_dir = f" --data-dir {SAMPLE} --datasets boolq ARC-Easy" if cfg.ckpt == EMBEDDED else ""
+        data_dir = f" --data-dir {SAMPLE} --datasets boolq ARC-Easy" if embedded_name(cfg.ckpt) else ""
         print(f"evaluate it: python eval.py --ckpt {cfg.ckpt} --adapter {out}{data_dir}")
     if distributed:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

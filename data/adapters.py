@@ -8,6 +8,7 @@ adapter put on another base model. peft's format: scripts/convert_peft.py.
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
 from data.checkpoints import read_tensor_file
-from data.files import check_json_types, read_bytes, read_json, write_atomically
+from data.files import Rule, read_bytes, read_json_shaped, write_atomically
 from echo_lora import BLOCK_LINEARS, adapted_linears, add_adapters
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
@@ -64,9 +65,14 @@ def adapter_config(model: nn.Module) -> dict:
 
 
 
-# The types of adapter_config.json's settings (load_adapter checks them before using them).
-ADAPTER_CONFIG_TYPES = {"r": int, "alpha": float, "dropout": float, "dora": bool, "targets": list,
-                        "layers": list | None, "tensors_sha256": str}
+# adapter_config.json's shape (data.files.check_shape), checked before anything is built from it.
+ADAPTER_CONFIG = {
+    "r": Rule(int, lambda v: v >= 1, "an integer >= 1"), "alpha": Rule(float, lambda v: 0 < v < math.inf, "a number > 0"),
+    "dropout": Rule(float, lambda v: 0 <= v < 1, "a number in [0, 1)"), "dora": bool,
+    "targets": Rule([str], bool, "a non-empty list of names"),
+    "layers": (None, Rule([Rule(int, lambda v: v >= 0, "a block index >= 0")], bool, "a non-empty list of block indices")),
+    "tensors_sha256?": str, "base_model?": (None, {"shape?": {str: int}, "fingerprint?": str | None}),
+}
 
 
 def base_model_record(model: nn.Module) -> dict:
@@ -87,9 +93,12 @@ def save_adapter(path, model: nn.Module, config: dict | None = None):
     of another) or an adapter put on another base is caught by load_adapter."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    data = safetensors_bytes({k: v.contiguous() for k, v in adapter_state(model).items()})
-    full_config = {**(config or {}), **adapter_config(model), "base_model": base_model_record(model),
-                   "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    settings = {**adapter_config(model), "base_model": base_model_record(model)}
+    # The settings go into the tensor file's header too, under its SHA-256: the config's copy,
+    # which a reader may edit, is checked against them (recorded_settings).
+    data = safetensors_bytes({k: v.contiguous() for k, v in adapter_state(model).items()},
+                             metadata={RECORDED_SETTINGS: json.dumps(settings)})
+    full_config = {**(config or {}), **settings, "tensors_sha256": hashlib.sha256(data).hexdigest()}
     write_atomically(folder / ADAPTER_FILE, lambda tmp: tmp.write_bytes(data))
     write_atomically(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(full_config, indent=2)))
 
@@ -99,11 +108,7 @@ def load_adapter(path, model: nn.Module) -> dict:
     model has none; returns the saved config."""
     folder = Path(path)
     config_file, tensor_file = folder / CONFIG_FILE, folder / ADAPTER_FILE
-    config = read_json(config_file)
-    missing = [k for k in ("r", "alpha", "dropout", "dora", "targets", "layers") if k not in config]
-    if missing:
-        raise ValueError(f"{config_file}: missing adapter settings {missing}")
-    check_json_types(config_file, config, ADAPTER_CONFIG_TYPES)
+    config = read_json_shaped(config_file, ADAPTER_CONFIG)
     fit_adapters(model, config, config_file)
     try:
         data = read_bytes(tensor_file)
@@ -116,8 +121,32 @@ def load_adapter(path, model: nn.Module) -> dict:
     if config.get("tensors_sha256", digest) != digest:
         raise ValueError(f"{tensor_file}: its SHA-256 is not the one {config_file} records: the two files come "
                          "from different saves (an interrupted save?)")
+    recorded = recorded_settings(data, tensor_file)
+    changed = [key for key in recorded if config.get(key) != recorded[key]]
+    if changed:  # an alpha edited after the save changes the merged weights: never scored silently
+        raise ValueError(f"{config_file}: {', '.join(f'{k!r} is {json.dumps(config.get(k))}' for k in changed)}, but "
+                         f"{tensor_file.name} was saved with {', '.join(json.dumps(recorded[k]) for k in changed)}: "
+                         "the config was edited after the save")
     check_base_model(config.get("base_model"), model, config_file)
     return config
+
+
+# The key of the adapter's settings in adapter.safetensors' header metadata.
+RECORDED_SETTINGS = "echo_lora_adapter"
+
+
+def recorded_settings(data: bytes, file: Path) -> dict:
+    """The settings save_adapter wrote into the tensor file's header (a safetensors file is an
+    8-byte header length, then the header's JSON); {} for a file written before they were."""
+    try:
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        text = header.get("__metadata__", {}).get(RECORDED_SETTINGS)
+        recorded = {} if text is None else json.loads(text)
+        if not isinstance(recorded, dict):
+            raise ValueError("not an object")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{file}: its recorded adapter settings cannot be read: {e}") from None
+    return recorded
 
 
 def check_base_model(saved: dict | None, model: nn.Module, file: Path):
@@ -135,6 +164,8 @@ def check_base_model(saved: dict | None, model: nn.Module, file: Path):
 
 def fit_adapters(model: nn.Module, config: dict, file: Path):
     """Give `model` the adapters `config` describes, or check that the ones it has match."""
+    if config["r"] > model.args.dim:  # a rank past the model's width adds nothing, and its tensors may not fit in memory
+        raise ValueError(f"{file}: rank r {config['r']} is above the model's width {model.args.dim}")
     if not adapted_linears(model):
         try:
             add_adapters(model, config["targets"], config["r"], config["alpha"], config["dropout"], config["dora"],

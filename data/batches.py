@@ -51,24 +51,27 @@ def collate(examples, train_on_inputs: bool, pad_id: int) -> Batch:
 def encode_examples(records, tokenizer, cutoff: int, cloze: bool = False) -> list[tuple[list[int], list[int]]]:
     """(ids, answer-only labels) per record, in the protocol's template or the cloze form."""
     encode = encode_cloze_record if cloze else encode_record
-    try:
-        return [encode(tokenizer, r, cutoff) for r in records]
-    except ValueError as e:
-        raise SystemExit(f"--cloze: {e}") from None
+    examples = []
+    for i, record in enumerate(records):
+        try:
+            examples.append(encode(tokenizer, record, cutoff))
+        except ValueError as e:  # only the cloze form refuses a record
+            raise ValueError(f"--cloze: record {i} of --data: {e}") from None
+    return examples
 
 
 def check_examples(examples, train_idx: list[int], val_idx: list[int], cfg, max_positions: int):
     """Records that leave nothing to train on, no answer to learn, or do not fit the model: one
     error line naming the flag to change."""
     if not train_idx:
-        raise SystemExit(f"{cfg.data}: {len(examples)} records and --val-size {cfg.val_size} leave none to train on")
+        raise ValueError(f"{cfg.data}: {len(examples)} records and --val-size {cfg.val_size} leave none to train on")
     for name, part in (("training", train_idx), ("validation", val_idx)):
         if part and not any(label != IGNORE_INDEX for i in part for label in examples[i][1]):
-            raise SystemExit(f"--cutoff {cfg.cutoff} cuts off the answer of every {name} record of {cfg.data}: "
+            raise ValueError(f"--cutoff {cfg.cutoff} cuts off the answer of every {name} record of {cfg.data}: "
                              "no answer token to learn from or to validate on; raise --cutoff")
     longest = max(len(ids) for ids, _ in examples)
     if longest > max_positions:
-        raise SystemExit(f"--cutoff {cfg.cutoff}: records of {longest} tokens do not fit the {max_positions} "
+        raise ValueError(f"--cutoff {cfg.cutoff}: records of {longest} tokens do not fit the {max_positions} "
                          f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
 
 
@@ -136,11 +139,17 @@ class TrainingData:
 
 
 def read_records(data: str) -> list[dict]:
-    """The records of --data's comma-separated files; a malformed file is one error line."""
-    try:
-        return [r for path in data.split(",") for r in load_records(path)]
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    """The records of --data's comma-separated files. One file given twice (under another name, a
+    link or a copy: the same records) is a ValueError: trained on twice, and split at random, its
+    records would validate on their own training copies."""
+    files = []
+    for path in data.split(","):
+        records = load_records(path)
+        twin = next((other for other, earlier in files if records and earlier == records), None)
+        if twin is not None:
+            raise ValueError(f"--data: {path} holds the same records as {twin}: one file given twice")
+        files.append((path, records))
+    return [r for _, records in files for r in records]
 
 
 def micro_batch_slices(n: int, world: int, rank: int, micro_batch_size: int, micros: int) -> list[tuple[int, int]]:

@@ -190,7 +190,15 @@ def cloze_choices(record: dict) -> tuple[str, list[str], list[str]]:
     listed, _, answer_format = rest.rpartition("Answer format:")
     labels = answer_format.strip().split("/")
     choices = [c.strip() for c in CHOICE_NAME.split(listed.strip())[1:]]
-    return head.split(": ", 1)[-1], choices or labels, labels
+    # Checked here, where the form is parsed: an empty choice has no length to normalise by, and
+    # a record whose choices are missing would rank its label names as if they were the choices.
+    if not choices and labels != ["true", "false"]:
+        raise ValueError(f"no choices listed before its answer format {'/'.join(labels)!r}: it has no cloze form")
+    choices = choices or labels
+    if len(choices) != len(labels) or not all(choices) or record["answer"] not in labels:
+        raise ValueError(f"its choices {choices} do not match its labels {labels} and answer {record['answer']!r}: "
+                         "it has no cloze form")
+    return head.split(": ", 1)[-1], choices, labels
 
 
 def cloze_prompt(question: str) -> str:
@@ -202,9 +210,6 @@ def encode_cloze_record(tokenizer, record: dict, cutoff: int = 256) -> tuple[lis
     """Token ids and answer-only labels of a record in the cloze form: BOS, the cloze prompt, the
     correct choice's text, EOS (when the cutoff leaves room)."""
     question, choices, labels = cloze_choices(record)
-    if record["answer"] not in labels or len(labels) != len(choices):
-        raise ValueError(f"a record with answer {record['answer']!r} has no cloze form: choices {choices}, "
-                         f"labels {labels}")
     prompt = cloze_prompt(question)
     ids = tokenizer.encode(prompt + " " + choices[labels.index(record["answer"])], bos=True, eos=False)[:cutoff]
     if len(ids) < cutoff:

@@ -15,6 +15,7 @@ import tempfile
 import types
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 # ---- reading: only regular files, only names inside the folder that names them
 
@@ -64,21 +65,90 @@ def inside(folder, name, source) -> Path:
     return Path(folder) / os.path.normpath(name)
 
 
+# ---- shapes: one small checker per file format, run where the file is read
+#
+# A shape is: a type (`int`, `float`, `str`, `bool`, `None`; a float may be written as an int, a
+# bool is never a number) or a union of them (`int | None`); a tuple of shapes, any one of which
+# fits; `{key: shape}`, an object whose keys are required unless they end in "?", and with a
+# `str` key, the shape of every other key's value; `[shape]`, a list of them; or
+# `Rule(shape, test, "what it must be")`. Keys a shape does not name are left alone.
+
+
+class Rule(NamedTuple):
+    shape: object
+    test: object
+    allowed: str
+
+
+def check_shape(source, value, shape, where: str = ""):
+    """`value` (read from `source`) has `shape`, or a ValueError names the file, the key and
+    what it must be: a value of the wrong type fails here, one line, not deep in a later use."""
+    def wrong(expected):
+        found = json.dumps(value, default=str)
+        return ValueError(f"{source}: {repr(where) + ' is' if where else 'holds'} "
+                          f"{found if len(found) < 80 else found[:76] + ' ...'}, expected {expected}")
+
+    at = lambda key: f"{where}/{key}" if where else str(key)  # noqa: E731
+    if isinstance(shape, Rule):
+        check_shape(source, value, shape.shape, where)
+        if not shape.test(value):
+            raise wrong(shape.allowed)
+    elif isinstance(shape, tuple):
+        errors = []
+        for option in shape:
+            try:
+                return check_shape(source, value, option, where)
+            except ValueError as e:
+                inner = option.shape if isinstance(option, Rule) else option
+                if isinstance(inner, (dict, list)) and isinstance(value, type(inner)):
+                    errors.append(e)  # the form the value has: its own error says what is wrong inside
+        if len(errors) == 1:
+            raise errors[0]
+        raise wrong(" or ".join(shape_name(option) for option in shape))
+    elif isinstance(shape, list):
+        if not isinstance(value, list):
+            raise wrong("a list")
+        for i, item in enumerate(value):
+            check_shape(source, item, shape[0], at(i))
+    elif isinstance(shape, dict):
+        if not isinstance(value, dict):
+            raise wrong("an object")
+        named = {key.rstrip("?"): (sub, key.endswith("?")) for key, sub in shape.items() if key is not str}
+        missing = [key for key, (_, optional) in named.items() if not optional and key not in value]
+        if missing:
+            raise ValueError(f"{source}: {repr(where) + ' ' if where else ''}has no {', '.join(map(repr, missing))}")
+        for key, item in value.items():
+            sub = named[key][0] if key in named else shape.get(str)
+            if sub is not None:
+                check_shape(source, item, sub, at(key))
+    else:
+        allowed = tuple(type(None) if t is None else t for t in (shape.__args__ if isinstance(shape, types.UnionType)
+                                                                 else (shape,)))
+        allowed += (int,) if float in allowed else ()
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise wrong(shape_name(shape))
+    return value
+
+
+def shape_name(shape) -> str:
+    if isinstance(shape, Rule):
+        return shape.allowed
+    if isinstance(shape, (dict, list, tuple)):
+        return {dict: "an object", list: "a list", tuple: "one of several forms"}[type(shape)]
+    options = shape.__args__ if isinstance(shape, types.UnionType) else (shape,)
+    names = {None: "null", type(None): "null", dict: "an object", list: "a list"}
+    return " or ".join(names.get(t) or t.__name__ for t in options)
+
+
 def check_json_types(path: Path, values: dict, expected: dict):
     """Each present key of `values` has its `expected` type (a type, or a union such as
-    `int | None`): a string where a number belongs would otherwise fail later, far from the
-    file. An int is a float here, as JSON writes 1e4 as 10000; a bool is never an int."""
-    for key, annotation in expected.items():
-        if key not in values:
-            continue
-        allowed = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
-        allowed = tuple(t for t in allowed if isinstance(t, type))
-        if float in allowed:
-            allowed += (int,)
-        value = values[key]
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed)
-            raise ValueError(f"{path}: {key!r} is {json.dumps(value)}, expected {names}")
+    `int | None`): check_shape with every key optional."""
+    check_shape(path, values, {key + "?": annotation for key, annotation in expected.items()})
+
+
+def read_json_shaped(path, shape):
+    """read_json, then check_shape: what every reader of a JSON file of ours calls."""
+    return check_shape(path, read_json(path), shape)
 
 
 # ---- writing: atomic files, output folders checked first, a run folder one process's
@@ -98,7 +168,10 @@ def write_atomically(file: Path, write):
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         os.close(fd)
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:  # torch.save's word for a failed write (a full disk): an OSError naming the file
+            raise OSError(f"{file}: cannot write: {str(e).splitlines()[0]}") from None
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)  # only left over when the write failed
@@ -152,7 +225,15 @@ def read_run_record(folder) -> dict | None:
     if not file.exists():
         return None
     record = read_json(file)
-    return record if isinstance(record, dict) and record.get(RUN_MARKER) == 1 else None
+    if not (isinstance(record, dict) and record.get(RUN_MARKER) == 1):
+        return None
+    return check_shape(file, record, RUN_RECORD)
+
+
+# A run record's shape: the flags its readers use (eval.py, the experiment's table, --resume).
+RUN_RECORD = {"config": {"method": str, "seed": int, "ckpt?": str, "data?": str, "echo_inject?": str, "lr?": float,
+                         "max_steps?": int, str: (str, float, bool, None)},
+              "train_records?": int, "model_args?": dict}
 
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository

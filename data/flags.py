@@ -14,12 +14,47 @@ POSITIVE, NOT_NEGATIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
 SEED = (lambda v: 0 <= v < 2**32, "in [0, 2^32)")  # numpy's and torch's seeds
 
 
-def flag(default, help: str, *, choices=None, allowed=None, default_text: str = "", infinite: bool = False):
+def flag(default, help: str, *, choices=None, allowed=None, default_text: str = "", infinite: bool = False,
+         items=None):
     """A field that is also a command-line flag: its default, its one-line meaning, the values it
-    may take (`choices`, or `allowed`; a float is finite unless `infinite`), and how `--help`
-    states a default that means more than its value (`default_text`)."""
+    may take (`choices`, or `allowed`; a float is finite unless `infinite`; `items`: a
+    comma-separated list, see `list_items`), and how `--help` states a default that means more
+    than its value (`default_text`)."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, allowed=allowed,
-                                                            default_text=default_text, infinite=infinite))
+                                                            default_text=default_text, infinite=infinite,
+                                                            items=items))
+
+
+def block_number(text: str) -> int:
+    """A 1-based block number of a list flag (--echo-source-layers 4,1)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+# The items of a comma-separated flag: (parse, what an item is).
+BLOCK_NUMBERS, NAMES = (block_number, "a block number (an integer >= 1)"), (str, "a name")
+
+
+def list_items(flag_name: str, text: str, items) -> list:
+    """A comma-separated flag's items, each parsed by `items`, none empty and none given twice:
+    the rule of every list flag (a block listed twice is weighted twice, a --data file listed
+    twice validates on its own training records), so nothing is silently dropped or doubled.
+    A bad item is a ValueError naming the flag."""
+    parse, what = items
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(parse(item.strip()) if item.strip() else None)
+        except ValueError:
+            values.append(None)
+        if values[-1] is None:
+            raise ValueError(f"{flag_name} {text}: {item!r} is not {what}")
+    twice = [str(v) for v in dict.fromkeys(values) if values.count(v) > 1]
+    if twice:
+        raise ValueError(f"{flag_name} {text}: gives {', '.join(twice)} more than once")
+    return values
 
 
 def finite(text: str) -> float:
@@ -67,6 +102,11 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> dict:
 def check_allowed(parser: argparse.ArgumentParser, config):
     """Every field's value within its `allowed` values, or a parse error naming the flag."""
     for f in dataclasses.fields(config):
+        if f.metadata["items"] and getattr(config, f.name):
+            try:
+                list_items(f"--{f.name.replace('_', '-')}", getattr(config, f.name), f.metadata["items"])
+            except ValueError as e:
+                parser.error(str(e))
         ok, allowed = f.metadata["allowed"] or (None, "")
         if ok and not ok(getattr(config, f.name)):
             parser.error(f"--{f.name.replace('_', '-')} must be {allowed}, found {getattr(config, f.name)}")

@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from data.adapters import adapter_state, copy_adapter_tensors, save_adapter
-from data.files import (EVAL_FILES, RUN_MARKER, code_version, locked_folder, output_folder, read_run_record,
-                        recorded_command, recorded_path, write_atomically)
+from data.files import (EVAL_FILES, RUN_MARKER, Rule, check_shape, code_version, locked_folder, output_folder, read_bytes,
+                        read_run_record, recorded_command, recorded_path, refuse_constant, write_atomically)
 from echo_lora import trainable_parameters
 
 
@@ -74,9 +74,7 @@ def run_folder(cfg, rank: int):
                 held.enter_context(locked_folder(out))
             check_out_folder(cfg)
         except OSError as e:  # made and locked before the model loads: a read-only or full disk
-            raise SystemExit(f"--out {out}: cannot write a run there: {e.strerror or e}") from None
-        except ValueError as e:  # a file in the way, another train.py's, an unreadable config.json
-            raise SystemExit(str(e)) from None
+            raise ValueError(f"--out {out}: cannot write a run there: {e.strerror or e}") from None
         yield out
 
 
@@ -88,15 +86,15 @@ def check_out_folder(cfg):
     out = Path(cfg.out)
     record, names = read_run_record(out), taken(out)
     if record is None and names:
-        raise SystemExit(f"{out}: holds {', '.join(names)} but no train.py run record (a config.json with "
+        raise ValueError(f"{out}: holds {', '.join(names)} but no train.py run record (a config.json with "
                          f"{RUN_MARKER!r}): not a run to " + ("resume" if cfg.resume else "replace")
                          + "; give another --out")
     if record is None and cfg.resume:
-        raise SystemExit(f"{out}: --resume given but there is no run there to resume")
+        raise ValueError(f"{out}: --resume given but there is no run there to resume")
     if record is None or cfg.overwrite:
         return
     if not cfg.resume:
-        raise SystemExit(f"{out}: holds a run already; --resume continues it, --overwrite replaces it, "
+        raise ValueError(f"{out}: holds a run already; --resume continues it, --overwrite replaces it, "
                          "or give another --out")
     saved = record.get("config", {})
     now = dataclasses.asdict(cfg)
@@ -104,7 +102,7 @@ def check_out_folder(cfg):
     if "max_steps" in saved and (now["max_steps"] or math.inf) < (saved["max_steps"] or math.inf):  # 0: all epochs
         changed.append("max_steps")  # only a longer run continues this one
     if changed:
-        raise SystemExit(f"{out}: --resume with flags that change the run: "
+        raise ValueError(f"{out}: --resume with flags that change the run: "
                          + ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
                          + "; start a new run (another --out) instead")
 
@@ -122,19 +120,27 @@ def prepare_run_folder(cfg, out: Path, step: int, record: dict):
     write_atomically(metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
-def metrics_lines(path: Path, up_to_step: int) -> list[str]:
+# A metrics.jsonl line's shape (data.files.check_shape): its step, then numbers.
+METRICS_ENTRY = {"step": Rule(int, lambda v: v >= 0, "a step >= 0"), str: float | None}
+
+
+def metrics_lines(path: Path, up_to_step: float) -> list[str]:
     """The lines of metrics.jsonl up to `up_to_step`. A partial last line (the run was killed
-    during its append) is dropped; a malformed line before it is an error."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    during its append) is dropped; a malformed line before it, or an entry of the wrong shape,
+    is a ValueError naming the file and line."""
+    try:
+        lines = read_bytes(path).decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     kept = []
     for n, line in enumerate(lines, 1):
         try:
-            step = json.loads(line)["step"]
-        except (json.JSONDecodeError, TypeError, KeyError):
+            entry = json.loads(line, parse_constant=refuse_constant)
+        except (ValueError, RecursionError):
             if n == len(lines):
                 break
-            raise SystemExit(f"{path}: line {n} is not a metrics entry") from None
-        if step <= up_to_step:
+            raise ValueError(f"{path}: line {n} is not a metrics entry") from None
+        if check_shape(f"{path}: line {n}", entry, METRICS_ENTRY)["step"] <= up_to_step:
             kept.append(line)
     return kept
 
@@ -158,7 +164,7 @@ def run_record(cfg, args, n_train: int, n_echo_params: int) -> dict:
 
 
 def save_checkpoint(path: Path, step: int, model, echo, optimizer, best_val: float):
-    state = {"step": step, "adapter": adapter_state(model),
+    state = {"step": step, "adapter": adapter_state(model), "base_fingerprint": getattr(model, "fingerprint", None),
              "echo": echo.state_dict() if echo else None, "optimizer": optimizer.state_dict(),
              "best_val": best_val, "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -167,12 +173,16 @@ def save_checkpoint(path: Path, step: int, model, echo, optimizer, best_val: flo
 
 def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
     if not path.is_file():
-        raise SystemExit(f"{path}: --resume given but there is no checkpoint to resume from")
+        raise ValueError(f"{path}: --resume given but there is no checkpoint to resume from")
     try:  # tensors and plain values only: a pickle that would run code is refused, never run
         state = torch.load(path, weights_only=True)
         copy_adapter_tensors(model, state["adapter"], path)
     except Exception as e:  # pickle, torch and format errors alike; the user needs the file name
-        raise SystemExit(f"{path}: not a checkpoint this run can resume from: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path}: not a checkpoint this run can resume from: {str(e).splitlines()[0]}") from None
+    saved, mine = state.get("base_fingerprint"), getattr(model, "fingerprint", None)
+    if None not in (saved, mine) and saved != mine:  # the same shapes, other weights: another run, not this one
+        raise ValueError(f"{path}: the run trained on other base weights (fingerprint {saved}, the --ckpt loaded has "
+                         f"{mine}): --resume continues only the same run; start a new one (another --out)")
     if echo:
         echo.load_state_dict(state["echo"])
     optimizer.load_state_dict(state["optimizer"])
@@ -206,12 +216,12 @@ def run_summary(cfg, model, echo, n_train: int, total_steps: int, device) -> str
 
 
 def stop_if_not_finite(step: int, out: Path, cfg, **values: float):
-    """NaN or inf stops training at once, with one line naming the step. Checked before each
+    """NaN or inf stops training at once, with one line naming the step (a ValueError: train.main's one line). Checked before each
     update and each save, so nothing non-finite is saved: the adapter in `out` stays the last
     finite one."""
     if all(math.isfinite(v) for v in values.values()):
         return
-    raise SystemExit(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items())
+    raise ValueError(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items())
                      + f": not finite, training stopped (--lr {cfg.lr:g} too high?); {out} keeps the last finite adapter")
 
 

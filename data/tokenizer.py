@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from data.files import read_json, regular_file
+from data.files import Rule, read_json_shaped, regular_file
 
 # Llama 3's pre-tokenizer split pattern (Meta's release).
 LLAMA3_SPLIT_PATTERN = (
@@ -34,6 +34,24 @@ GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N
 # (SmolLM2's and StarCoder's hub files), as one regex: every digit is a piece of its own, and a
 # digit ends a whitespace run the way the end of a stretch does.
 DIGITS_GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+# Text a tokenizer run by tiktoken must give back unchanged: tiktoken drops whatever its split
+# regex does not cover (a tokenizer.json whose Split regex covers letters only trained on
+# "Theansweristrue"), so every kind of character a record holds is in it: each printable ASCII
+# character, the protocol's 16-space indent, newlines, letters, digits and symbols beyond ASCII.
+ROUND_TRIP_PROBE = ("".join(map(chr, range(0x20, 0x7F))) + "\n" + " " * 16 + "The answer is 42, true.\n\n"
+                    "café Ünïcode straße Ωμέγα дом 数字 ٣٤ ½ € — “quoted” 😀")
+# The shapes (data.files.check_shape) of the files an HF tokenizer is read from: tokenizer.json,
+# tokenizer_config.json (a token is its text, or an object with its "content"), and the special
+# ids of config.json (an id, or a non-empty list of them).
+TOKENIZER_JSON = {"model": {"vocab": {str: Rule(int, lambda v: v >= 0, "an id >= 0")}, "merges?": list},
+                  "added_tokens?": [{"id": Rule(int, lambda v: v >= 0, "an id >= 0"), "content": str}],
+                  "normalizer?": (None, dict), "pre_tokenizer?": (None, dict), "post_processor?": (None, dict)}
+TOKEN = (None, str, {"content": str})
+TOKENIZER_CONFIG = {"bos_token?": TOKEN, "eos_token?": TOKEN, "pad_token?": TOKEN, "add_bos_token?": bool | None,
+                    "add_eos_token?": bool | None}
+TOKEN_ID = Rule(int, lambda v: v >= 0, "an id >= 0")
+TOKEN_IDS = (None, TOKEN_ID, Rule([TOKEN_ID], bool, "a non-empty list of ids"))
+SPECIAL_IDS = {"bos_token_id?": TOKEN_IDS, "eos_token_id?": TOKEN_IDS, "pad_token_id?": TOKEN_IDS}
 # Added tokens that end a reply in these families' formats: decoding stops at whichever exist.
 END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>")
 
@@ -59,7 +77,7 @@ class Tokenizer:
         except OSError as e:
             raise FileNotFoundError(f"{self.path}: cannot read tokenizer: {e}") from None
         self.add_bos = True
-        if head.lstrip().startswith(b"{"):
+        if head.lstrip().startswith((b"{", b"[")):  # JSON: a tokenizer.json, whose shape is checked
             self._init_tokenizer_json()
         elif re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
             self._init_tiktoken()
@@ -108,6 +126,18 @@ class Tokenizer:
         # Special-token text in user data is encoded as ordinary text, never as control tokens.
         self._encode = lambda text: self.tt.encode(text, disallowed_special=())
         self._decode = self.tt.decode
+        self._check_keeps_text()
+
+    def _check_keeps_text(self):
+        """Text in is text out: decode(encode(ROUND_TRIP_PROBE)) must be the probe, or the files
+        are refused, naming the first character lost, rather than training on text with pieces
+        silently missing. (SentencePiece is not probed: its own normaliser may rewrite text by design.)"""
+        back = self.decode(self._encode(ROUND_TRIP_PROBE))
+        if back != ROUND_TRIP_PROBE:
+            at = next((i for i, (a, b) in enumerate(zip(back, ROUND_TRIP_PROBE)) if a != b), len(back))
+            raise ValueError(f"{self.path}: text does not survive encoding and decoding (its pre-tokenizer does not "
+                             f"cover every character?): {ROUND_TRIP_PROBE[at:at + 12]!r} at character {at} of a probe "
+                             f"comes back as {back[at:at + 12]!r}")
 
     def _init_tokenizer_json(self):
         """Run an HF byte-level BPE tokenizer.json with tiktoken: the vocabulary gives the ranks,
@@ -115,7 +145,7 @@ class Tokenizer:
         and config.json beside it name BOS, EOS and pad."""
         import tiktoken
 
-        spec = read_json(self.path)
+        spec = read_json_shaped(self.path, TOKENIZER_JSON)
         if spec.get("normalizer") is not None:
             raise ValueError(f"{self.path}: normalizer {spec['normalizer'].get('type')!r} is not implemented "
                              f"(a byte-level BPE tokenizer.json has none)")
@@ -136,13 +166,15 @@ class Tokenizer:
         # Special-token text in user data is encoded as ordinary text, never as control tokens.
         self._encode = lambda text: [t for t in self.tt.encode(text, disallowed_special=()) if t < self.n_words]
         self._decode = self.tt.decode
+        self._check_keeps_text()
 
     def _read_hf_special_ids(self, spec: dict, specials: dict[str, int]):
         """BOS (and whether encode puts it in front), EOS, pad and the ids decoding stops at, as
         tokenizer_config.json and config.json beside a tokenizer.json name them."""
         folder = self.path.parent
-        tokenizer_config, config = (read_json(folder / name) if (folder / name).is_file() else {}
-                                    for name in ("tokenizer_config.json", "config.json"))
+        tokenizer_config, config = (read_json_shaped(folder / name, shape) if (folder / name).is_file() else {}
+                                    for name, shape in (("tokenizer_config.json", TOKENIZER_CONFIG),
+                                                        ("config.json", SPECIAL_IDS)))
         names = {**spec["model"]["vocab"], **specials}
         self.bos_id = hf_token_id("bos", tokenizer_config, config, names, folder)
         prefix = hf_bos_prefix(spec.get("post_processor"), tokenizer_config, self.bos_id, self.path)

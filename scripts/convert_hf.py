@@ -29,7 +29,7 @@ if __name__ == "__main__":  # run as a script: make the repo's modules importabl
 import torch
 
 from data.checkpoints import check_model_args, check_weights, find_tokenizer, match_vocabulary, read_tensor_file
-from data.files import check_json_types, inside, read_json, write_atomically
+from data.files import inside, read_json, read_json_shaped, write_atomically
 from data.tokenizer import Tokenizer
 from llama import ModelArgs, Transformer
 
@@ -41,12 +41,17 @@ HF_CONFIG_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_head
 
 
 
-# The types of the HF config.json keys read_hf_config reads.
-HF_CONFIG_TYPES = {
-    "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "num_key_value_heads": int | None,
-    "vocab_size": int, "intermediate_size": int, "head_dim": int | None, "rms_norm_eps": float, "rope_theta": float,
-    "max_position_embeddings": int, "tie_word_embeddings": bool, "hidden_act": str,
+# An HF config.json's shape (data.files.check_shape): the keys read_hf_config reads (the values'
+# ranges are check_model_args'); the rest of the file is transformers' alone.
+ROPE = (None, {"rope_theta?": float, "rope_type?": str, "type?": str})
+HF_CONFIG = {
+    "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "num_key_value_heads?": int | None,
+    "vocab_size": int, "intermediate_size": int, "head_dim?": int | None, "rms_norm_eps?": float, "rope_theta?": float,
+    "max_position_embeddings?": int, "tie_word_embeddings?": bool, "hidden_act?": str, "model_type?": str | None,
+    "architectures?": (None, [str]), "rope_scaling?": ROPE, "rope_parameters?": ROPE,
 }
+# An index's shape: which file holds each weight.
+HF_INDEX = {"weight_map": {str: str}}
 
 
 def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
@@ -54,13 +59,12 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
 
     Anything this model cannot compute exactly is an error, not a silent difference.
     """
-    cfg = read_json(path)
+    cfg = read_json_shaped(path, HF_CONFIG)
     if cfg.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in cfg.get("architectures") or []):
         raise ValueError(f"{path}: model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')}: "
                          "only LLaMA checkpoints (model_type 'llama', LlamaForCausalLM) load here")
     if cfg.get("sliding_window") or cfg.get("use_sliding_window"):
         raise ValueError(f"{path}: sliding-window attention is not a LLaMA feature this model implements")
-    check_json_types(path, cfg, HF_CONFIG_TYPES)
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise ValueError(f"{path}: {flag}=true is not a LLaMA feature this model implements")
@@ -97,23 +101,24 @@ def read_hf_rope(cfg: dict, path: Path) -> tuple[float, bool]:
     return rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), rope_type == "llama3"
 
 
-def hf_weight_files(ckpt_dir: Path) -> list[Path]:
-    """Exactly the files an HF folder's index lists (model.safetensors.index.json), or its single
-    model.safetensors (then the same for pytorch_model.bin): never every *.safetensors in the
-    folder, where a stray copy would silently replace the real weights."""
+def hf_weight_files(ckpt_dir: Path) -> dict[Path, set[str] | None]:
+    """Exactly the files an HF folder's index lists (model.safetensors.index.json), each with the
+    weights the index names it for, or its single model.safetensors (None: all of its weights;
+    then the same for pytorch_model.bin): never every *.safetensors in the folder, where a stray
+    copy would silently replace the real weights, nor a weight from a file the index does not
+    name for it (a stale duplicate)."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (ckpt_dir / index).exists():
-            weight_map = read_json(ckpt_dir / index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise ValueError(f"{ckpt_dir / index}: 'weight_map' is not a mapping of weight names to file names")
-            files = [inside(ckpt_dir, name, ckpt_dir / index) for name in sorted(set(weight_map.values()))]
+            weight_map = read_json_shaped(ckpt_dir / index, HF_INDEX)["weight_map"]
+            files = {inside(ckpt_dir, name, ckpt_dir / index): {k for k, v in weight_map.items() if v == name}
+                     for name in sorted(set(weight_map.values()))}
             absent = [f.name for f in files if not f.exists()]
             if absent:
                 raise FileNotFoundError(f"{ckpt_dir / index}: lists {absent} but they are not in the folder")
             return files
         if (ckpt_dir / single).is_file():
-            return [ckpt_dir / single]
+            return {ckpt_dir / single: None}
     raise FileNotFoundError(f"{ckpt_dir}: config.json but no model.safetensors, model.safetensors.index.json, "
                             "pytorch_model.bin or pytorch_model.bin.index.json")
 
@@ -122,8 +127,14 @@ def read_hf_weights(ckpt_dir: Path, args: ModelArgs, tied: bool) -> dict[str, to
     """Meta-named weights from the files of `hf_weight_files`, q/k rows un-permuted."""
     files = hf_weight_files(ckpt_dir)
     state = {}
-    for file in files:
-        for key, tensor in read_tensor_file(file).items():
+    for file, named in files.items():
+        tensors = read_tensor_file(file)
+        lacking = sorted((named or set()) - set(tensors))
+        if lacking:
+            raise ValueError(f"{file}: the index names it for {lacking[:3]}, which it does not hold")
+        for key, tensor in tensors.items():
+            if named is not None and key not in named:
+                continue  # the index names another file for it: this copy is not the model's
             try:
                 name = hf_key_to_meta(key)
             except ValueError as e:

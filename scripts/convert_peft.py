@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from data import checkpoints
-from data.adapters import CONFIG_FILE, adapter_config, adapter_state, block_and_target, copy_adapter_tensors, fit_adapters
+from data.adapters import ADAPTER_FILE, CONFIG_FILE, adapter_config, adapter_state, block_and_target, copy_adapter_tensors, fit_adapters
 from data.checkpoints import read_tensor_file
 from data.files import check_json_types, read_json, write_atomically
 from echo_lora import BLOCK_LINEARS
@@ -156,7 +156,13 @@ def main(argv=None):
     parser.add_argument("source", type=Path, help="the adapter folder to convert")
     parser.add_argument("dest", type=Path, help="the folder written")
     parser.add_argument("--ckpt", required=True, help="the base model the adapter belongs to (its shape and heads)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an adapter already in dest (default: refuse)")
     a = parser.parse_args(argv)
+    written = (PEFT_ADAPTER_FILE, CONFIG_FILE) if a.direction == "to-peft" else (ADAPTER_FILE, CONFIG_FILE)
+    there = [name for name in written if (a.dest / name).exists()]
+    if there and not a.overwrite:  # a finished run's adapter is never replaced unasked
+        parser.exit(1, f"convert_peft.py: {a.dest} holds {', '.join(there)} already; --overwrite replaces it, "
+                       "or give another dest\n")
     try:
         model, _ = llama.load(checkpoints.resolve_checkpoint(a.ckpt))
         if a.direction == "to-peft":

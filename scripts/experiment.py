@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
 import train  # noqa: E402
 from data import checkpoints, runs  # noqa: E402
-from data.files import (inside, output_files, read_bytes, read_json, read_run_record, recorded_command,  # noqa: E402
-                        write_atomically)
+from data.files import (Rule, check_shape, inside, output_files, read_bytes, read_json, read_json_shaped,  # noqa: E402
+                        read_run_record, recorded_command, write_atomically)
 from data.runs import metrics_lines  # noqa: E402
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
@@ -249,6 +249,18 @@ def experiment_settings(a, flags: dict, files: dict) -> dict:
             "data_sha256": {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items()}}
 
 
+# experiment.json's shape (data.files.check_shape): what this program wrote, read back before any use.
+SECONDS = Rule(float | None, lambda v: v is None or 0 <= v < math.inf, "seconds >= 0, or null")
+EXPERIMENT = {
+    "settings": {"ckpt?": str, "train_sets?": [str], "test_sets?": [str], "train_flags?": [str], "echo_flags?": [str],
+                 "eval_flags?": [str], "data_sha256?": {str: str}},
+    "calls": [{"runs_done?": [str], "seconds?": SECONDS, str: (str, float, bool, list, None)}],
+    "runs": {str: {"arm": Rule(str, lambda v: v in ARMS, "an arm: " + ", ".join(ARMS)), "seed?": int | None,
+                   "status?": str, "train_seconds?": SECONDS, "eval_seconds?": SECONDS, "estimate_seconds?": SECONDS,
+                   "seconds_left?": SECONDS, "resumed?": bool, "call?": int, "stopped_by?": str}},
+}
+
+
 def check_run_names(out: Path, names):
     """The run names an experiment.json gives: each a folder inside `out` (data.files.inside: no
     `../x`) and a run's name, <arm>-s<seed> or none."""
@@ -272,11 +284,9 @@ def open_experiment(out: Path, settings: dict) -> dict:
             raise SystemExit(f"{out}: holds files but no experiment.json; give another --out")
         return {"settings": settings, "calls": [], "runs": {}}
     try:
-        manifest = read_json(file)
+        manifest = read_json_shaped(file, EXPERIMENT)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if not isinstance(manifest, dict) or not {"settings", "calls", "runs"} <= set(manifest):
-        raise SystemExit(f"{file}: not an experiment's manifest (settings, calls, runs)")
     check_run_names(out, manifest["runs"])
     saved = manifest["settings"]
     show = lambda v: shlex.join(v) if isinstance(v, list) else v  # noqa: E731
@@ -426,23 +436,34 @@ def run_folders(out: Path, suffix: str = "") -> list[Path]:
     """The evaluated run folders in `out`."""
     if not out.is_dir():
         raise SystemExit(f"{out}: no such folder")
-    return sorted(folder for folder in out.iterdir() if folder.is_dir() and evaluated(folder, suffix))
+    # a folder with eval.py's results.json is a run, even when its predictions are gone: read_run says so
+    return sorted(folder for folder in out.iterdir() if folder.is_dir() and (folder / output_files(suffix)[2]).is_file())
 
 
 def table_suffix(out: Path, scoring: str | None) -> str:
     """The evaluation files' suffix for --scoring, or for the scoring of the experiment in `out`."""
     if scoring is None and (out / "experiment.json").is_file():
         try:
-            eval_flags = read_json(out / "experiment.json")["settings"]["eval_flags"]
-        except (ValueError, KeyError, TypeError):
-            raise SystemExit(f"{out / 'experiment.json'}: not an experiment's manifest; give --scoring") from None
+            eval_flags = read_json_shaped(out / "experiment.json", EXPERIMENT)["settings"].get("eval_flags", [])
+        except ValueError as e:
+            raise SystemExit(f"{e}; or give --scoring") from None
     else:
         eval_flags = [] if scoring is None else ["--scoring", scoring]  # checked by eval.py's own parser
     return evaluator.results_suffix(evaluator.arg_parser().parse_args(eval_flags))
 
 
+# The shapes (data.files.check_shape) of eval.py's results.json and of a predictions.jsonl line.
+RESULTS = {"args?": {"scoring?": str, "num_beams?": int, "max_new_tokens?": int, "limit?": int | None, "ckpt?": str,
+                     "precision?": str | None},
+           "predictions_sha256?": str, "adapter_sha256?": str | None, "test_sha256?": {str: str}}
+PREDICTION = {"dataset": Rule(str, lambda v: v in evaluator.BENCHMARKS, "a benchmark: " + ", ".join(evaluator.BENCHMARKS)),
+              "index": Rule(int, lambda v: v >= 0, "an index >= 0"), "answer": str, "gold": str, "correct": bool}
+
+
 def read_predictions(file: Path, data: bytes) -> dict[tuple[str, int], bool]:
-    """{(dataset, index): correct} of a predictions.jsonl; a malformed or repeated line is an error."""
+    """{(dataset, index): correct} of a predictions.jsonl; a malformed or repeated line is an error.
+    Correctness is recomputed from the answer and the gold label, never taken on trust: a line
+    whose `correct` says otherwise, or whose gold is no label of its benchmark, is an error."""
     correct = {}
     try:
         lines = data.decode("utf-8").splitlines()
@@ -451,14 +472,18 @@ def read_predictions(file: Path, data: bytes) -> dict[tuple[str, int], bool]:
     for n, line in enumerate(lines, 1):
         try:
             p = json.loads(line)
-            key, right = (p["dataset"], p["index"]), p["correct"]
-        except (ValueError, RecursionError, TypeError, KeyError):
-            raise ValueError(f"{file}: line {n} is not a prediction (dataset, index, correct)") from None
-        if key[0] not in evaluator.BENCHMARKS or type(key[1]) is not int or type(right) is not bool:
-            raise ValueError(f"{file}: line {n}: {key[0]!r} item {key[1]!r} correct {right!r} is not a prediction")
+        except (ValueError, RecursionError):
+            raise ValueError(f"{file}: line {n} is not a prediction (dataset, index, answer, gold, correct)") from None
+        check_shape(f"{file}: line {n}", p, PREDICTION)
+        key, labels = (p["dataset"], p["index"]), evaluator.BENCHMARKS[p["dataset"]].labels.split("|")
+        if p["gold"] not in labels:
+            raise ValueError(f"{file}: line {n}: gold {p['gold']!r} is no label of {p['dataset']} ({', '.join(labels)})")
+        if p["correct"] != (p["answer"] == p["gold"]):
+            raise ValueError(f"{file}: line {n}: 'correct' is {json.dumps(p['correct'])} but the answer is "
+                             f"{p['answer']!r} and the gold label {p['gold']!r}")
         if key in correct:
             raise ValueError(f"{file}: line {n}: {key[0]} item {key[1]} is predicted twice")
-        correct[key] = right
+        correct[key] = p["correct"]
     return correct
 
 
@@ -469,19 +494,24 @@ def read_run(folder: Path, suffix: str = "") -> dict:
     untouched model)."""
     predictions_name, _, results_name = output_files(suffix)
     summary_file, predictions_file = folder / results_name, folder / predictions_name
-    summary, data = read_json(summary_file), read_bytes(predictions_file)
-    if not isinstance(summary, dict) or not isinstance(summary.get("args", {}), dict):
-        raise ValueError(f"{summary_file}: not eval.py's results")
+    if not predictions_file.is_file():  # a seed fewer, silently, otherwise
+        raise ValueError(f"{folder}: {results_name} but no {predictions_name}, the one source of its accuracies")
+    summary, data = read_json_shaped(summary_file, RESULTS), read_bytes(predictions_file)
     if summary.get("predictions_sha256", hashlib.sha256(data).hexdigest()) != hashlib.sha256(data).hexdigest():
         raise ValueError(f"{predictions_file}: not the predictions {summary_file} was written with "
                          "(edited since, or an evaluation cut short)")
     record = read_run_record(folder)
-    config = record.get("config") if record is not None else None
-    if record is not None and not (isinstance(config, dict) and isinstance(config.get("method"), str)):
-        raise ValueError(f"{folder / 'config.json'}: not train.py's run record (no config with a method)")
+    config = record["config"] if record is not None else None
+    scored = summary.get("adapter_sha256")
+    if scored is not None:  # the adapter in the folder must be the one scored, not one trained since
+        adapter = read_json_shaped(folder / "adapter_config.json", {"tensors_sha256": str})
+        if adapter["tensors_sha256"] != scored:
+            raise ValueError(f"{summary_file}: scored adapter {scored[:12]}, but {folder / 'adapter.safetensors'} is "
+                             f"now {adapter['tensors_sha256'][:12]}: evaluate it again (eval.py --overwrite)")
     arm = "none" if config is None else config["method"] + (CONTROL if config.get("echo_inject") == "zero" else "")
-    return {"folder": folder, "arm": arm, "seed": config.get("seed") if config else None, "record": record,
-            "eval": summary.get("args", {}), "correct": read_predictions(predictions_file, data)}
+    return {"folder": folder, "arm": arm, "seed": config["seed"] if config else None, "record": record,
+            "eval": summary.get("args", {}), "tests": summary.get("test_sha256", {}),
+            "correct": read_predictions(predictions_file, data)}
 
 
 def arm_rank(arm: str) -> tuple:
@@ -502,6 +532,11 @@ def load_runs(folders, suffix: str = "") -> tuple[list[dict], list[str]]:
         runs.append(read_run(folder, suffix))
     if not runs:
         raise ValueError("no evaluated run (results.json and predictions.jsonl) to tabulate")
+    for dataset in evaluator.BENCHMARKS:  # runs are compared question by question: the same test files
+        files = {r["tests"][dataset]: r for r in runs if dataset in r["tests"]}
+        if len(files) > 1:
+            raise ValueError(f"the runs scored different {dataset} test files: " + ", ".join(
+                f"{digest[:12]} ({r['folder']})" for digest, r in files.items()))
     differ = [k for k in COMPARED_SETTINGS if len({str(r["eval"].get(k)) for r in runs}) > 1]
     if differ:
         raise ValueError("the runs were evaluated with different settings: " + "; ".join(

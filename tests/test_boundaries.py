@@ -462,3 +462,660 @@ def test_a_precision_the_cpu_emulates_is_named_before_the_run(monkeypatch):
     assert checkpoints.slow_precision_warning("cpu", "fp16", torch.float16) is None  # 1.5x: not emulated
     assert checkpoints.slow_precision_warning("cpu", "fp32", torch.float32) is None
     assert checkpoints.slow_precision_warning("cuda", "bf16", torch.bfloat16) is None
+
+
+# ---- issue 37: the five cases left over, and one mechanism per class
+
+
+def refused_when_parsed(capsys, argv) -> str:
+    """train.py's parser refuses argv: exit status 2 and its one `error:` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    return line
+
+
+def refused_by_train(argv) -> str:
+    """train.main(argv) stops with one line (its exit message: a non-zero exit), no traceback."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and "\n" not in message and "Traceback" not in message
+    return message
+
+
+# F03 and every list flag: items of their kind, none empty, none given twice
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--echo-source-layers", "4,4,4,1"], "--echo-source-layers 4,4,4,1: gives 4 more than once"),  # F03
+    (["--echo-source-layers", "a"], "--echo-source-layers a: 'a' is not a block number"),  # class 1's example
+    (["--echo-target-layers", "2,02"], "--echo-target-layers 2,02: gives 2 more than once"),
+    (["--echo-target-layers", "1,,2"], "--echo-target-layers 1,,2: '' is not a block number"),
+    (["--echo-source-layers", "0"], "'0' is not a block number"),
+    (["--echo-source-layers", "-1"], "'-1' is not a block number"),
+    (["--echo-source-layers", "1.5"], "'1.5' is not a block number"),
+    (["--targets", "wq,wv,wq"], "--targets wq,wv,wq: gives wq more than once"),
+    (["--targets", "wq,"], "--targets wq,: '' is not a name"),
+    (["--data", "a.json,b.json,a.json"], "--data a.json,b.json,a.json: gives a.json more than once"),  # E14
+])
+def test_a_list_flag_with_a_repeated_or_bad_item_is_a_parse_error(capsys, argv, why):
+    assert why in refused_when_parsed(capsys, argv)
+
+
+def test_list_flags_that_are_fine_still_parse():
+    cfg = train.parse_config(["--echo-source-layers", "4,1", "--echo-target-layers", " 2, 3", "--targets", "wq,wv"])
+    assert train.echo_config(cfg).source_layers == (4, 1) and train.echo_config(cfg).target_layers == (2, 3)
+
+
+# E14: one dataset file given twice, under any name
+
+
+@pytest.mark.parametrize("how", ["copy", "symlink", "dot-path", "hard link"])
+def test_one_data_file_given_twice_under_another_name_is_one_line(ckpt, records, tmp_path, how):
+    twin = tmp_path / "twin.json"
+    if how == "copy":
+        shutil.copy(records, twin)
+    elif how == "symlink":
+        twin.symlink_to(records)
+    elif how == "hard link":
+        os.link(records, twin)
+    else:
+        twin = f"{records.parent}/./{records.name}"  # a string: Path would drop the "."
+    message = refused_by_train(train_args(ckpt, f"{records},{twin}", tmp_path / "run"))
+    assert f"--data: {twin} holds the same records as {records}: one file given twice" in message
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+# F27: the embedded model's preset keys on the embedded default itself, not on a folder's name
+
+
+def test_a_ckpt_folder_named_tiny_gets_no_preset_of_the_embedded_model(ckpt, tmp_path, monkeypatch):
+    assert ckpt.name == "tiny"  # test_safety's checkpoint: another model that happens to be named tiny
+    cfg = train.parse_config(["--ckpt", str(ckpt)])
+    assert (cfg.lr, cfg.val_size, cfg.data, cfg.epochs) == (3e-4, 120, "data/commonsense_170k.json", 3)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # a relative folder named tiny, beside no checkpoints/tiny
+    assert train.parse_config(["--ckpt", "tiny/"]).lr == 3e-4
+    for embedded in ([], ["--ckpt", "tiny"], ["--ckpt", "checkpoints/tiny"], ["--ckpt", str(tmp_path / "checkpoints" / "tiny")]):
+        cfg = train.parse_config(embedded)
+        assert (cfg.lr, cfg.val_size, cfg.epochs) == (2e-3, 40, 2) and cfg.data == train.PRESETS["tiny"]["data"]
+
+
+# D07: a tokenizer that loses text is refused where it is read (a round trip of every kind of character)
+
+
+def byte_level_tokenizer(folder, pre_tokenizer, eos="</s>"):
+    """A tokenizer.json of GPT-2's 256 byte tokens and no merges (the smallest byte-level BPE)
+    with `pre_tokenizer`, and its tokenizer_config.json naming `eos`."""
+    from data.tokenizer import byte_level_alphabet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {char: byte for char, byte in byte_level_alphabet().items()}
+    spec = {"normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None,
+            "added_tokens": [{"id": 256, "content": "</s>", "special": True}],
+            "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return folder / "tokenizer.json"
+
+
+def split_then_byte_level(regex):
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def test_a_tokenizer_json_whose_split_regex_covers_some_text_is_refused(tmp_path):
+    good = Tokenizer(byte_level_tokenizer(tmp_path / "good", split_then_byte_level(r"\s+|\S+")))
+    assert good.decode(good.encode("The answer is 42, true.")) == "The answer is 42, true."
+    for n, regex in enumerate([r"\p{L}+",  # D07: "The answer is 42, true." -> "Theansweristrue"
+                               r"\p{L}+|\p{N}+|\s+",  # no punctuation
+                               r"[A-Za-z0-9 ,.]+|\n",  # ASCII letters only: "café" loses its é
+                               r"[ -~]+",  # printable ASCII, no newline
+                               r"\S+| ",  # single spaces: the 16-space indent is kept... but not "\n"
+                               r"[^\d]+"]):  # no digits
+        path = byte_level_tokenizer(tmp_path / str(n), split_then_byte_level(regex))
+        with pytest.raises(ValueError, match=r"tokenizer\.json: text does not survive encoding and decoding") as e:
+            Tokenizer(path)
+        assert "\n" not in str(e.value)
+
+
+def test_a_model_whose_tokenizer_loses_text_is_one_line_in_train_and_eval(ckpt, records, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt, folder)
+    (folder / "tokenizer.model").unlink()
+    byte_level_tokenizer(folder, split_then_byte_level(r"\p{L}+"))
+    params = read_json(folder / "params.json")
+    (folder / "params.json").write_text(json.dumps({**params, "vocab_size": 257}))
+    assert "text does not survive encoding" in refused_by_train(train_args(folder, records, tmp_path / "run"))
+    assert evaluator.main(eval_args(folder, tmp_path / "eval")) == 1
+    assert "tokenizer.json: text does not survive encoding" in one_line(capsys)
+
+
+# G06: the adapter's settings are recorded under the tensor file's checksum; an edited config is refused
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c | {"alpha": 2 * c["alpha"]}, "alpha"),  # G06: tensors untouched, the merged weights change
+    (lambda c: c | {"alpha": c["alpha"] + 1e-6}, "alpha"),
+    (lambda c: c | {"dropout": 0.5}, "dropout"),
+    (lambda c: c | {"layers": [0]}, "layers"),  # a block's adapters dropped: the rest loads, silently less
+    (lambda c: c | {"base_model": {**c["base_model"], "fingerprint": "0" * 16}}, "base_model"),
+    (lambda c: c | {"targets": c["targets"][::-1]}, "targets"),
+])
+def test_an_adapter_config_edited_after_the_save_is_refused(tmp_path, edit, key):
+    model = echo_lora.add_adapters(small_model(), r=2, alpha=4, targets=("wq", "wv"))
+    adapters.save_adapter(tmp_path, model)
+    config = read_json(tmp_path / "adapter_config.json")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: '{key}' is .*, but adapter\.safetensors was saved "
+                                         r"with .*: the config was edited after the save") as e:
+        adapters.load_adapter(tmp_path, small_model())
+    assert "\n" not in str(e.value)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))  # as saved: loads
+    adapters.load_adapter(tmp_path, small_model())
+
+
+def test_eval_refuses_an_adapter_whose_alpha_was_edited(ckpt, tmp_path, capsys):
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    config = read_json(tmp_path / "adapter" / "adapter_config.json")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha": 64}))
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
+    assert "'alpha' is 64, but adapter.safetensors was saved with 4" in one_line(capsys)
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+# ---- class 1: every file the project reads has its shape checked once, where it is read
+
+
+def rewrite_json(path, edit):
+    path.write_text(json.dumps(edit(read_json(path))))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c | {"layers": ["0"]}, r"'layers/0' is \"0\", expected int"),  # the issue's examples
+    (lambda c: c | {"r": 2**62}, r"rank r 4611686018427387904 is above the model's width 32"),
+    (lambda c: c | {"r": 0}, r"'r' is 0, expected an integer >= 1"),
+    (lambda c: c | {"alpha": -4}, r"'alpha' is -4, expected a number > 0"),
+    (lambda c: c | {"dropout": 1.5}, r"'dropout' is 1.5, expected a number in \[0, 1\)"),
+    (lambda c: c | {"targets": []}, r"'targets' is \[\], expected a non-empty list of names"),
+    (lambda c: c | {"layers": [-1]}, r"'layers/0' is -1, expected a block index >= 0"),
+    (lambda c: {k: v for k, v in c.items() if k != "dora"}, r"has no 'dora'"),
+    (lambda c: [c], r"holds \[.*, expected an object"),
+    (lambda c: c | {"base_model": {"shape": "32x1"}}, r"'base_model/shape' is \"32x1\", expected an object"),
+])
+def test_an_adapter_config_of_the_wrong_shape_is_one_line(tmp_path, edit, message):
+    adapters.save_adapter(tmp_path, echo_lora.add_adapters(small_model(), r=2, alpha=4))
+    rewrite_json(tmp_path / "adapter_config.json", edit)
+    with pytest.raises(ValueError, match=r"adapter_config\.json: " + message) as e:
+        adapters.load_adapter(tmp_path, small_model())
+    assert "\n" not in str(e.value)
+
+
+def test_eval_with_an_adapter_config_of_the_wrong_shape_is_one_line(ckpt, tmp_path, capsys):
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    rewrite_json(tmp_path / "adapter" / "adapter_config.json", lambda c: c | {"layers": ["0"]})
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
+    assert "adapter_config.json: 'layers/0' is \"0\", expected int" in one_line(capsys)
+
+
+@pytest.mark.parametrize("index, message", [
+    ([], r"holds \[\], expected an object"),  # the issue's example
+    ({}, r"has no 'weight_map'"),
+    ({"weight_map": []}, r"'weight_map' is \[\], expected an object"),
+    ({"weight_map": {"model.norm.weight": 3}}, r"'weight_map/model\.norm\.weight' is 3, expected str"),
+    ("model.safetensors", r"holds \"model\.safetensors\", expected an object"),
+])
+def test_a_safetensors_index_of_the_wrong_shape_is_one_line(tmp_path, index, message):
+    folder = write_hf_folder(small_model(), tmp_path / "hf")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=r"convert_hf\.py: .*model\.safetensors\.index\.json: " + message) as e:
+        convert_hf.main([str(folder), str(tmp_path / "meta")])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, r"has no 'hidden_size'"),  # a KeyError before
+    (lambda c: c | {"architectures": "LlamaForCausalLM"}, r"'architectures' is \"LlamaForCausalLM\", expected"),
+    (lambda c: c | {"rope_parameters": {"rope_theta": "10000", "rope_type": "default"}},
+     r"'rope_parameters/rope_theta' is \"10000\", expected float"),
+    (lambda c: c | {"rope_scaling": "llama3"}, r"'rope_scaling' is \"llama3\", expected"),
+    (lambda c: [c], r"holds \[.*, expected an object"),
+    (lambda c: c | {"num_hidden_layers": 1.0}, r"'num_hidden_layers' is 1.0, expected int"),
+])
+def test_an_hf_config_of_the_wrong_shape_is_one_line(tmp_path, edit, message):
+    folder = write_hf_folder(small_model(), tmp_path / "hf")
+    rewrite_json(folder / "config.json", edit)
+    with pytest.raises(ValueError, match=r"config\.json: " + message) as e:
+        convert_hf.read_hf_config(folder / "config.json")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer_config.json", {"eos_token": ["</s>"]}, r"'eos_token' is \[\"</s>\"\], expected"),  # the issue's
+    ("tokenizer_config.json", {"eos_token": {"text": "</s>"}}, r"'eos_token' has no 'content'"),
+    ("tokenizer_config.json", {"eos_token": "</s>", "add_bos_token": "yes"}, r"'add_bos_token' is \"yes\""),
+    ("tokenizer_config.json", ["</s>"], r"holds \[\"</s>\"\], expected an object"),
+    ("config.json", {"eos_token_id": []}, r"'eos_token_id' is \[\], expected"),  # ids[0]: an IndexError before
+    ("config.json", {"eos_token_id": "2"}, r"'eos_token_id' is \"2\", expected"),
+    ("config.json", {"pad_token_id": -5}, r"'pad_token_id' is -5, expected"),
+    ("tokenizer.json", [], r"holds \[\], expected an object"),
+])
+def test_tokenizer_files_of_the_wrong_shape_are_one_line(tmp_path, name, content, message):
+    path = byte_level_tokenizer(tmp_path, split_then_byte_level(r"\s+|\S+"))
+    (tmp_path / name).write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=rf"{name}: " + message) as e:
+        Tokenizer(path)
+    assert "\n" not in str(e.value)
+
+
+def metrics_run(tmp_path, metrics_text):
+    from test_experiment import write_run
+
+    run = write_run(tmp_path / "echo-lora-s1", "echo-lora", 1, {"ARC-Easy": [True, False]})
+    (run / "metrics.jsonl").write_text(metrics_text)
+    return run
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"step": "2", "loss": 1.0}\n', r"line 1: 'step' is \"2\", expected int"),  # the issue's example
+    ('{"step": -1}\n', r"line 1: 'step' is -1, expected a step >= 0"),
+    ('{"step": 1, "echo_diag_gate": "0.5"}\n', r"line 1: 'echo_diag_gate' is \"0.5\", expected float"),
+    ('[1, 2]\n{"step": 1}\n', r"line 1: holds \[1, 2\], expected an object"),
+    ('{"loss": 1.0}\n{"step": 1}\n', r"line 1: has no 'step'"),
+    ('{"step": 1, "loss": NaN}\n{"step": 2}\n', r"line 1 is not a metrics entry"),
+])
+def test_a_metrics_file_of_the_wrong_shape_is_one_line_in_the_table(tmp_path, text, message):
+    run = metrics_run(tmp_path, text)
+    with pytest.raises(SystemExit, match=r"experiment\.py: .*metrics\.jsonl: " + message) as e:
+        experiment.write_results(tmp_path, [run])
+    assert "\n" not in str(e.value)
+
+
+def test_a_metrics_file_of_the_wrong_shape_is_one_line_on_resume(finished_run, ckpt, records, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.jsonl").write_text('{"step": "0", "val_loss": 1.0}\n{"step": 1}\n')
+    message = refused_by_train(train_args(ckpt, records, run, "--resume", "--max-steps", "3"))
+    assert "metrics.jsonl: line 1: 'step' is \"0\", expected int" in message
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m | {"runs": {"lora-s1": "done"}}, r"'runs/lora-s1' is \"done\", expected an object"),  # the issue's
+    (lambda m: m | {"runs": {"lora-s1": {"arm": "lora", "seed": "1"}}}, r"'runs/lora-s1/seed' is \"1\", expected int"),
+    (lambda m: m | {"runs": {"lora-s1": {"arm": "gpt"}}}, r"'runs/lora-s1/arm' is \"gpt\", expected an arm"),
+    (lambda m: m | {"calls": {}}, r"'calls' is \{\}, expected a list"),
+    (lambda m: m | {"settings": {**m["settings"], "eval_flags": "--limit 5"}}, r"'settings/eval_flags' is \"--limit 5\""),
+    (lambda m: {k: v for k, v in m.items() if k != "runs"}, r"has no 'runs'"),
+    (lambda m: m | {"runs": {"lora-s1": {"arm": "lora", "eval_seconds": -3}}}, r"'runs/lora-s1/eval_seconds' is -3"),
+])
+def test_an_experiment_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, edit, message):
+    manifest = {"settings": {"eval_flags": []}, "calls": [], "runs": {}}
+    (tmp_path / "experiment.json").write_text(json.dumps(edit(manifest)))
+    for call in (lambda: experiment.main(["--table-only", "--out", str(tmp_path)]),
+                 lambda: experiment.open_experiment(tmp_path, {"eval_flags": []})):
+        with pytest.raises(SystemExit, match=r"experiment\.json: " + message) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("file, edit, message", [
+    ("results.json", lambda r: r | {"args": {**r["args"], "num_beams": "1"}}, r"'args/num_beams' is \"1\", expected int"),
+    ("results.json", lambda r: [r], r"holds \[.*expected an object"),
+    ("results.json", lambda r: r | {"test_sha256": ["abc"]}, r"'test_sha256' is \[\"abc\"\], expected an object"),
+    ("config.json", lambda c: c | {"config": {**c["config"], "seed": "1"}}, r"'config/seed' is \"1\", expected int"),
+    ("config.json", lambda c: c | {"config": {**c["config"], "method": None}}, r"'config/method' is null, expected str"),
+    ("config.json", lambda c: c | {"config": "lora"}, r"'config' is \"lora\", expected an object"),
+])
+def test_results_and_run_records_of_the_wrong_shape_are_one_line_in_the_table(tmp_path, file, edit, message):
+    run = metrics_run(tmp_path, "")
+    rewrite_json(run / file, edit)
+    with pytest.raises(SystemExit, match=rf"experiment\.py: .*{file}: " + message) as e:
+        experiment.write_results(tmp_path, [run])
+    assert "\n" not in str(e.value)
+
+
+# ---- class 2: the results table trusts nothing it can recompute
+
+
+def scored_run(tmp_path, name="echo-lora-s1", arm="echo-lora", **kw):
+    from test_experiment import write_run
+
+    return write_run(tmp_path / name, arm, 1, {"ARC-Easy": [True, False], "ARC-Challenge": [False, True]}, **kw)
+
+
+def edit_predictions(run, edit):
+    """Rewrite the run's predictions and reseal results.json with their SHA-256, as a forger would."""
+    lines = [json.dumps(edit(json.loads(line))) + "\n" for line in (run / "predictions.jsonl").read_text().splitlines()]
+    (run / "predictions.jsonl").write_text("".join(lines))
+    digest = hashlib.sha256("".join(lines).encode()).hexdigest()
+    rewrite_json(run / "results.json", lambda r: r | {"predictions_sha256": digest})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p | {"answer": "answer9", "correct": True}, r"'correct' is true but the answer is 'answer9'"),  # the issue's
+    (lambda p: p | {"correct": not p["correct"]}, r"'correct' is (true|false) but the answer"),
+    (lambda p: p | {"gold": "answer9", "answer": "answer9"}, r"gold 'answer9' is no label of ARC-"),
+    (lambda p: p | {"index": str(p["index"])}, r"'index' is \"0\", expected int"),
+    (lambda p: p | {"dataset": "mmlu"}, r"'dataset' is \"mmlu\", expected a benchmark"),
+    (lambda p: {k: v for k, v in p.items() if k != "gold"}, r"has no 'gold'"),
+    (lambda p: p | {"correct": 1}, r"'correct' is 1, expected bool"),
+])
+def test_the_table_recomputes_correctness_from_answer_and_gold(tmp_path, edit, message):
+    run = scored_run(tmp_path)
+    edit_predictions(run, edit)
+    with pytest.raises(SystemExit, match=r"experiment\.py: .*predictions\.jsonl: line 1: " + message) as e:
+        experiment.write_results(tmp_path, [run])
+    assert "\n" not in str(e.value)
+
+
+def test_runs_scored_on_different_test_files_are_not_paired(tmp_path):
+    lora, echo = scored_run(tmp_path, "lora-s1", "lora"), scored_run(tmp_path)
+    for run, digest in ((lora, "a" * 64), (echo, "b" * 64)):  # two boolq/test.json files of one name
+        rewrite_json(run / "results.json", lambda r: r | {"test_sha256": {"ARC-Easy": digest, "ARC-Challenge": "c" * 64}})
+    with pytest.raises(SystemExit, match=r"the runs scored different ARC-Easy test files: aaaaaaaaaaaa .*lora-s1.*"
+                                         r"bbbbbbbbbbbb .*echo-lora-s1") as e:
+        experiment.write_results(tmp_path, [lora, echo])
+    assert "\n" not in str(e.value)
+    rewrite_json(echo / "results.json", lambda r: r | {"test_sha256": {"ARC-Easy": "a" * 64, "ARC-Challenge": "c" * 64}})
+    assert "| echo-lora vs lora | 1 |" in experiment.write_results(tmp_path, [lora, echo])
+
+
+def test_a_run_whose_predictions_are_missing_is_an_error_not_a_seed_fewer(tmp_path, capsys):
+    lora, echo = scored_run(tmp_path, "lora-s1", "lora"), scored_run(tmp_path)
+    (echo / "predictions.jsonl").unlink()
+    for call in (lambda: experiment.write_results(tmp_path, [lora, echo]),
+                 lambda: experiment.main(["--table-only", "--out", str(tmp_path), "--scoring", "generate"])):
+        with pytest.raises(SystemExit, match=r"echo-lora-s1: results\.json but no predictions\.jsonl") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_eval_records_the_test_files_and_the_adapter_it_scored(ckpt, tmp_path):
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 0
+    summary = read_json(tmp_path / "eval" / "results.json")
+    assert summary["test_sha256"] == {"piqa": hashlib.sha256((DATA / "piqa" / "test.json").read_bytes()).hexdigest()}
+    assert summary["adapter_sha256"] == read_json(tmp_path / "adapter" / "adapter_config.json")["tensors_sha256"]
+
+
+# ---- class 3: a result names the adapter it scored, and a run folder has one writer
+
+
+def test_the_table_refuses_a_result_whose_adapter_changed_since(tmp_path):
+    run = scored_run(tmp_path)
+    adapters.save_adapter(run, echo_lora.add_adapters(small_model(), r=2, alpha=4))
+    scored = read_json(run / "adapter_config.json")["tensors_sha256"]
+    rewrite_json(run / "results.json", lambda r: r | {"adapter_sha256": scored})
+    experiment.write_results(tmp_path, [run])  # the adapter scored is the one there
+    adapters.save_adapter(run, echo_lora.add_adapters(small_model(seed=1), r=2, alpha=4))  # trained again since
+    with pytest.raises(SystemExit, match=rf"results\.json: scored adapter {scored[:12]}, but .*adapter\.safetensors "
+                                         r"is now [0-9a-f]{12}: evaluate it again") as e:
+        experiment.write_results(tmp_path, [run])
+    assert "\n" not in str(e.value)
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        (run / name).unlink(missing_ok=True)  # gone altogether
+    with pytest.raises(SystemExit, match=r"adapter_config\.json: cannot read JSON"):
+        experiment.write_results(tmp_path, [run])
+
+
+def test_eval_refuses_a_folder_train_is_writing(finished_run, ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from data.files import locked_folder\n"
+         f"with locked_folder({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert evaluator.main(eval_args(ckpt, run, "--adapter", str(run))) == 1
+        assert "another process is writing a run there" in one_line(capsys)
+        assert not (run / "results.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked_folder(run):  # in this process too
+        assert evaluator.main(eval_args(ckpt, run, "--adapter", str(run))) == 1
+        assert "another process is writing a run there" in one_line(capsys)
+    assert evaluator.main(eval_args(ckpt, run, "--adapter", str(run))) == 0  # nobody writing: it runs
+    with locked_folder(run):  # and train.py, started while nobody holds it, takes it: eval's lock is released
+        pass
+
+
+@pytest.mark.parametrize("direction", ["from-peft", "to-peft"])
+def test_a_conversion_into_a_folder_holding_an_adapter_needs_overwrite(finished_run, ckpt, tmp_path, capsys, direction):
+    from scripts import convert_peft
+
+    model, _ = llama.load(ckpt, dtype=torch.float32)
+    echo_lora.add_adapters(model, r=2, alpha=4)
+    convert_peft.export_peft(tmp_path / "peft", model)
+    dest = tmp_path / "dest"
+    shutil.copytree(finished_run if direction == "from-peft" else tmp_path / "peft", dest)
+    source = tmp_path / "peft" if direction == "from-peft" else finished_run
+    before = {f.name: f.read_bytes() for f in dest.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        convert_peft.main([direction, str(source), str(dest), "--ckpt", str(ckpt)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{dest} holds " in err and "--overwrite replaces it" in err
+    assert {f.name: f.read_bytes() for f in dest.iterdir()} == before
+    convert_peft.main([direction, str(source), str(dest), "--ckpt", str(ckpt), "--overwrite"])
+    assert {f.name: f.read_bytes() for f in dest.iterdir()} != before
+
+
+# ---- class 4: --resume continues only the same run (the same base weights)
+
+
+@pytest.mark.parametrize("change", ["another seed", "norm.weight", "tok_embeddings.weight",
+                                    "layers.1.feed_forward.w2.weight", "output.weight"])
+def test_resume_after_the_base_weights_were_replaced_is_refused(finished_run, ckpt, records, tmp_path, change):
+    """The same shapes, other values: the whole model (another seed), or the first value of one weight."""
+    base = tmp_path / "tiny"
+    shutil.copytree(ckpt, base)
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    rewrite_json(run / "config.json", lambda r: r | {"config": {**r["config"], "ckpt": str(base)}})
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"}
+    if change == "another seed":
+        shutil.copy(meta_ckpt(tmp_path / "other", seed=1) / "consolidated.00.pth", base / "consolidated.00.pth")
+    else:
+        state = torch.load(base / "consolidated.00.pth", weights_only=True)
+        state[change].view(-1)[0] += 1
+        torch.save(state, base / "consolidated.00.pth")
+    message = refused_by_train(train_args(base, records, run, "--resume", "--max-steps", "3"))
+    assert "checkpoint.pt: the run trained on other base weights" in message and "--resume continues only" in message
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"} == before
+
+
+# ---- class 5: records checked where they are parsed, the cloze form included
+
+
+def arc_record(**change):
+    record = {"instruction": "Please choose the correct answer to the question: Which is largest?\n\n"
+                             "Answer1: 7 Answer2: 12 Answer3: 18\n\nAnswer format: answer1/answer2/answer3",
+              "input": "", "output": "the correct answer is answer3", "answer": "answer3"}
+    return record | change
+
+
+@pytest.mark.parametrize("record, message", [
+    (arc_record(instruction="Choose: Which is largest?\n\nAnswer1: 7 Answer2:  Answer3: 18\n\nAnswer format: "
+                            "answer1/answer2/answer3"), "do not match its labels"),  # an empty choice text
+    (arc_record(instruction="Choose: Which is largest?\n\nAnswer format: answer1/answer2/answer3"),
+     "no choices listed"),  # ARC without its choices: the label names were ranked as choices
+    (arc_record(instruction="Choose: Which is largest?\n\nAnswer1: 7 Answer2: 12\n\nAnswer format: "
+                            "answer1/answer2/answer3"), "do not match its labels"),  # fewer choices than labels
+    (arc_record(answer="answer4"), "do not match its labels"),  # a gold label not among them
+    (arc_record(instruction="Which is largest? Answer1: 7 Answer2: 12 Answer3: 18"), "no choices listed"),
+    (arc_record(instruction="Q: is it?\n\nAnswer format: yes/no", answer="yes"), "no choices listed"),
+])
+def test_a_record_without_a_cloze_form_is_one_line_before_any_work(ckpt, tmp_path, capsys, monkeypatch, record,
+                                                                    message):
+    tests = tmp_path / "tests" / "ARC-Easy"
+    tests.mkdir(parents=True)
+    good = load_records(DATA / "ARC-Easy" / "test.json")[:3]
+    (tests / "test.json").write_text(json.dumps(good + [record]))
+    scored = []
+    monkeypatch.setattr(evaluator, "rank_by_likelihood", lambda *a: scored.append(a) or [])
+    argv = eval_args(ckpt, tmp_path / "eval", "--data-dir", str(tmp_path / "tests"), "--datasets", "ARC-Easy",
+                     "--scoring", "cloze", "--limit", "4")
+    assert evaluator.main(argv) == 1
+    line = one_line(capsys)
+    assert "test.json: record 3: " in line and message in line and not scored
+    data = tmp_path / "train.json"  # and in training
+    data.write_text(json.dumps(good * 4 + [record]))
+    line = refused_by_train(train_args(ckpt, data, tmp_path / "run", "--cloze"))
+    assert "--cloze: record 12 of --data: " in line and message in line
+
+
+# ---- class 6: every question checked before the work; class 7: non-finite values anywhere stop the run
+
+
+@pytest.mark.parametrize("scoring, extra", [("generate", ()), ("likelihood", ()), ("cloze", ()),
+                                           ("generate", ("--num-beams", "2")), ("likelihood", ("--batch-size", "1"))])
+def test_a_question_too_long_for_the_model_is_found_before_any_is_scored(tmp_path, capsys, monkeypatch, scoring,
+                                                                          extra):
+    folder = meta_ckpt(tmp_path / "short", max_seq_len=100)  # a 200-position rotary table
+    tests = tmp_path / "tests"
+    for name in ("ARC-Easy", "ARC-Challenge"):
+        records = load_records(DATA / name / "test.json")[:4]
+        if name == "ARC-Challenge":  # the last question of the second set is the long one
+            records[3]["instruction"] = records[3]["instruction"].replace("\n\n", " word" * 200 + "\n\n", 1)
+        (tests / name).mkdir(parents=True)
+        (tests / name / "test.json").write_text(json.dumps(records))
+    work = []
+    monkeypatch.setattr(evaluator, "evaluate", lambda *a: work.append(a) or [])
+    monkeypatch.setattr(evaluator, "rank_by_likelihood", lambda *a: work.append(a) or [])
+    argv = eval_args(folder, tmp_path / "eval", "--data-dir", str(tests), "--datasets", "ARC-Easy", "ARC-Challenge",
+                     "--scoring", scoring, "--limit", "4", *extra)
+    assert evaluator.main(argv) == 1
+    assert "ARC-Challenge item 3: " in one_line(capsys) and not work
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+def test_a_max_new_tokens_past_the_model_is_found_before_any_is_scored(tmp_path, capsys, monkeypatch):
+    folder = meta_ckpt(tmp_path / "short", max_seq_len=100)  # 200 positions: each ARC prompt fits, + 150 does not
+    work = []
+    monkeypatch.setattr(evaluator, "evaluate", lambda *a: work.append(a) or [])
+    argv = eval_args(folder, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "3", "--max-new-tokens", "150")
+    assert evaluator.main(argv) == 1
+    assert "ARC-Easy item 0: prompt + --max-new-tokens 150 is" in one_line(capsys) and not work
+
+
+@pytest.mark.parametrize("scoring, value, extra", [
+    ("generate", "nan", ()), ("likelihood", "nan", ()), ("cloze", "nan", ()),
+    ("generate", "inf", ("--num-beams", "2")), ("likelihood", "inf", ()), ("generate", "nan", ("--num-beams", "2"))])
+def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys, monkeypatch, scoring, value, extra):
+    trunk = llama.Transformer.trunk
+    calls = []
+
+    def nan_from_the_third_call(self, tokens, *a, **kw):  # the first question (check_logits') is finite
+        hidden, states = trunk(self, tokens, *a, **kw)
+        calls.append(1)
+        return (hidden * float(value) if len(calls) >= 3 else hidden), states
+
+    monkeypatch.setattr(llama.Transformer, "trunk", nan_from_the_third_call)
+    argv = eval_args(ckpt, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "4", "--batch-size", "1",
+                     "--scoring", scoring, *extra)
+    assert evaluator.main(argv) == 1
+    err = capsys.readouterr().err  # beside tqdm's progress bar
+    [line] = [line for line in err.splitlines() if line.startswith("eval.py:")]
+    assert "ARC-Easy item" in line and "not finite" in line and "nothing written" in line and "Traceback" not in err
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+# ---- class 8: converters read like loaders: a weight comes only from the file the index names for it
+
+
+@pytest.mark.parametrize("stale_in", ["a-00001.safetensors", "b-00002.safetensors", "both"])
+def test_convert_hf_takes_each_weight_from_the_shard_the_index_names(tmp_path, stale_in):
+    real, stale = small_model(0), small_model(1)
+    folder = write_hf_folder(real, tmp_path / "hf")
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    stale_tensors = load_file(str(write_hf_folder(stale, tmp_path / "stale") / "model.safetensors"))
+    # a shard holds its own weights and a stale copy of one of the other shard's
+    extra_a = {second[0]: stale_tensors[second[0]]} if stale_in in ("a-00001.safetensors", "both") else {}
+    extra_b = {first[-1]: stale_tensors[first[-1]]} if stale_in in ("b-00002.safetensors", "both") else {}
+    save_file({**{k: tensors[k] for k in first}, **extra_a}, str(folder / "a-00001.safetensors"))
+    save_file({**{k: tensors[k] for k in second}, **extra_b}, str(folder / "b-00002.safetensors"))
+    index = {k: "a-00001.safetensors" for k in first} | {k: "b-00002.safetensors" for k in second}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    convert_hf.convert(folder, tmp_path / "meta")
+    assert same_weights(llama.load(tmp_path / "meta", dtype=torch.float32)[0], real)
+    # and the index naming a shard for a weight it lacks is one line
+    save_file({k: tensors[k] for k in second[1:]}, str(folder / "b-00002.safetensors"))
+    with pytest.raises(SystemExit, match=rf"b-00002\.safetensors: the index names it for \['{second[0]}'\]") as e:
+        convert_hf.main([str(folder), str(tmp_path / "meta2")])
+    assert "\n" not in str(e.value)
+
+
+# ---- class 9: Ctrl-C and a full disk are one line
+
+
+def test_ctrl_c_during_training_is_one_line_saying_the_checkpoint_is_intact(ckpt, records, tmp_path, capsys,
+                                                                           monkeypatch):
+    out, original = tmp_path / "run", runs.save_checkpoint
+
+    def interrupted(path, step, *a):  # Ctrl-C just after the first checkpoint
+        original(path, step, *a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_checkpoint", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.cli(train_args(ckpt, records, out, "--max-steps", "3"))  # what `python train.py` runs
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "train.py:" in line]  # after the progress bar
+    assert line.endswith(f"train.py: interrupted; {out}/checkpoint.pt is intact; --resume continues from it")
+    monkeypatch.setattr(runs, "save_checkpoint", original)
+    train.main(train_args(ckpt, records, out, "--max-steps", "3", "--resume"))  # and it does
+    with pytest.raises(SystemExit) as e:  # before any checkpoint: said so
+        monkeypatch.setattr(train, "run", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
+        train.cli(train_args(ckpt, records, tmp_path / "other"))
+    assert e.value.code == 130 and "train.py: interrupted; no checkpoint was saved yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "open"])
+def test_a_full_disk_while_saving_is_one_line(ckpt, records, tmp_path, monkeypatch, failing):
+    """While saving the checkpoint (torch.save's RuntimeError) or the best adapter (an OSError)."""
+    def full(*a, **kw):
+        if failing == "torch.save":
+            raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed\nmore")
+        raise OSError(28, "No space left on device")
+
+    if failing == "torch.save":
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        monkeypatch.setattr(train, "save_adapter", full)  # the best adapter, after the first validation
+    message = refused_by_train(train_args(ckpt, records, tmp_path / "run"))
+    assert ("checkpoint.pt: cannot write: [enforce fail" in message if failing == "torch.save"
+            else "No space left on device" in message)
+
+
+@pytest.mark.parametrize("file", ["config.json", "metrics.jsonl", "adapter.safetensors", "adapter_config.json"])
+def test_a_full_disk_while_writing_any_run_file_is_one_line_naming_it(ckpt, records, tmp_path, monkeypatch, file):
+    from pathlib import Path
+
+    write_text, write_bytes, opened = Path.write_text, Path.write_bytes, Path.open
+
+    def full(method):
+        def write(self, *a, **kw):
+            if self.name.startswith(f".{file}.") or self.name == file and method is opened and "a" in str(a[:1]):
+                raise OSError(28, "No space left on device", str(self))
+            return method(self, *a, **kw)
+        return write
+
+    monkeypatch.setattr(Path, "write_text", full(write_text))
+    monkeypatch.setattr(Path, "write_bytes", full(write_bytes))
+    monkeypatch.setattr(Path, "open", full(opened))
+    message = refused_by_train(train_args(ckpt, records, tmp_path / "run"))
+    assert "No space left on device" in message and file in message

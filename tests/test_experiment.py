@@ -346,8 +346,11 @@ def write_run(folder, arm, seed, correct_by_set, write_config=True, metrics=(), 
     results.json that says otherwise than its predictions; `sealed`: results.json records the
     predictions' SHA-256, as eval.py writes it."""
     folder.mkdir(parents=True, exist_ok=True)
-    predictions = [{"dataset": d, "index": i, "generated": "", "answer": "", "gold": "x", "correct": c}
-                   for d, flags in correct_by_set.items() for i, c in enumerate(flags)]
+    def prediction(d, i, c):  # right: the gold label; wrong: another label of the benchmark
+        gold, other = evaluator.BENCHMARKS[d].labels.split("|")[:2]
+        return {"dataset": d, "index": i, "generated": "", "answer": gold if c else other, "gold": gold, "correct": c}
+
+    predictions = [prediction(d, i, c) for d, flags in correct_by_set.items() for i, c in enumerate(flags)]
     args = {"ckpt": "checkpoints/smollm2-135m", "scoring": "generate", "num_beams": 1, "max_new_tokens": 32,
             "limit": None, "precision": "fp32", **eval_args}
     lines = "".join(json.dumps(p) + "\n" for p in predictions)
@@ -474,7 +477,8 @@ def test_table_takes_accuracies_and_flips_from_the_predictions_they_were_written
     with pytest.raises(ValueError, match="echo-lora-s1/predictions.jsonl: not the predictions .*results.json was "
                                          "written with"):
         experiment.results_markdown([lora, echo])
-    (echo / "predictions.jsonl").write_text('{"dataset": "ARC-Easy", "index": 0, "correct": true}\n' * 2)
+    (echo / "predictions.jsonl").write_text('{"dataset": "ARC-Easy", "index": 0, "answer": "answer1", "gold": "answer1", '
+                                            '"correct": true}\n' * 2)
     (echo / "results.json").write_text(json.dumps({"args": {}}))
     with pytest.raises(ValueError, match="line 2: ARC-Easy item 0 is predicted twice"):
         experiment.results_markdown([lora, echo])
