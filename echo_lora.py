@@ -94,9 +94,10 @@ class LoRALinear(nn.Module):
     the recipe, train.py --adapter-only-dropout) computes (m / ||V||)(W x + s B A drop(x)) instead,
     reusing W x. With dropout off, and so at inference, the two are the same function.
 
-    `injection` is the Echo path's hook (METHOD.md item 4): None, or a callable that maps the
-    low-rank activation u (..., r) to a term added to it. It never enters the weight norm, merge or
-    the saved adapter.
+    `injection` and `up_injection` are the Echo path's hooks (METHOD.md item 4): None, or a
+    callable of the low-rank activation u (..., r) whose term is added to u (then goes through B),
+    or to B u (--echo-up own: through the Echo path's own up-projection). Neither enters the weight
+    norm, merge or the saved adapter.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False,
@@ -117,7 +118,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=torch.float32))
         self.dropout = Dropout(dropout)
         self.adapter_only_dropout = adapter_only_dropout
-        self.injection = None
+        self.injection = self.up_injection = None
         if dora:
             # ||W_o||^2 per row: W is frozen, so this part of the weight norm is computed once.
             # Not persistent: it is derived from W, and refreshed whenever W is loaded.
@@ -145,7 +146,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base_out = self.base(x)  # W x, (..., out)
         dropped = self.dropout(x)  # one mask, shared by every term that reads drop(x)
-        update = self.scale * F.linear(self.low_rank(dropped), self.lora_B)  # s B u, (..., out)
+        u = self.low_rank(dropped)
+        low_rank_update = F.linear(u, self.lora_B)  # B u, (..., out)
+        if self.up_injection is not None:  # METHOD.md item 4, --echo-up own
+            low_rank_update = low_rank_update + self.up_injection(u)
+        update = self.scale * low_rank_update  # s B u, (..., out)
         if not self.dora:
             return base_out + update.to(base_out.dtype)  # LoRA section 4.1
         direction_scale = self.magnitude / self.weight_norm()  # m / ||W + sBA||, (out,)
@@ -269,7 +274,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 # The values each of EchoConfig's choice fields may take: the choices of train.py's --echo-* flags.
 ECHO_CHOICES = {"pool": ("mean", "last"), "mask": ("answer", "none"), "echo_pass": ("suffix", "full"),
-                "inject": ("echo", "zero")}
+                "inject": ("echo", "zero"), "up": ("lora", "own")}
 
 
 @dataclass
@@ -286,6 +291,7 @@ class EchoConfig:
     mask: str = "answer"  # answer | none (items 2, 4; none leaks the answer: an ablation; needs echo_pass full)
     echo_pass: str = "suffix"  # suffix | full (item 6)
     inject: str = "echo"  # echo | zero: the control, the Echo path without the deep signal (item 4)
+    up: str = "lora"  # lora | own: the injected term reaches the output through the adapter's B, or its own U (item 4)
 
 
 def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
@@ -374,9 +380,15 @@ class Injector(nn.Module):
     bias, initialised like lora_A) and the scalar gate g(e) = sigmoid(w . e + c). It computes the
     term m_t g(e) P e that the target adds to its low-rank activation A x (LoRALinear.injection)."""
 
-    def __init__(self, dim: int, r: int):
+    def __init__(self, dim: int, r: int, out_features: int | None = None):
         super().__init__()
         self.proj = nn.Linear(dim, r, bias=False)  # P, (32, 4096)
+        # --echo-up own: U, the term's own way to the output, (4096, 32); zeros like lora_B, so
+        # training starts at the plain function, but trained by the Echo terms from the first step
+        # (a term inside B u reaches the output only as fast as B grows from zero)
+        self.up = None if out_features is None else nn.Linear(r, out_features, bias=False)
+        if self.up is not None:
+            nn.init.zeros_(self.up.weight)
         nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))  # initialised like lora_A
         self.gate_weight = nn.Parameter(torch.zeros(dim))  # w, (4096,)
         self.gate_bias = nn.Parameter(torch.tensor(-2.0))  # c: sigmoid(-2) = 0.12, a quiet start
@@ -426,8 +438,9 @@ class EchoPath(nn.Module):
             if not 1 <= layer <= n:
                 raise ValueError(f"echo layer {layer} is outside the model's blocks 1..{n}")
         self.targets = echo_targets(model, self.target_layers)
-        self.injectors = nn.ModuleDict({path.replace(".", "_"): Injector(model.args.dim, m.r)
-                                        for path, m in self.targets.items()})
+        self.injectors = nn.ModuleDict({
+            path.replace(".", "_"): Injector(model.args.dim, m.r, m.base.out_features if config.up == "own" else None)
+            for path, m in self.targets.items()})
         self.diagnostics = Diagnostics()
 
     @contextmanager
@@ -436,13 +449,17 @@ class EchoPath(nn.Module):
         the control (--echo-inject zero) none does, and the Echo pass computes the plain function."""
         if self.config.inject == "echo":
             for path, module in self.targets.items():
-                module.injection = partial(self.inject, self.injectors[path.replace(".", "_")], e=e,
-                                           inject_at=inject_at)
+                injector = self.injectors[path.replace(".", "_")]
+                hook = partial(self.inject, injector, e=e, inject_at=inject_at)
+                if injector.up is None:
+                    module.injection = hook
+                else:
+                    module.up_injection = lambda u, hook=hook, up=injector.up: up(hook(u))
         try:
             yield
         finally:
             for module in self.targets.values():  # the discard (item 8): the plain model again
-                module.injection = None
+                module.injection = module.up_injection = None
 
     def inject(self, injector: "Injector", u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor) -> torch.Tensor:
         """One target's injection, its gate and its size beside u = A x noted for the diagnostics."""

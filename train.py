@@ -123,6 +123,8 @@ class Config:
                                "reference (item 6)")
     echo_inject: str = echo_flag("inject", "echo: inject the deep signal; zero: the control, every Echo term "
                                  "run without it (item 4)")
+    echo_up: str = echo_flag("up", "lora: the injected term goes through the adapter's B; own: through its own "
+                             "zero-initialised up-projection U, added to B u (item 4)")
     # machinery
     gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass: less memory")
     resume: bool = flag(False, "continue the run in --out from its checkpoint.pt")

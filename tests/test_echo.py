@@ -276,3 +276,44 @@ def test_the_control_runs_every_echo_term_without_the_deep_signal(dora):
         else:
             assert abs(d["echo_diag_ce_echo"] - d["echo_diag_ce_plain"]) > 1e-3 and d["echo_diag_kl"] > 1e-6
             assert 0 < d["echo_diag_gate"] < 1 and d["echo_diag_injection_rel"] > 0
+
+
+def test_echo_up_own_adds_its_own_up_projection_to_the_output():
+    """--echo-up own (METHOD.md item 4): y = W x + s (B A x + m_t U g(e) P e), written out here for one
+    target; U starts at zero, so the Echo pass starts as the plain pass, and unlike a term inside
+    B u (B zero at the start), U takes a gradient from CE(echo) at the first step."""
+    torch.manual_seed(0)
+    model = llama.Transformer(ARGS)
+    add_adapters(model, r=8, alpha=16, dropout=0.0)
+    model.train()
+    echo = echo_path(model, up="own")
+    path, target = next(iter(echo.targets.items()))
+    injector = echo.injectors[path.replace(".", "_")]
+    with torch.no_grad():
+        injector.up.weight.normal_(0, 0.1)
+        target.lora_B.normal_(0, 0.1)
+    x, e = torch.randn(2, 5, ARGS.dim), torch.randn(2, ARGS.dim)
+    inject_at = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    with echo.injecting(e, inject_at):
+        y = target(x)
+    gate = torch.sigmoid(e @ injector.gate_weight + injector.gate_bias)
+    term = inject_at[..., None] * (gate[:, None] * (e @ injector.proj.weight.T))[:, None, :]
+    expected = x @ target.base.weight.T + target.scale * (x @ target.lora_A.T @ target.lora_B.T
+                                                          + term @ injector.up.weight.T)
+    assert (y - expected).abs().max() < 1e-5
+    assert target.injection is None and target.up_injection is None  # discarded after the pass
+
+    for up in ("lora", "own"):  # fresh adapters: B = 0 and U = 0
+        model = adapted_model(seed=1)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_B.zero_()
+        echo = EchoPath(model, EchoConfig(up=up))
+        ce_sum, echo_sum = loss_terms(model, [ragged_batch()], echo, [torch.ones(4, dtype=torch.bool)])
+        d = echo.diagnostics.read()
+        assert abs(d["echo_diag_ce_echo"] - d["echo_diag_ce_plain"]) < 1e-6  # the plain function at the start
+        echo_sum.backward()
+        reaches = [inj.up.weight.grad.abs().max() > 0 if up == "own" else inj.proj.weight.grad.abs().max() > 0
+                   for inj in echo.injectors.values()]
+        assert all(reaches) if up == "own" else not any(reaches)
