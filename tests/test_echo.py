@@ -40,14 +40,19 @@ def echo_path(model, **kw):
     return echo
 
 
-def ragged_batch(seed=1, prompt_lengths=(9, 4, 13, 6), answer_lengths=(4, 6, 3, 0)):
-    """Right-padded examples with ragged prompts; the last one lost its answer to the cutoff."""
+def examples_of(prompt_lengths, answer_lengths, seed):
+    """(ids, answer-only labels) of random records: BOS, a prompt, then the answer."""
     g = torch.Generator().manual_seed(seed)
     examples = []
     for p, a in zip(prompt_lengths, answer_lengths):
         ids = [1] + torch.randint(3, 101, (p + a - 1,), generator=g).tolist()
         examples.append((ids, [IGNORE_INDEX] * p + ids[p:]))
-    return collate(examples, train_on_inputs=False, pad_id=0)
+    return examples
+
+
+def ragged_batch(seed=1, prompt_lengths=(9, 4, 13, 6), answer_lengths=(4, 6, 3, 0)):
+    """Right-padded examples with ragged prompts; the last one lost its answer to the cutoff."""
+    return collate(examples_of(prompt_lengths, answer_lengths, seed), train_on_inputs=False, pad_id=0)
 
 
 def test_plain_loss_is_cross_entropy_on_answer_tokens():
@@ -194,15 +199,6 @@ def test_suffix_echo_pass_equals_full_recomputation(dora, routed):
             assert f is None and s is None, name  # e.g. echo modules when nothing is routed
             continue
         assert (f - s).abs().max() < 1e-5, name
-
-
-def examples_of(prompt_lengths, answer_lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    examples = []
-    for p, a in zip(prompt_lengths, answer_lengths):
-        ids = [1] + torch.randint(3, 101, (p + a - 1,), generator=g).tolist()
-        examples.append((ids, [IGNORE_INDEX] * p + ids[p:]))
-    return examples
 
 
 @pytest.mark.parametrize("echo_pass", ["suffix", "full"])
