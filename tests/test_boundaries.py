@@ -464,7 +464,7 @@ def test_a_precision_the_cpu_emulates_is_named_before_the_run(monkeypatch):
     assert checkpoints.slow_precision_warning("cuda", "bf16", torch.bfloat16) is None
 
 
-# ---- issue 37: the five cases left over, and one mechanism per class
+# ---- the five cases left over, and one mechanism per class of hostile input
 
 
 def refused_when_parsed(capsys, argv) -> str:
