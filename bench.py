@@ -43,15 +43,6 @@ from echo_lora import EchoConfig, EchoPath, add_adapters
 from scripts import convert_hf
 from scripts.convert_peft import TARGET_HF_NAMES
 
-SHAPES = {
-    "smollm2-135m": llama.ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
-                                    ffn_hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192),
-    "llama-7b": llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
-    "llama2-7b": llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),
-    "llama3-8b": llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
-                                 multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0),
-    "tiny": llama.ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32),
-}
 ASSETS = Path(__file__).resolve().parent / "tests" / "assets"  # committed real files: records, tokenizers, tests
 TRAIN_SPLITS = ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa")
 DEFAULT_DATA = ",".join(str(ASSETS / "data" / "commonsense" / s / "train.json") for s in TRAIN_SPLITS)
@@ -150,25 +141,6 @@ def reset_peak(device):
 # The models: the same weights on both sides
 
 
-def hf_random_model(args: llama.ModelArgs, device, dtype):
-    """transformers' LlamaForCausalLM of the shape `args`, random weights, built directly in `dtype`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                         num_key_value_heads=args.kv_heads, rms_norm_eps=args.norm_eps,
-                         rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"},
-                         max_position_embeddings=args.max_seq_len, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    dtype_before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(dtype_before)
-
-
 def model_folders(a, scratch: Path) -> tuple[Path, Path | None]:
     """The Meta-layout folder we load and the HF-layout folder of the same weights the peer loads
     (None with --no-peft): --ckpt and --hf (default: --ckpt's hf/, as data/prepare_smollm2.py
@@ -181,7 +153,7 @@ def model_folders(a, scratch: Path) -> tuple[Path, Path | None]:
             raise SystemExit(f"bench.py: the peer needs an HF-layout folder (config.json) of --ckpt {a.ckpt}'s "
                              f"weights: {peer} is none; give it with --hf, or pass --no-peft")
         return ours, None if a.no_peft else peer
-    hf_random_model(SHAPES[a.shape], "cpu", torch.float32).save_pretrained(scratch / "hf")
+    convert_hf.hf_random_model(llama.SHAPES[a.shape], "cpu", torch.float32).save_pretrained(scratch / "hf")
     return convert_hf.convert(scratch / "hf", scratch / "meta"), scratch / "hf"
 
 
@@ -322,7 +294,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", help="a Meta-layout checkpoint folder (checkpoints/NAME or a path); default: --shape")
     p.add_argument("--hf", type=Path, help="the HF-layout folder of --ckpt's weights, for the peer (default: "
                                            "--ckpt's hf/, where data/prepare_smollm2.py writes it)")
-    p.add_argument("--shape", choices=SHAPES, default="tiny",
+    p.add_argument("--shape", choices=llama.SHAPES, default="tiny",
                    help="random weights of this shape when no --ckpt is given (default: tiny)")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                    help="tokenizer for a --shape (default: the LLaMA-2 one in tests/assets)")

@@ -87,6 +87,18 @@ class ModelArgs:
         return checkpoints.read_params(path, cls)
 
 
+# Named shapes (random weights of them: bench.py --shape, scripts/device_check.py).
+SHAPES = {
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                              ffn_hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192),
+    "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+    "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                           multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0),
+    "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32),
+}
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, with the statistics in fp32 even for bf16 activations."""
 

@@ -266,6 +266,26 @@ def copy_tokenizer(tokenizer: Tokenizer, src: Path, dest: Path):
         raise ValueError(f"{dest}: the copied tokenizer's special ids differ from {tokenizer.path}'s")
 
 
+def hf_random_model(args: ModelArgs, device, dtype):
+    """transformers' LlamaForCausalLM of the shape `args`, random weights, built directly in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                         num_key_value_heads=args.kv_heads, rms_norm_eps=args.norm_eps,
+                         rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"},
+                         max_position_embeddings=args.max_seq_len, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dtype_before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(dtype_before)
+
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("source", type=Path, help="the HF LLaMA folder (config.json + weights + tokenizer)")

@@ -32,11 +32,10 @@ sys.path.insert(0, str(ROOT / "scripts"))  # convert_peft.py beside this file
 import torch  # noqa: E402
 
 import llama  # noqa: E402
-from bench import SHAPES, hf_random_model  # noqa: E402
 from data import checkpoints  # noqa: E402
 from data.adapters import adapter_parameters  # noqa: E402
 from data.checkpoints import autocast  # noqa: E402
-from convert_hf import convert, hf_to_meta_rows  # noqa: E402
+from convert_hf import convert, hf_random_model, hf_to_meta_rows  # noqa: E402
 from convert_peft import export_peft, name_from_peft_key, permute_qk_rows  # noqa: E402
 from data.files import write_atomically  # noqa: E402
 from echo_lora import DEFAULT_TARGETS, adapted_linears, add_adapters  # noqa: E402
@@ -149,7 +148,7 @@ def torchrun_smoke(device) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--shape", choices=SHAPES, default="llama-7b",
+    p.add_argument("--shape", choices=llama.SHAPES, default="llama-7b",
                    help="the model's shape, random weights, 2 of its blocks (default: %(default)s)")
     p.add_argument("--out", type=Path, help="the folder of parity.json and torchrun.json "
                                             "(default: results/<device>-<date>)")
@@ -161,7 +160,7 @@ def main(argv=None) -> dict:
     print(f"device check on {device_name(device)}, shape {a.shape}: results in {out}/", flush=True)
 
     started = time.perf_counter()
-    checks = parity(SHAPES[a.shape], device)
+    checks = parity(llama.SHAPES[a.shape], device)
     write_json(out / "parity.json", {"device": device_name(device), "torch": torch.__version__,
                                      "shape": f"{a.shape}, 2 blocks", "checks": checks,
                                      "seconds": time.perf_counter() - started})

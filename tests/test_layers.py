@@ -1,7 +1,8 @@
 """Imports run one way, and the data scripts run without torch.
 
     data/ (files, commonsense, tokenizer, scripts) <- data/checkpoints, batches <- llama <- echo_lora
-        <- data/adapters, embedded <- data/runs <- train, eval <- bench
+        <- data/adapters, embedded <- data/runs <- train, eval, scripts/convert_hf <- scripts/convert_peft
+        <- bench, scripts/experiment, device_check <- scripts/figure
 
 Checked on the source (every import statement, also those inside functions) and, for torch, in a
 fresh interpreter: the test process itself has torch loaded already.
@@ -24,16 +25,20 @@ LAYERS = [
     {"echo_lora"},
     {"data.adapters", "data.embedded"},
     {"data.runs"},
-    {"train", "eval"},
-    {"bench"},
+    {"train", "eval", "scripts.convert_hf"},
+    {"scripts.convert_peft"},
+    {"bench", "scripts.experiment", "scripts.device_check"},
+    {"scripts.figure"},
 ]
 LAYER = {module: level for level, modules in enumerate(LAYERS) for module in modules}
 
 
 def source_modules() -> dict[str, ast.Module]:
-    """The repo's modules by import name, parsed: the top-level files and the data/ package."""
-    files = [*ROOT.glob("*.py"), *(f for f in (ROOT / "data").glob("*.py") if f.name != "__init__.py")]
-    return {(f.stem if f.parent == ROOT else f"data.{f.stem}"): ast.parse(f.read_text(), str(f)) for f in files}
+    """The repo's modules by import name, parsed: the top-level files, the data/ package and scripts/."""
+    files = [*ROOT.glob("*.py"), *(f for folder in ("data", "scripts") for f in (ROOT / folder).glob("*.py")
+                                   if f.name != "__init__.py")]
+    return {(f.stem if f.parent == ROOT else f"{f.parent.name}.{f.stem}"): ast.parse(f.read_text(), str(f))
+            for f in files}
 
 
 def project_imports(tree: ast.Module, known: set[str]) -> set[str]:
@@ -45,7 +50,8 @@ def project_imports(tree: ast.Module, known: set[str]) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return found & known
+    # scripts/ import each other by bare name (their folder is on sys.path): convert_hf is scripts.convert_hf
+    return {name if name in known else f"scripts.{name}" for name in found} & known
 
 
 def test_every_module_has_a_layer():
