@@ -279,10 +279,10 @@ def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int
         tokens += sum(int(batch.valid.sum()) for batch in batches)
         batches = [batch.to(device) for batch in batches]
         routed_rows = [routed[start:end][part].to(device) for part in parts]
-        for together in ([list(range(len(parts)))] if echo is not None else [[i] for i in range(len(parts))]):
+        groups = [(batches, routed_rows)] if echo is not None else [([b], [r]) for b, r in zip(batches, routed_rows)]
+        for group, group_routed in groups:
             with checkpoints.autocast(device, cfg.precision), checkpoints.cpu_attention_kernel(device):
-                ce_sum, echo_sum = loss_terms(model, [batches[i] for i in together], echo,
-                                              [routed_rows[i] for i in together])
+                ce_sum, echo_sum = loss_terms(model, group, echo, group_routed)
             loss = ce_sum / ce_divisor + echo_sum / n_answer
             loss.backward()
             losses += torch.stack([ce_sum.detach() / ce_divisor, echo_sum.detach() / n_answer])

@@ -220,20 +220,28 @@ def test_overwrite_removes_only_the_files_train_and_eval_write(finished_run, ckp
     assert read_json(run / "config.json")[RUN_MARKER] == 1
 
 
-def test_a_second_train_into_the_same_out_fails_with_one_line(ckpt, records, tmp_path):
-    out = tmp_path / "run"
+@contextmanager
+def held_by_another_process(folder):
+    """`folder`'s run lock held by a second process for the block (killed after it: a killed
+    holder leaves no stale lock)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from data.files import locked_folder\n"
-         f"with locked_folder({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+         f"with locked_folder({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(SystemExit, match=r"another process is writing a run there") as e:
-            train.main(train_args(ckpt, records, out, "--max-steps", "1"))
-        assert "\n" not in str(e.value) and not (out / "config.json").exists()
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_train_into_the_same_out_fails_with_one_line(ckpt, records, tmp_path):
+    out = tmp_path / "run"
+    with held_by_another_process(out):
+        with pytest.raises(SystemExit, match=r"another process is writing a run there") as e:
+            train.main(train_args(ckpt, records, out, "--max-steps", "1"))
+        assert "\n" not in str(e.value) and not (out / "config.json").exists()
     train.main(train_args(ckpt, records, out, "--max-steps", "1"))  # a killed holder leaves no stale lock
     assert runs.holds_run(out)
     with locked_folder(out):  # in-process too: the lock is the folder's, not the process's
@@ -868,18 +876,10 @@ def test_the_table_refuses_a_result_whose_adapter_changed_since(tmp_path):
 def test_eval_refuses_a_folder_train_is_writing(finished_run, ckpt, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from data.files import locked_folder\n"
-         f"with locked_folder({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with held_by_another_process(run):
         assert evaluator.main(eval_args(ckpt, run, "--adapter", str(run))) == 1
         assert "another process is writing a run there" in one_line(capsys)
         assert not (run / "results.json").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     with locked_folder(run):  # in this process too
         assert evaluator.main(eval_args(ckpt, run, "--adapter", str(run))) == 1
         assert "another process is writing a run there" in one_line(capsys)
