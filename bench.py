@@ -16,7 +16,8 @@ run (a CPU without bf16 instructions runs bf16 matmuls tens of times slower than
 matmul overstates what a small model's shapes reach, so each row also gives its fraction of the
 real-shape limit: the same frozen matmuls timed at the rows the step really computes.
 Evaluation: eval.py's greedy decoding of real test prompts beside transformers' `generate` on the
-same prompts (same batches, same max_new_tokens, stopping at EOS), in questions/s.
+same prompts (same batches, same max_new_tokens, stopping at EOS), in questions/s; with --cloze, eval.py
+--scoring cloze beside the same ranking by one transformers forward over each question's choices.
 Prints one table; writes bench.json after every row, so a run cut short keeps its rows, and bench.md
 (the table) at the end.
 """
@@ -36,7 +37,7 @@ import eval as evaluator
 import llama
 import train
 from data import batches, checkpoints
-from data.commonsense import IGNORE_INDEX, load_records
+from data.commonsense import IGNORE_INDEX, cloze_choices, cloze_prompt, load_records
 from data.files import write_atomically
 from data.tokenizer import Tokenizer
 from echo_lora import EchoConfig, EchoPath, add_adapters
@@ -281,6 +282,41 @@ def time_hf_evaluation(folder: Path, tokenizer, test_sets, batch_size: int, max_
     return {"questions_per_s": sum(map(len, test_sets.values())) / seconds[0], "seconds": seconds[0]}
 
 
+def time_our_cloze_scoring(model, tokenizer, test_sets, device) -> tuple[dict, dict]:
+    """eval.py --scoring cloze on the test questions: questions/s, and the answers."""
+    model.eval()
+    seconds, answers = [], {}
+    with timed(device, seconds):
+        for name, records in test_sets.items():
+            answers[name] = [p["answer"] for p in evaluator.rank_by_likelihood(model, tokenizer, name, records, "cloze")]
+    return {"questions_per_s": sum(map(len, test_sets.values())) / seconds[0], "seconds": seconds[0]}, answers
+
+
+def time_hf_cloze_scoring(folder: Path, tokenizer, test_sets, device, dtype) -> tuple[dict, dict]:
+    """The same ranking by LlamaForCausalLM, the usual way: one forward over each question's choices,
+    every prompt + choice computed whole, right-padded. Questions/s, and the answers."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    seconds, answers = [], {}
+    with timed(device, seconds), torch.no_grad():
+        for name, records in test_sets.items():
+            answers[name] = []
+            for record in records:
+                question, choices, labels = cloze_choices(record)
+                prompt = cloze_prompt(question)
+                n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
+                texts = [tokenizer.encode(f"{prompt} {c}", bos=True, eos=False) for c in choices]
+                width = max(map(len, texts))
+                ids = torch.tensor([t + [tokenizer.pad_id] * (width - len(t)) for t in texts], device=device)
+                valid = torch.tensor([[i < len(t) for i in range(width)] for t in texts], device=device)
+                logprobs = torch.log_softmax(hf(input_ids=ids, attention_mask=valid.long()).logits.float(), -1)
+                per_byte = [sum(logprobs[row, i - 1, t[i]].item() for i in range(n_prompt, len(t))) / len(c.encode())
+                            for row, (t, c) in enumerate(zip(texts, choices))]
+                answers[name].append(labels[per_byte.index(max(per_byte))])
+    return {"questions_per_s": sum(map(len, test_sets.values())) / seconds[0], "seconds": seconds[0]}, answers
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -305,7 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                         "(default: the four training splits in tests/assets)")
     p.add_argument("--cloze", action="store_true",
                    help="time the cloze form with the answer-only loss (train.py --cloze --answer-only-loss) "
-                        "instead of the recipe's prompts and whole-text loss (default: the recipe's)")
+                        "and eval.py --scoring cloze, instead of the recipe's prompts, whole-text loss and "
+                        "greedy decoding (default: the recipe's)")
     p.add_argument("--batch-size", type=int, default=16, help="records per training step (default: 16)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per configuration (default: 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
@@ -369,13 +406,21 @@ def main(argv=None) -> dict:
                     peft_step(peft_model(peer, method, device, dtype), device, precision, a.cloze), step_batches, a.warmup, device))
 
         test_sets = {k: v for k, v in test_prompts(a.test_sets, a.questions).items() if k in a.eval_sets}
+        evaluation = result["evaluation"]
+        evaluation["scoring"] = "cloze" if a.cloze else "greedy"
         model, _ = our_model(folder, device, dtype, a.tokenizer)
-        result["evaluation"]["ours"], _ = time_our_evaluation(model, tokenizer, test_sets, 32, a.max_new_tokens, device)
+        if a.cloze:
+            evaluation["ours"], ours = time_our_cloze_scoring(model, tokenizer, test_sets, device)
+        else:
+            evaluation["ours"], _ = time_our_evaluation(model, tokenizer, test_sets, 32, a.max_new_tokens, device)
         del model
-        if not a.no_peft:
-            result["evaluation"]["transformers"] = time_hf_evaluation(peer, tokenizer, test_sets, 32,
-                                                                      a.max_new_tokens, device, dtype)
-        result["evaluation"]["questions"] = sum(map(len, test_sets.values()))
+        if not a.no_peft and a.cloze:
+            evaluation["transformers"], theirs = time_hf_cloze_scoring(peer, tokenizer, test_sets, device, dtype)
+            evaluation["same_answers"] = sum(x == y for name in ours for x, y in zip(ours[name], theirs[name]))
+        elif not a.no_peft:
+            evaluation["transformers"] = time_hf_evaluation(peer, tokenizer, test_sets, 32, a.max_new_tokens,
+                                                            device, dtype)
+        evaluation["questions"] = sum(map(len, test_sets.values()))
         write()
     table = format_table(result)
     print(table)
@@ -417,8 +462,10 @@ def format_table(result: dict) -> str:
     e = result["evaluation"]
     for impl in ("ours", "transformers"):
         if impl in e:
-            lines.append(f"greedy evaluation, {e['questions']} real test prompts: {impl} "
+            lines.append(f"{e['scoring']} evaluation, {e['questions']} real test prompts: {impl} "
                          f"{e[impl]['questions_per_s']:.1f} questions/s")
+    if "same_answers" in e:
+        lines.append(f"the same answer on {e['same_answers']} of {e['questions']} questions")
     if "transformers" in e:
         lines.append(f"evaluation ratio ours / transformers: "
                      f"{e['ours']['questions_per_s'] / e['transformers']['questions_per_s']:.2f}x")

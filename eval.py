@@ -368,68 +368,93 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, dataset: str, records: li
 # Likelihood ranking (not the published protocol)
 
 
+# Questions scored per forward, packed into one row: a question's ~50 tokens alone run a CPU's
+# matmuls at two thirds of their rate and read every weight for little work; the dense mask's
+# cost, quadratic in the row, stays small at a few hundred tokens.
+QUESTIONS_PER_ROW = 4
+
+
 @torch.no_grad()
-def continuation_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, prompt: str,
-                          continuations: list[str]) -> list[tuple[float, int]]:
-    """(summed log-probability, tokens) of each continuation after `prompt`, from one forward over
-    all of them.
+def continuation_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str,
+                          questions: list[tuple[str, list[str]]]) -> list[list[float]]:
+    """The summed log-probability of each continuation after its prompt, for a few (prompt,
+    continuations) questions in one forward.
 
     The prompt and the continuation are tokenised as one text (as the model read them in training),
     and the continuation is every token after the first len(tokens of the prompt alone): the rule
     data.commonsense.encode_record masks the training labels by, so the scored tokens are the ones
-    answer-only training taught.
+    answer-only training taught. One row holds, question after question, the ids its texts share
+    (computed once) and then each text's rest. A token attends only to its question's shared ids and
+    to its own text, causally, at the position it has in that text: each text is computed as if alone.
     """
     device = model.output.weight.device
-    n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
-    texts = [tokenizer.encode(prompt + text, bos=True, eos=False) for text in continuations]
-    longest = max(len(ids) for ids in texts)
-    if longest > model.max_positions:
-        raise ValueError(f"{dataset}: a prompt + answer of {longest} tokens, beyond the {model.max_positions} "
-                         "positions of the model's rotary table")
-    # Right padding: causal attention keeps every real token away from the padding after it.
-    tokens = torch.tensor([ids + [tokenizer.pad_id] * (longest - len(ids)) for ids in texts], device=device)
-    position = torch.arange(1, longest, device=device)
-    lengths = torch.tensor([len(ids) for ids in texts], device=device)[:, None]
-    scored = (position >= n_prompt) & (position < lengths)  # the continuation's tokens, (C, T - 1)
-    hidden, _ = model.trunk(tokens)
-    # the head only where a token is scored: the state at t - 1 predicts token t
-    logprobs = F.log_softmax(model.output(hidden[:, :-1][scored]).float(), dim=-1)  # (N_scored, vocab)
-    token_logprobs = torch.zeros(scored.shape, device=device)
-    token_logprobs[scored] = logprobs.gather(-1, tokens[:, 1:][scored][:, None]).squeeze(-1)
-    return list(zip(token_logprobs.sum(1).tolist(), scored.sum(1).tolist()))
+    tokens, positions, question_of, text_of = [], [], [], []  # per place in the row; text -1: shared ids
+    scored = []  # (text, place in the row) of every scored token
+    n_texts = 0
+    for q, (prompt, continuations) in enumerate(questions):
+        n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
+        texts = [tokenizer.encode(prompt + text, bos=True, eos=False) for text in continuations]
+        if max(map(len, texts)) > model.max_positions:
+            raise ValueError(f"{dataset}: a prompt + answer of {max(map(len, texts))} tokens, beyond the "
+                             f"{model.max_positions} positions of the model's rotary table")
+        # the state at n_prompt - 1 predicts the first scored token, so it is each text's own
+        n_shared = min(shared_prefix_length(texts), n_prompt - 1)
+        tokens += texts[0][:n_shared]
+        positions += range(n_shared)
+        question_of += [q] * n_shared
+        text_of += [-1] * n_shared
+        for ids in texts:
+            scored += [(n_texts, len(tokens) + t - n_shared) for t in range(n_prompt, len(ids))]
+            tokens += ids[n_shared:]
+            positions += range(n_shared, len(ids))
+            question_of += [q] * (len(ids) - n_shared)
+            text_of += [n_texts] * (len(ids) - n_shared)
+            n_texts += 1
+    place = torch.arange(len(tokens), device=device)
+    question_of, text_of = torch.tensor(question_of, device=device), torch.tensor(text_of, device=device)
+    sees = ((place[None, :] <= place[:, None]) & (question_of[None, :] == question_of[:, None])
+            & ((text_of[None, :] == -1) | (text_of[None, :] == text_of[:, None])))  # (row, row): query, key
+    tokens = torch.tensor(tokens, device=device)
+    hidden, _ = model.trunk(tokens[None], torch.tensor(positions, device=device)[None], sees[None, None])
+    text, at = torch.tensor(scored, device=device).reshape(-1, 2).unbind(1)
+    # the head only where a token is scored, on the state just before it in the row
+    logprobs = F.log_softmax(model.output(hidden[0, at - 1]).float(), dim=-1)  # (N_scored, vocab)
+    totals = torch.zeros(n_texts, device=device).index_add_(0, text, logprobs.gather(-1, tokens[at, None])[:, 0])
+    return [chunk.tolist() for chunk in totals.split([len(c) for _, c in questions])]
 
 
-def label_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, record: dict) -> dict[str, float]:
-    """--scoring likelihood: the summed log-probability of "the correct answer is <label>" after the
-    evaluation prompt, for each of the question's labels."""
+def candidates(dataset: str, record: dict, scoring: str) -> tuple[str, list[str], list[str], list[int]]:
+    """(prompt, continuations, their labels, what each log-probability is divided by) of a question.
+
+    --scoring likelihood: "the correct answer is <label>" after the evaluation prompt, for each of
+    the question's labels, not normalised. --scoring cloze (with train.py --cloze, a departure):
+    each choice's text after "Question: q / Answer:", divided by its length in UTF-8 bytes (the
+    length normalisation small models are usually scored with).
+    """
+    if scoring == "cloze":
+        question, choices, labels = cloze_choices(record)
+        return cloze_prompt(question), [" " + c for c in choices], labels, [len(c.encode()) for c in choices]
     labels = candidate_labels(dataset, record)
-    scores = continuation_logprobs(model, tokenizer, dataset, eval_prompt(record),
-                                   [ANSWER_TEMPLATE.format(label) for label in labels])
-    return {label: total for label, (total, _) in zip(labels, scores)}
-
-
-def cloze_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str, record: dict) -> dict[str, float]:
-    """--scoring cloze (with train.py --cloze, a departure): each choice's text after "Question: q
-    / Answer:", its log-probability divided by its length in UTF-8 bytes (the length normalisation
-    small models are usually scored with), by label."""
-    question, choices, labels = cloze_choices(record)
-    scores = continuation_logprobs(model, tokenizer, dataset, cloze_prompt(question), [" " + c for c in choices])
-    return {label: total / len(choice.encode()) for label, choice, (total, _) in zip(labels, choices, scores)}
+    return eval_prompt(record), [ANSWER_TEMPLATE.format(label) for label in labels], labels, [1] * len(labels)
 
 
 def rank_by_likelihood(model: Transformer, tokenizer: Tokenizer, dataset: str, records: list[dict],
                        scoring: str = "likelihood") -> list[dict]:
     """Predictions whose answer is the most likely label (--scoring likelihood) or choice (cloze);
     no text is generated."""
-    label_scores = cloze_logprobs if scoring == "cloze" else label_logprobs
     predictions = []
-    for i, record in enumerate(tqdm(records, desc=f"{dataset} ({scoring})", unit="q")):
-        logprobs = label_scores(model, tokenizer, dataset, record)
-        if not all(math.isfinite(v) for v in logprobs.values()):
-            raise NonFiniteLogits(f"{dataset} item {i}: the model's log-likelihoods are not finite (NaN or inf); "
-                                  "nothing written")
-        pred = prediction(dataset, i, record, None, max(logprobs, key=logprobs.get))
-        predictions.append(pred | {"label_logprobs": logprobs})
+    with tqdm(total=len(records), desc=f"{dataset} ({scoring})", unit="q") as progress:
+        for start in range(0, len(records), QUESTIONS_PER_ROW):
+            asked = [candidates(dataset, record, scoring) for record in records[start:start + QUESTIONS_PER_ROW]]
+            totals = continuation_logprobs(model, tokenizer, dataset, [(prompt, texts) for prompt, texts, _, _ in asked])
+            for i, (record, (_, _, labels, lengths), scores) in enumerate(zip(records[start:], asked, totals), start):
+                logprobs = {label: total / n for label, total, n in zip(labels, scores, lengths)}
+                if not all(math.isfinite(v) for v in logprobs.values()):
+                    raise NonFiniteLogits(f"{dataset} item {i}: the model's log-likelihoods are not finite (NaN or "
+                                          "inf); nothing written")
+                predictions.append(prediction(dataset, i, record, None, max(logprobs, key=logprobs.get))
+                                   | {"label_logprobs": logprobs})
+            progress.update(len(asked))
     return predictions
 
 

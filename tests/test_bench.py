@@ -19,3 +19,14 @@ def test_bench_tiny_writes_every_row(tmp_path, capsys):
     assert evaluation["questions"] == 2 and evaluation["ours"]["questions_per_s"] > 0
     assert evaluation["transformers"]["questions_per_s"] > 0
     assert "| ours | lora |" in capsys.readouterr().out and out.with_suffix(".md").is_file()
+
+
+def test_bench_cloze_form_scores_as_transformers_does(tmp_path, capsys):
+    """With --cloze the evaluation rows are eval.py --scoring cloze (the shared prompt computed once)
+    and transformers' forward over each whole prompt + choice: every answer must agree."""
+    out = tmp_path / "bench.json"
+    bench.main(["--shape", "tiny", "--cloze", "--method", "lora", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                "--questions", "6", "--out", str(out)])
+    evaluation = json.loads(out.read_text())["evaluation"]
+    assert evaluation["scoring"] == "cloze" and evaluation["questions"] == 6 and evaluation["same_answers"] == 6
+    assert "cloze evaluation, 6 real test prompts: transformers" in capsys.readouterr().out
