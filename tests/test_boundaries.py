@@ -1020,7 +1020,8 @@ def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys,
         return (hidden * float(value) if len(calls) >= 3 else hidden), states
 
     monkeypatch.setattr(llama.Transformer, "trunk", nan_from_the_third_call)
-    argv = eval_args(ckpt, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "4", "--batch-size", "1",
+    # 8 questions: ranking packs 4 into one forward, so its third call is the second row's
+    argv = eval_args(ckpt, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "8", "--batch-size", "1",
                      "--scoring", scoring, *extra)
     assert evaluator.main(argv) == 1
     err = capsys.readouterr().err  # beside tqdm's progress bar
@@ -1055,6 +1056,48 @@ def test_convert_hf_takes_each_weight_from_the_shard_the_index_names(tmp_path, s
     with pytest.raises(SystemExit, match=rf"b-00002\.safetensors: the index names it for \['{second[0]}'\]") as e:
         convert_hf.main([str(folder), str(tmp_path / "meta2")])
     assert "\n" not in str(e.value)
+
+
+def shard_halves(folder, tensors, edit_index):
+    """The folder's weights split into two shards a.safetensors and b.safetensors, with an index
+    that `edit_index(index, names)` may spoil."""
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({k: tensors[k] for k in names[:half]}, str(folder / "a.safetensors"))
+    save_file({k: tensors[k] for k in names[half:]}, str(folder / "b.safetensors"))
+    index = {k: "a.safetensors" for k in names[:half]} | {k: "b.safetensors" for k in names[half:]}
+    edit_index(index, names)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+
+
+def retyped(key, change):
+    def edit(folder, tensors):
+        tensors[key] = change(tensors[key])
+        save_file(tensors, str(folder / "model.safetensors"))
+    return edit
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda f, t: shard_halves(f, t, lambda i, n: i.__setitem__(n[0], "../x.safetensors")),
+     r"index\.json: '\.\./x\.safetensors' is not a name inside"),
+    (lambda f, t: shard_halves(f, t, lambda i, n: i.__setitem__(n[0], "c.safetensors")),
+     r"index\.json: lists \['c\.safetensors'\] but they are not in the folder"),
+    (lambda f, t: shard_halves(f, t, lambda i, n: i.pop("lm_head.weight")), r"missing weights \['output\.weight'\]"),
+    (retyped(Q_PROJ, lambda w: w[:, :-1].contiguous()), r"wq\.weight has shape \(32, 31\), the config says \(32, 32\)"),
+    (retyped(Q_PROJ, lambda w: w.to(torch.int32)), r"q_proj\.weight is int32; weights are floating point"),
+    (lambda f, t: save_file(t | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}, str(f / "model.safetensors")),
+     r"unexpected HF LLaMA weight 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
+], ids=["shard-outside", "shard-missing", "weight-unnamed", "wrong-shape", "integer-weight", "bias"])
+def test_convert_hf_refuses_a_spoiled_folder_in_one_line_and_writes_nothing(tmp_path, spoil, message):
+    folder = write_hf_folder(small_model(0), tmp_path / "hf")
+    spoil(folder, load_file(str(folder / "model.safetensors")))
+    with pytest.raises(SystemExit, match=message) as e:
+        convert_hf.main([str(folder), str(tmp_path / "meta")])
+    assert "\n" not in str(e.value) and not (tmp_path / "meta").exists()
 
 
 # ---- class 9: Ctrl-C and a full disk are one line
