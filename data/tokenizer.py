@@ -189,6 +189,12 @@ class Tokenizer:
         config_eos = config.get("eos_token_id")
         self.stop_ids = ({self.eos_id} | set(config_eos if isinstance(config_eos, list) else [])
                          | {specials[name] for name in END_OF_TURN_TOKENS if name in specials})
+        # config.json's ids are numbers, not names: one past the vocabulary would index past the
+        # model's embedding, or name a stop token that is never generated
+        outside = sorted(i for i in {self.bos_id, self.pad_id, *self.stop_ids} - {None} if i >= self.n_words)
+        if outside:
+            raise ValueError(f"{folder / 'config.json'}: token ids {outside} are outside the vocabulary of "
+                             f"{self.n_words} ids")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return [self.bos_id] * (bos and self.add_bos) + self._encode(text) + [self.eos_id] * eos

@@ -712,6 +712,8 @@ def test_an_hf_config_of_the_wrong_shape_is_one_line(tmp_path, edit, message):
     ("config.json", {"eos_token_id": []}, r"'eos_token_id' is \[\], expected"),  # ids[0]: an IndexError before
     ("config.json", {"eos_token_id": "2"}, r"'eos_token_id' is \"2\", expected"),
     ("config.json", {"pad_token_id": -5}, r"'pad_token_id' is -5, expected"),
+    ("config.json", {"eos_token_id": [0, 10 ** 6]}, r"token ids \[1000000\] are outside the vocabulary of \d+ ids"),
+    ("config.json", {"pad_token_id": 10 ** 6}, r"token ids \[1000000\] are outside the vocabulary"),
     ("tokenizer.json", [], r"holds \[\], expected an object"),
 ])
 def test_tokenizer_files_of_the_wrong_shape_are_one_line(tmp_path, name, content, message):
