@@ -193,8 +193,9 @@ def our_step(model, tokenizer, method: str, device, precision: str, batch_size: 
     add_adapters(model, tuple(cfg.targets.split(",")), cfg.r, cfg.alpha, cfg.dropout, dora="dora" in method)
     echo = EchoPath(model, EchoConfig()).to(device) if method.startswith("echo") else None
     model.train()
-    params = train.training_parameters(model, echo)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    groups = train.parameter_groups(model, echo)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=1e-5, weight_decay=0.0)
     step = iter(range(10**9))
 
     def run(examples) -> int:

@@ -292,6 +292,7 @@ class EchoConfig:
     echo_pass: str = "suffix"  # suffix | full (item 6)
     inject: str = "echo"  # echo | zero: the control, the Echo path without the deep signal (item 4)
     up: str = "lora"  # lora | own: the injected term reaches the output through the adapter's B, or its own U (item 4)
+    lr_scale: float = 1.0  # the projections, gates and U train at this multiple of the adapters' learning rate (item 4)
 
 
 def default_layers(n_layers: int, which: str) -> tuple[int, ...]:

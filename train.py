@@ -125,6 +125,8 @@ class Config:
                                  "run without it (item 4)")
     echo_up: str = echo_flag("up", "lora: the injected term goes through the adapter's B; own: through its own "
                              "zero-initialised up-projection U, added to B u (item 4)")
+    echo_lr_scale: float = echo_flag("lr_scale", "the Echo path's parameters train at this multiple of --lr (item 4)",
+                                     allowed=(lambda v: v > 0, "> 0"))
     # machinery
     gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass: less memory")
     resume: bool = flag(False, "continue the run in --out from its checkpoint.pt")
@@ -328,9 +330,16 @@ def all_reduce_gradients(params):
         offset += p.numel()
 
 
-def training_parameters(model, echo: EchoPath | None) -> list[torch.nn.Parameter]:
-    """What the optimizer updates: the adapters and, while training, the Echo path."""
-    return trainable_parameters(model) + (list(echo.parameters()) if echo else [])
+def parameter_groups(model, echo: EchoPath | None) -> list[dict]:
+    """The optimizer's parameter groups: the adapters and, while training, the Echo path, each with
+    the multiple of the schedule's learning rate it trains at. One group unless --echo-lr-scale
+    sets the Echo path apart, so an unscaled run's optimizer state is what it always was."""
+    adapters = {"params": trainable_parameters(model), "lr_scale": 1.0}
+    if echo is None:
+        return [adapters]
+    if echo.config.lr_scale == 1:
+        return [adapters | {"params": adapters["params"] + list(echo.parameters())}]
+    return [adapters, {"params": list(echo.parameters()), "lr_scale": echo.config.lr_scale}]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -377,11 +386,12 @@ def run(cfg: Config):
     model, tokenizer = load_model(cfg, device, rank, world)
     echo = add_adapters_and_echo_path(model, cfg, echo_cfg, device)
     model.train()
-    params = training_parameters(model, echo)
+    groups = parameter_groups(model, echo)
+    params = [p for group in groups for p in group["params"]]
     data = TrainingData(records, tokenizer, cfg, model.max_positions)  # tokenised by the model's tokenizer
 
     # ---- optimizer and schedule (lr_at: linear warm-up, then linear decay)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
 
     # ---- resume, and the run folder
     step, best_val = 0, math.inf
@@ -403,7 +413,7 @@ def run(cfg: Config):
         routed = routed_samples(len(examples), echo_cfg.route_p if echo_cfg else 0.0, cfg.seed, step)
         lr = lr_at(step, cfg, data.total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         # forward, loss and backward over this process's micro-batches; sum over processes
         losses, tokens = accumulate_gradients(model, echo, examples, routed, cfg, tokenizer.pad_id, device, world, rank)
         if distributed:

@@ -139,3 +139,32 @@ def test_bad_input_is_one_clear_error(tmp_path, tiny_ckpt):
         train.main(good + ["--targets", "wq,wz"])
     with pytest.raises(SystemExit, match="echo layer 9 is outside the model's blocks 1..4"):
         train.main(good + ["--echo-source-layers", "3,9"])
+
+
+def test_echo_lr_scale_multiplies_the_echo_paths_first_update_only(tmp_path, tiny_ckpt, arc_records, monkeypatch):
+    """AdamW's first update of a parameter is -lr g / (|g| + eps): with --echo-lr-scale 10 every
+    Echo parameter moves exactly 10 times as far as unscaled, and the adapters exactly as far
+    (the same seed gives the same first gradients). Under --echo-up own, U is the Echo parameter
+    that takes a gradient at the first step."""
+    made = []
+
+    class Recorded(train.EchoPath):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append({k: v.clone() for k, v in self.state_dict().items()})
+            made.append(self)
+
+    monkeypatch.setattr(train, "EchoPath", Recorded)
+    moves, adapters = [], []
+    for scale in ("1", "10"):
+        out, _ = run(tmp_path / scale, tiny_ckpt, arc_records, "--method", "echo-lora", "--echo-up", "own",
+                     "--echo-route-p", "1", "--max-steps", "1", "--val-size", "0", "--echo-lr-scale", scale)
+        before, echo = made[-2:]
+        moves.append({k: v - before[k] for k, v in echo.state_dict().items()})
+        adapters.append(load_file(str(out / "adapter.safetensors")))
+    unscaled, scaled = moves
+    up = [k for k in unscaled if unscaled[k].abs().max() > 0]
+    assert up and all(".up." in k or k.endswith("up.weight") for k in up), up
+    for k in unscaled:
+        torch.testing.assert_close(scaled[k], 10 * unscaled[k], rtol=1e-5, atol=1e-12)
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
