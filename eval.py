@@ -34,14 +34,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.adapters import load_adapter
 from data.checkpoints import PRECISIONS, default_precision, resolve_checkpoint, resolve_device, slow_precision_warning
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
 from data.files import (code_version, locked_folder, output_files, output_folder, read_bytes, read_run_record,
                         recorded_path, write_atomically)
 from data.published import PROTOCOL_PRECISION, PUBLISHED, default_published, published_rows
 from data.tokenizer import Tokenizer
-from echo_lora import merge
+from echo_lora import load_adapter, merge
 from llama import KVCache, Transformer, attention_mask, load
 
 

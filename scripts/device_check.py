@@ -33,12 +33,11 @@ import torch  # noqa: E402
 
 import llama  # noqa: E402
 from data import checkpoints  # noqa: E402
-from data.adapters import adapter_parameters  # noqa: E402
 from data.checkpoints import autocast  # noqa: E402
 from convert_hf import convert, hf_random_model, hf_to_meta_rows  # noqa: E402
 from convert_peft import export_peft, name_from_peft_key, permute_qk_rows  # noqa: E402
 from data.files import write_atomically  # noqa: E402
-from echo_lora import DEFAULT_TARGETS, adapted_linears, add_adapters  # noqa: E402
+from echo_lora import DEFAULT_TARGETS, adapted_linears, adapter_parameters, add_adapters  # noqa: E402
 
 # Relative error ||ours - theirs|| / ||theirs|| of the logits, and of all adapter gradients
 # together. fp32: both sides compute the same function, only the order of operations differs

@@ -48,10 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
 import train  # noqa: E402
-from data import checkpoints, runs  # noqa: E402
+from data import checkpoints  # noqa: E402
 from data.files import (Rule, check_shape, inside, output_files, read_bytes, read_json, read_json_shaped,  # noqa: E402
                         read_run_record, recorded_command, write_atomically)
-from data.runs import metrics_lines  # noqa: E402
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
 ARMS = {"none": None,
@@ -414,7 +413,7 @@ def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict,
     timing = {}
     if arm != "none":
         resume = (folder / "checkpoint.pt").is_file()
-        again = ["--resume"] if resume else ["--overwrite"] if runs.holds_run(folder) else []
+        again = ["--resume"] if resume else ["--overwrite"] if train.holds_run(folder) else []
         t0 = clock()
         if code := run_script("train.py", train_command(a, arm, seed, folder, flags) + again):
             raise RunStopped(f"train.py stopped with exit code {code}")
@@ -639,7 +638,7 @@ LAST_STEPS = 20  # a diagnostic's end value: the mean of its last 20 steps (one 
 def metrics_entries(folder: Path) -> list[dict]:
     """The entries of the run's metrics.jsonl ([] without one)."""
     path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in metrics_lines(path, math.inf)] if path.is_file() else []
+    return [json.loads(line) for line in train.metrics_lines(path, math.inf)] if path.is_file() else []
 
 
 def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:

@@ -269,12 +269,11 @@ KILL_AFTER_CHECKPOINT = """
 import os, sys
 sys.path.insert(0, {root!r})
 import train
-from data import runs
-save = runs.save_checkpoint
+save = train.save_checkpoint
 def save_then_die(*args):
     save(*args)
     os._exit(137)  # as a kill -9 leaves it: no clean-up
-runs.save_checkpoint = save_then_die
+train.save_checkpoint = save_then_die
 train.main(sys.argv[1:])
 """
 
