@@ -77,7 +77,7 @@ def adapter_gradients(ours, peft_model) -> tuple[torch.Tensor, torch.Tensor]:
     params = adapter_parameters(ours)
     names = sorted(params)
     if sorted(theirs) != names:
-        raise SystemExit("device_check.py: parity: peft's adapter parameters are not ours")
+        raise ValueError("parity: peft's adapter parameters are not ours")
     return torch.cat([params[n].grad.flatten() for n in names]), torch.cat([theirs[n].flatten() for n in names])
 
 
@@ -159,7 +159,10 @@ def main(argv=None) -> dict:
     print(f"device check on {device_name(device)}, shape {a.shape}: results in {out}/", flush=True)
 
     started = time.perf_counter()
-    checks = parity(llama.SHAPES[a.shape], device)
+    try:
+        checks = parity(llama.SHAPES[a.shape], device)
+    except ValueError as e:
+        raise SystemExit(f"device_check.py: {e}") from None
     write_json(out / "parity.json", {"device": device_name(device), "torch": torch.__version__,
                                      "shape": f"{a.shape}, 2 blocks", "checks": checks,
                                      "seconds": time.perf_counter() - started})

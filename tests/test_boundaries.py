@@ -741,7 +741,7 @@ def metrics_run(tmp_path, metrics_text):
 def test_a_metrics_file_of_the_wrong_shape_is_one_line_in_the_table(tmp_path, text, message):
     run = metrics_run(tmp_path, text)
     with pytest.raises(SystemExit, match=r"experiment\.py: .*metrics\.jsonl: " + message) as e:
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
     assert "\n" not in str(e.value)
 
 
@@ -751,25 +751,6 @@ def test_a_metrics_file_of_the_wrong_shape_is_one_line_on_resume(finished_run, c
     (run / "metrics.jsonl").write_text('{"step": "0", "val_loss": 1.0}\n{"step": 1}\n')
     message = refused_by_train(train_args(ckpt, records, run, "--resume", "--max-steps", "3"))
     assert "metrics.jsonl: line 1: 'step' is \"0\", expected int" in message
-
-
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m | {"runs": {"lora-s1": "done"}}, r"'runs/lora-s1' is \"done\", expected an object"),  # the issue's
-    (lambda m: m | {"runs": {"lora-s1": {"arm": "lora", "seed": "1"}}}, r"'runs/lora-s1/seed' is \"1\", expected int"),
-    (lambda m: m | {"runs": {"lora-s1": {"arm": "gpt"}}}, r"'runs/lora-s1/arm' is \"gpt\", expected an arm"),
-    (lambda m: m | {"calls": {}}, r"'calls' is \{\}, expected a list"),
-    (lambda m: m | {"settings": {**m["settings"], "eval_flags": "--limit 5"}}, r"'settings/eval_flags' is \"--limit 5\""),
-    (lambda m: {k: v for k, v in m.items() if k != "runs"}, r"has no 'runs'"),
-    (lambda m: m | {"runs": {"lora-s1": {"arm": "lora", "eval_seconds": -3}}}, r"'runs/lora-s1/eval_seconds' is -3"),
-])
-def test_an_experiment_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, edit, message):
-    manifest = {"settings": {"eval_flags": []}, "calls": [], "runs": {}}
-    (tmp_path / "experiment.json").write_text(json.dumps(edit(manifest)))
-    for call in (lambda: experiment.main(["--table-only", "--out", str(tmp_path)]),
-                 lambda: experiment.open_experiment(tmp_path, {"eval_flags": []})):
-        with pytest.raises(SystemExit, match=r"experiment\.json: " + message) as e:
-            call()
-        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("file, edit, message", [
@@ -784,7 +765,7 @@ def test_results_and_run_records_of_the_wrong_shape_are_one_line_in_the_table(tm
     run = metrics_run(tmp_path, "")
     rewrite_json(run / file, edit)
     with pytest.raises(SystemExit, match=rf"experiment\.py: .*{file}: " + message) as e:
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
     assert "\n" not in str(e.value)
 
 
@@ -818,7 +799,7 @@ def test_the_table_recomputes_correctness_from_answer_and_gold(tmp_path, edit, m
     run = scored_run(tmp_path)
     edit_predictions(run, edit)
     with pytest.raises(SystemExit, match=r"experiment\.py: .*predictions\.jsonl: line 1: " + message) as e:
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
     assert "\n" not in str(e.value)
 
 
@@ -828,16 +809,17 @@ def test_runs_scored_on_different_test_files_are_not_paired(tmp_path):
         rewrite_json(run / "results.json", lambda r: r | {"test_sha256": {"ARC-Easy": digest, "ARC-Challenge": "c" * 64}})
     with pytest.raises(SystemExit, match=r"the runs scored different ARC-Easy test files: aaaaaaaaaaaa .*lora-s1.*"
                                          r"bbbbbbbbbbbb .*echo-lora-s1") as e:
-        experiment.write_results(tmp_path, [lora, echo])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(lora), str(echo)])
     assert "\n" not in str(e.value)
     rewrite_json(echo / "results.json", lambda r: r | {"test_sha256": {"ARC-Easy": "a" * 64, "ARC-Challenge": "c" * 64}})
-    assert "| echo-lora vs lora | 1 |" in experiment.write_results(tmp_path, [lora, echo])
+    table = experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(lora), str(echo)])
+    assert "| echo-lora vs lora | 1 |" in table
 
 
 def test_a_run_whose_predictions_are_missing_is_an_error_not_a_seed_fewer(tmp_path, capsys):
     lora, echo = scored_run(tmp_path, "lora-s1", "lora"), scored_run(tmp_path)
     (echo / "predictions.jsonl").unlink()
-    for call in (lambda: experiment.write_results(tmp_path, [lora, echo]),
+    for call in (lambda: experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(lora), str(echo)]),
                  lambda: experiment.main(["--table-only", "--out", str(tmp_path), "--scoring", "generate"])):
         with pytest.raises(SystemExit, match=r"echo-lora-s1: results\.json but no predictions\.jsonl") as e:
             call()
@@ -861,16 +843,16 @@ def test_the_table_refuses_a_result_whose_adapter_changed_since(tmp_path):
     echo_lora.save_adapter(run, echo_lora.add_adapters(small_model(), r=2, alpha=4))
     scored = read_json(run / "adapter_config.json")["tensors_sha256"]
     rewrite_json(run / "results.json", lambda r: r | {"adapter_sha256": scored})
-    experiment.write_results(tmp_path, [run])  # the adapter scored is the one there
+    experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])  # the adapter scored is the one there
     echo_lora.save_adapter(run, echo_lora.add_adapters(small_model(seed=1), r=2, alpha=4))  # trained again since
     with pytest.raises(SystemExit, match=rf"results\.json: scored adapter {scored[:12]}, but .*adapter\.safetensors "
                                          r"is now [0-9a-f]{12}: evaluate it again") as e:
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
     assert "\n" not in str(e.value)
     for name in ("adapter_config.json", "adapter.safetensors"):
         (run / name).unlink(missing_ok=True)  # gone altogether
     with pytest.raises(SystemExit, match=r"adapter_config\.json: cannot read JSON"):
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
 
 
 def test_eval_refuses_a_folder_train_is_writing(finished_run, ckpt, tmp_path, capsys):
