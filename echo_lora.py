@@ -32,7 +32,8 @@ After training the Echo path is discarded (item 8): the saved adapter is a plain
 
 The file in reading order: the adapter (a frozen linear layer plus a trainable low-rank update,
 attached to the model and merged into its weights); the Echo path, item by item, ending in
-`loss_terms`; last, the adapter as saved and loaded (its files' format: data/adapters.py).
+`loss_terms`; then the adapter as saved and loaded (its files' format: data/adapters.py); last,
+two speed kernels that compute what nn.Dropout and the output layer's cross-entropy compute.
 
     Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1:
         h = W0 x + (alpha / r) B A x, B zero at the start so training begins at the base model.
@@ -68,19 +69,6 @@ DEFAULT_TARGETS = ("wq", "wk", "wv", "w3", "w2")
 # A row of W + s B A whose norm is zero has a zero direction, so its output is 0 whatever it is
 # divided by; the floor only keeps that 0 / 0 from becoming NaN.
 NORM_FLOOR = 1e-12
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout's function (each element zeroed with probability p, the rest scaled by 1 / (1 - p)),
-    its mask drawn on a CPU as uniform floats >= p: one 32-bit random number per element, where
-    torch's CPU Bernoulli draws 64 bits. Dropout on every adapter's input was a sixth of a CPU
-    training step; this mask costs a third less. Elsewhere (CUDA) nn.Dropout's fused kernel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return torch.where(keep, x * (1 / (1 - self.p)), 0)
 
 
 class LoRALinear(nn.Module):
@@ -640,52 +628,6 @@ def masked_distillation(z_plain: torch.Tensor, z_echo: torch.Tensor, tau: float)
                     log_target=True, reduction="sum")
 
 
-class OutputCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T, y_i) over rows i, computed in chunks of rows, the gradient with respect
-    to h made in the forward pass: d/dh_i = (softmax(h_i W^T) - onehot(y_i)) W.
-
-    Whole-text loss takes the head at every position: (16 x 256, 32000) fp32 logits are 0.5 GB
-    for LLaMA-7B, and its log-softmax and their gradient are as large again. Chunk by chunk they
-    never exist at once, which on a CPU (memory-bound) halves the head's cost. The head W is frozen
-    in every method here, so it needs no gradient. Each chunk computes what `F.linear` then
-    `F.cross_entropy` compute: logits in the activations' dtype, the softmax in fp32."""
-
-    CHUNK = 256  # rows per chunk: (256, 49152) fp32 is 50 MB
-
-    @staticmethod
-    def forward(ctx, h, weight, targets):
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        for start in range(0, h.shape[0], OutputCrossEntropy.CHUNK):
-            rows = slice(start, start + OutputCrossEntropy.CHUNK)
-            log_probs = F.log_softmax(F.linear(h[rows], weight).float(), -1)  # (chunk, vocab)
-            total += F.nll_loss(log_probs, targets[rows], reduction="sum")
-            if grad_h is not None:
-                d_logits = log_probs.exp_()  # softmax - onehot(y): the CE's gradient by its logits
-                d_logits[torch.arange(d_logits.shape[0], device=h.device), targets[rows]] -= 1
-                grad_h[rows] = d_logits.to(h.dtype) @ weight
-        ctx.save_for_backward(grad_h)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_total.to(grad_h.dtype), None, None
-
-
-def output_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """CE of the output layer's logits, summed over the rows: `F.cross_entropy(F.linear(h, weight)
-    .float(), targets, reduction="sum")` without the (rows, vocab) logits held for backward.
-    h: (N, 4096), targets: (N,). Under autocast h and the head meet in bf16, as `model.output` would."""
-    if weight.requires_grad:
-        raise ValueError("output_cross_entropy: the output layer is frozen in every method here")
-    if torch.is_autocast_enabled(h.device.type):
-        dtype = torch.get_autocast_dtype(h.device.type)
-        h, weight = h.to(dtype), weight.to(dtype)
-    with torch.autocast(h.device.type, enabled=False):
-        return OutputCrossEntropy.apply(h, weight, targets)
-
-
 # ---- 8. Discard
 #
 # Nothing to run: the model never holds the Echo path (EchoPath.injecting plugs it in only for
@@ -803,3 +745,66 @@ def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], fil
             raise ValueError(f"{file}: {name} holds NaN or infinite values")
     for name, tensor in tensors.items():
         params[name].copy_(tensor)
+
+
+# --------------------------------------------------------------------------------------------
+# Speed kernels: what nn.Dropout and F.linear + F.cross_entropy compute, faster on a CPU
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout's function (each element zeroed with probability p, the rest scaled by 1 / (1 - p)),
+    its mask drawn on a CPU as uniform floats >= p: one 32-bit random number per element, where
+    torch's CPU Bernoulli draws 64 bits. Dropout on every adapter's input was a sixth of a CPU
+    training step; this mask costs a third less. Elsewhere (CUDA) nn.Dropout's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return torch.where(keep, x * (1 / (1 - self.p)), 0)
+
+
+class OutputCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) over rows i, computed in chunks of rows, the gradient with respect
+    to h made in the forward pass: d/dh_i = (softmax(h_i W^T) - onehot(y_i)) W.
+
+    Whole-text loss takes the head at every position: (16 x 256, 32000) fp32 logits are 0.5 GB
+    for LLaMA-7B, and its log-softmax and their gradient are as large again. Chunk by chunk they
+    never exist at once, which on a CPU (memory-bound) halves the head's cost. The head W is frozen
+    in every method here, so it needs no gradient. Each chunk computes what `F.linear` then
+    `F.cross_entropy` compute: logits in the activations' dtype, the softmax in fp32."""
+
+    CHUNK = 256  # rows per chunk: (256, 49152) fp32 is 50 MB
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for start in range(0, h.shape[0], OutputCrossEntropy.CHUNK):
+            rows = slice(start, start + OutputCrossEntropy.CHUNK)
+            log_probs = F.log_softmax(F.linear(h[rows], weight).float(), -1)  # (chunk, vocab)
+            total += F.nll_loss(log_probs, targets[rows], reduction="sum")
+            if grad_h is not None:
+                d_logits = log_probs.exp_()  # softmax - onehot(y): the CE's gradient by its logits
+                d_logits[torch.arange(d_logits.shape[0], device=h.device), targets[rows]] -= 1
+                grad_h[rows] = d_logits.to(h.dtype) @ weight
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_total.to(grad_h.dtype), None, None
+
+
+def output_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE of the output layer's logits, summed over the rows: `F.cross_entropy(F.linear(h, weight)
+    .float(), targets, reduction="sum")` without the (rows, vocab) logits held for backward.
+    h: (N, 4096), targets: (N,). Under autocast h and the head meet in bf16, as `model.output` would."""
+    if weight.requires_grad:
+        raise ValueError("output_cross_entropy: the output layer is frozen in every method here")
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return OutputCrossEntropy.apply(h, weight, targets)
