@@ -328,8 +328,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    device = checkpoints.resolve_device(None)
-    precision = a.precision or checkpoints.default_precision(device)
+    device, precision = checkpoints.device_and_precision(None, a.precision)
     dtype = checkpoints.PRECISIONS[precision]
     if not a.ckpt and not a.tokenizer.is_file():  # bad input is one line before any model is built
         parser_error(f"--tokenizer {a.tokenizer}: no such file")

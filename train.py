@@ -175,7 +175,7 @@ def parse_config(argv=None) -> Config:
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out, --overwrite replaces it: give one")
     try:
-        cfg.precision = cfg.precision or checkpoints.default_precision(checkpoints.resolve_device(cfg.device))
+        _, cfg.precision = checkpoints.device_and_precision(cfg.device, cfg.precision)
     except ValueError as e:
         parser.error(str(e))
     if cfg.batch_size % cfg.micro_batch_size:
