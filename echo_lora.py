@@ -55,8 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.adapters import (ADAPTER_FILE, CONFIG_FILE, check_adapter_files, check_base_model, read_adapter_config,
-                           read_adapter_tensors, write_adapter)
+from data.adapters import (ADAPTER_FILE, CONFIG_FILE, check_adapter_files, check_base_model, check_fit,
+                           copy_adapter_tensors, read_adapter_config, read_adapter_tensors, write_adapter)
 from data.batches import Batch
 from data.commonsense import IGNORE_INDEX
 from llama import KVCache
@@ -701,7 +701,7 @@ def load_adapter(path, model: nn.Module) -> dict:
     config = read_adapter_config(folder)
     fit_adapters(model, config, folder / CONFIG_FILE)
     tensors, data = read_adapter_tensors(folder)
-    copy_adapter_tensors(model, tensors, folder / ADAPTER_FILE)
+    copy_adapter_tensors(adapter_parameters(model), tensors, folder / ADAPTER_FILE)
     check_adapter_files(folder, config, data)
     check_base_model(config.get("base_model"), base_model_record(model), folder / CONFIG_FILE)
     return config
@@ -711,40 +711,13 @@ def fit_adapters(model: nn.Module, config: dict, file: Path):
     """Give `model` the adapters `config` describes, or check that the ones it has match."""
     if config["r"] > model.args.dim:  # a rank past the model's width adds nothing, and its tensors may not fit in memory
         raise ValueError(f"{file}: rank r {config['r']} is above the model's width {model.args.dim}")
-    if not adapted_linears(model):
-        try:
-            add_adapters(model, config["targets"], config["r"], config["alpha"], config["dropout"], config["dora"],
-                         config["layers"])
-        except ValueError as e:
-            raise ValueError(f"{file}: {e}") from None
-        return
-    have, all_blocks = adapter_config(model), list(range(len(model.layers)))
-    for key, mine, theirs in [
-        ("rank r", have["r"], config["r"]), ("alpha", have["alpha"], config["alpha"]),
-        ("dora", have["dora"], config["dora"]),
-        ("targets", sorted(have["targets"]), sorted(config["targets"])),
-        ("layers", have["layers"] or all_blocks, sorted(config["layers"] or all_blocks)),
-    ]:
-        if mine != theirs:
-            raise ValueError(f"{file}: the adapter has {key} {theirs!r} but the model's adapters have {mine!r}")
-
-
-@torch.no_grad()
-def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path):
-    """Copy `tensors` (adapter_state names) into the model's adapters: every key, every shape."""
-    params = adapter_parameters(model)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"{file}: does not fit the model: missing {missing[:3]}{'...' * (len(missing) > 3)}, "
-                         f"unexpected {unexpected[:3]}{'...' * (len(unexpected) > 3)}")
-    for name, tensor in tensors.items():
-        if tensor.shape != params[name].shape:
-            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(params[name].shape)}")
-        if not torch.isfinite(tensor).all():  # a diverged run's adapter: every output would be NaN
-            raise ValueError(f"{file}: {name} holds NaN or infinite values")
-    for name, tensor in tensors.items():
-        params[name].copy_(tensor)
+    if adapted_linears(model):
+        return check_fit(adapter_config(model), config, len(model.layers), file)
+    try:
+        add_adapters(model, config["targets"], config["r"], config["alpha"], config["dropout"], config["dora"],
+                     config["layers"])
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import llama
 from data import checkpoints
+from data.adapters import copy_adapter_tensors
 from data.batches import Batch, TrainingData, collate, encode_examples, micro_batch_slices, padded_parts, read_records
 from data.commonsense import IGNORE_INDEX, load_records, train_prompt
 from data.files import (EVAL_FILES, RUN_MARKER, Rule, check_shape, code_version, locked_folder, output_folder, read_bytes,
@@ -41,8 +42,8 @@ from data.files import (EVAL_FILES, RUN_MARKER, Rule, check_shape, code_version,
 from data.flags import (BLOCK_NUMBERS, NAMES, NOT_NEGATIVE, POSITIVE, SEED, check_allowed, dataclass_parser, flag,
                         given_flags, list_items)
 from data.published import default_lr
-from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, EchoConfig, EchoPath, add_adapters, adapter_state,
-                       copy_adapter_tensors, loss_terms, route, save_adapter, trainable_parameters)
+from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, EchoConfig, EchoPath, add_adapters, adapter_parameters,
+                       adapter_state, loss_terms, route, save_adapter, trainable_parameters)
 
 EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample"  # our own small records (data/README.md)
@@ -552,7 +553,7 @@ def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
         raise ValueError(f"{path}: --resume given but there is no checkpoint to resume from")
     try:  # tensors and plain values only: a pickle that would run code is refused, never run
         state = torch.load(path, weights_only=True)
-        copy_adapter_tensors(model, state["adapter"], path)
+        copy_adapter_tensors(adapter_parameters(model), state["adapter"], path)
     except Exception as e:  # pickle, torch and format errors alike; the user needs the file name
         raise ValueError(f"{path}: not a checkpoint this run can resume from: {str(e).splitlines()[0]}") from None
     saved, mine = state.get("base_fingerprint"), getattr(model, "fingerprint", None)

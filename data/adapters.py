@@ -2,9 +2,10 @@
 the adapters, the base model they were trained on, the tensor file's SHA-256), as plain tensors
 and dicts.
 
-Written and read back with the checks of the files themselves: settings of the wrong type, a
-tensor file from another save, a config edited after the save. Which tensors make an adapter,
-and fitting them to a model, are echo_lora.py's (save_adapter, load_adapter); peft's format:
+Written and read back with every check of the files: settings of the wrong type, a tensor file
+from another save, a config edited after the save, tensors that do not fit the adapters or hold
+NaN, an adapter put on another base model. Which tensors make an adapter, and building the
+adapters on a model, are echo_lora.py's (save_adapter, load_adapter); peft's format:
 scripts/convert_peft.py.
 """
 
@@ -94,3 +95,35 @@ def check_base_model(saved: dict | None, mine: dict, file: Path):
     if None not in (saved.get("fingerprint"), mine["fingerprint"]) and saved["fingerprint"] != mine["fingerprint"]:
         raise ValueError(f"{file}: the adapter was trained on other base weights (fingerprint {saved['fingerprint']}, "
                          f"the model loaded has {mine['fingerprint']}): wrong --ckpt?")
+
+
+def check_fit(have: dict, config: dict, n_blocks: int, file: Path):
+    """The adapters a model of `n_blocks` blocks has (`have`: echo_lora.adapter_config) are the
+    ones `config` describes."""
+    all_blocks = list(range(n_blocks))
+    for key, mine, theirs in [
+        ("rank r", have["r"], config["r"]), ("alpha", have["alpha"], config["alpha"]),
+        ("dora", have["dora"], config["dora"]),
+        ("targets", sorted(have["targets"]), sorted(config["targets"])),
+        ("layers", have["layers"] or all_blocks, sorted(config["layers"] or all_blocks)),
+    ]:
+        if mine != theirs:
+            raise ValueError(f"{file}: the adapter has {key} {theirs!r} but the model's adapters have {mine!r}")
+
+
+@torch.no_grad()
+def copy_adapter_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], file: Path):
+    """Copy `tensors` into the adapter's parameters `params` (echo_lora.adapter_parameters), by
+    name: every key, every shape, nothing NaN or infinite."""
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{file}: does not fit the model: missing {missing[:3]}{'...' * (len(missing) > 3)}, "
+                         f"unexpected {unexpected[:3]}{'...' * (len(unexpected) > 3)}")
+    for name, tensor in tensors.items():
+        if tensor.shape != params[name].shape:
+            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(params[name].shape)}")
+        if not torch.isfinite(tensor).all():  # a diverged run's adapter: every output would be NaN
+            raise ValueError(f"{file}: {name} holds NaN or infinite values")
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor)

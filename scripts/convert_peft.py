@@ -24,10 +24,10 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from data import checkpoints
-from data.adapters import ADAPTER_FILE, CONFIG_FILE
+from data.adapters import ADAPTER_FILE, CONFIG_FILE, copy_adapter_tensors
 from data.checkpoints import read_tensor_file
 from data.files import check_json_types, read_json, write_atomically
-from echo_lora import (BLOCK_LINEARS, adapter_config, adapter_state, block_and_target, copy_adapter_tensors, fit_adapters,
+from echo_lora import (BLOCK_LINEARS, adapter_config, adapter_parameters, adapter_state, block_and_target, fit_adapters,
                        load_adapter, save_adapter)
 from scripts.convert_hf import HF_TO_META_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows
 
@@ -81,7 +81,7 @@ def import_peft(path, model: nn.Module) -> dict:
         except ValueError as e:
             raise ValueError(f"{tensor_file}: {e}") from None
         tensors[name] = permute_qk_rows(model, name, tensor, hf_to_meta_rows)
-    copy_adapter_tensors(model, tensors, tensor_file)
+    copy_adapter_tensors(adapter_parameters(model), tensors, tensor_file)
     return config
 
 
