@@ -151,7 +151,7 @@ def model_folders(a, scratch: Path) -> tuple[Path, Path | None]:
         ours = checkpoints.resolve_checkpoint(a.ckpt)
         peer = a.hf or ours / "hf"
         if not a.no_peft and not (peer / "config.json").is_file():
-            raise SystemExit(f"bench.py: the peer needs an HF-layout folder (config.json) of --ckpt {a.ckpt}'s "
+            raise ValueError(f"the peer needs an HF-layout folder (config.json) of --ckpt {a.ckpt}'s "
                              f"weights: {peer} is none; give it with --hf, or pass --no-peft")
         return ours, None if a.no_peft else peer
     convert_hf.hf_random_model(llama.SHAPES[a.shape], "cpu", torch.float32).save_pretrained(scratch / "hf")
@@ -366,8 +366,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    device = checkpoints.resolve_device(None)
-    precision = a.precision or checkpoints.default_precision(device)
+    device, precision = checkpoints.device_and_precision(None, a.precision)
     dtype = checkpoints.PRECISIONS[precision]
     if not a.ckpt and not a.tokenizer.is_file():  # bad input is one line before any model is built
         parser_error(f"--tokenizer {a.tokenizer}: no such file")
@@ -376,7 +375,10 @@ def main(argv=None) -> dict:
     except (OSError, ValueError) as e:
         parser_error(f"--data {e}")
     with tempfile.TemporaryDirectory() as scratch:
-        folder, peer = model_folders(a, Path(scratch))
+        try:
+            folder, peer = model_folders(a, Path(scratch))
+        except ValueError as e:
+            raise SystemExit(f"bench.py: {e}") from None
         model, tokenizer = our_model(folder, device, dtype, a.tokenizer)
         args = model.args
         del model

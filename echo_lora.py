@@ -32,7 +32,8 @@ After training the Echo path is discarded (item 8): the saved adapter is a plain
 
 The file in reading order: the adapter (a frozen linear layer plus a trainable low-rank update,
 attached to the model and merged into its weights); the Echo path, item by item, ending in
-`loss_terms`. The adapter's files (saving, loading, their checks) are data/adapters.py.
+`loss_terms`; then the adapter as saved and loaded (its files' format: data/adapters.py); last,
+two speed kernels that compute what nn.Dropout and the output layer's cross-entropy compute.
 
     Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1:
         h = W0 x + (alpha / r) B A x, B zero at the start so training begins at the base model.
@@ -44,14 +45,18 @@ attached to the model and merged into its weights); the Echo path, item by item,
 """
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.adapters import (ADAPTER_FILE, CONFIG_FILE, check_adapter_files, check_base_model, check_fit,
+                           copy_adapter_tensors, read_adapter_config, read_adapter_tensors, write_adapter)
 from data.batches import Batch
 from data.commonsense import IGNORE_INDEX
 from llama import KVCache
@@ -64,19 +69,6 @@ DEFAULT_TARGETS = ("wq", "wk", "wv", "w3", "w2")
 # A row of W + s B A whose norm is zero has a zero direction, so its output is 0 whatever it is
 # divided by; the floor only keeps that 0 / 0 from becoming NaN.
 NORM_FLOOR = 1e-12
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout's function (each element zeroed with probability p, the rest scaled by 1 / (1 - p)),
-    its mask drawn on a CPU as uniform floats >= p: one 32-bit random number per element, where
-    torch's CPU Bernoulli draws 64 bits. Dropout on every adapter's input was a sixth of a CPU
-    training step; this mask costs a third less. Elsewhere (CUDA) nn.Dropout's fused kernel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return torch.where(keep, x * (1 / (1 - self.p)), 0)
 
 
 class LoRALinear(nn.Module):
@@ -637,6 +629,115 @@ def masked_distillation(z_plain: torch.Tensor, z_echo: torch.Tensor, tau: float)
                     log_target=True, reduction="sum")
 
 
+# ---- 8. Discard
+#
+# Nothing to run: the model never holds the Echo path (EchoPath.injecting plugs it in only for
+# the Echo pass), so save_adapter, merge and eval.py see exactly a LoRA/DoRA model, and
+# adapter_parameters (the saved tensors) has no projection or gate.
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter as saved: its tensors and settings, written and read through data/adapters.py
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """lora_A, lora_B (and magnitude for DoRA) of every adapted linear, keyed by model path.
+    The Echo path's parameters are not adapter parameters (METHOD.md item 8)."""
+    return {f"{path}.{name}": getattr(module, name) for path, module in adapted_linears(model).items()
+            for name in (("lora_A", "lora_B", "magnitude") if module.dora else ("lora_A", "lora_B"))}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that make up the adapter, e.g. 'layers.0.attention.wq.lora_A' -> (r, dim)."""
+    return {name: p.detach() for name, p in adapter_parameters(model).items()}
+
+
+def block_and_target(path: str) -> tuple[int, str]:
+    """'layers.3.attention.wq' -> (3, 'wq')."""
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+\.\w+)", path)
+    if not m or m.group(2) not in BLOCK_LINEARS.values():
+        raise ValueError(f"{path!r} is not a block linear of a LLaMA model")
+    return int(m.group(1)), m.group(2).split(".")[1]
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """The add_adapters arguments that rebuild this model's adapters (layers None = all)."""
+    modules = adapted_linears(model)
+    if not modules:
+        raise ValueError("the model has no adapters")
+    settings = {(m.r, m.alpha, m.dropout.p, m.dora) for m in modules.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the model's adapters differ in (r, alpha, dropout, dora): {sorted(settings)}")
+    [(r, alpha, dropout, dora)] = settings
+    sites = {block_and_target(path) for path in modules}
+    blocks = sorted({i for i, _ in sites})
+    targets = [t for t in BLOCK_LINEARS if t in {target for _, target in sites}]  # in block order
+    if sites != {(i, t) for i in blocks for t in targets}:
+        raise ValueError("the model's adapters are not the same targets in every adapted block")
+    layers = None if blocks == list(range(len(model.layers))) else blocks
+    return dict(r=r, alpha=alpha, dropout=dropout, dora=dora, targets=targets, layers=layers)
+
+
+def base_model_record(model: nn.Module) -> dict:
+    """What an adapter records of the base model it was trained on: its shape, and the cheap
+    fingerprint of its weights (checkpoints.weights_fingerprint; None for a model not read by llama.load)."""
+    a = model.args
+    shape = dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab_size,
+                 hidden_dim=a.hidden_dim)
+    return dict(shape=shape, fingerprint=getattr(model, "fingerprint", None))
+
+
+def save_adapter(path, model: nn.Module, config: dict | None = None):
+    """Write `path/adapter.safetensors` (adapter_state) and `path/adapter_config.json`
+    (adapter_config and the base model's record, plus the entries of `config`)."""
+    settings = {**adapter_config(model), "base_model": base_model_record(model)}
+    write_adapter(Path(path), adapter_state(model), settings, config or {})
+
+
+def load_adapter(path, model: nn.Module) -> dict:
+    """Load an adapter written by save_adapter into `model`, adding the adapters first if the
+    model has none; returns the saved config. The files' own checks come after the fit checks,
+    so a tensor file that does not fit the model says how."""
+    folder = Path(path)
+    config = read_adapter_config(folder)
+    fit_adapters(model, config, folder / CONFIG_FILE)
+    tensors, data = read_adapter_tensors(folder)
+    copy_adapter_tensors(adapter_parameters(model), tensors, folder / ADAPTER_FILE)
+    check_adapter_files(folder, config, data)
+    check_base_model(config.get("base_model"), base_model_record(model), folder / CONFIG_FILE)
+    return config
+
+
+def fit_adapters(model: nn.Module, config: dict, file: Path):
+    """Give `model` the adapters `config` describes, or check that the ones it has match."""
+    if config["r"] > model.args.dim:  # a rank past the model's width adds nothing, and its tensors may not fit in memory
+        raise ValueError(f"{file}: rank r {config['r']} is above the model's width {model.args.dim}")
+    if adapted_linears(model):
+        return check_fit(adapter_config(model), config, len(model.layers), file)
+    try:
+        add_adapters(model, config["targets"], config["r"], config["alpha"], config["dropout"], config["dora"],
+                     config["layers"])
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Speed kernels: what nn.Dropout and F.linear + F.cross_entropy compute, faster on a CPU
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout's function (each element zeroed with probability p, the rest scaled by 1 / (1 - p)),
+    its mask drawn on a CPU as uniform floats >= p: one 32-bit random number per element, where
+    torch's CPU Bernoulli draws 64 bits. Dropout on every adapter's input was a sixth of a CPU
+    training step; this mask costs a third less. Elsewhere (CUDA) nn.Dropout's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return torch.where(keep, x * (1 / (1 - self.p)), 0)
+
+
 class OutputCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i W^T, y_i) over rows i, computed in chunks of rows, the gradient with respect
     to h made in the forward pass: d/dh_i = (softmax(h_i W^T) - onehot(y_i)) W.
@@ -681,10 +782,3 @@ def output_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         h, weight = h.to(dtype), weight.to(dtype)
     with torch.autocast(h.device.type, enabled=False):
         return OutputCrossEntropy.apply(h, weight, targets)
-
-
-# ---- 8. Discard
-#
-# Nothing to run: the model never holds the Echo path (EchoPath.injecting plugs it in only for
-# the Echo pass), so data/adapters.save_adapter, merge and eval.py see exactly a LoRA/DoRA model, and
-# data/adapters.adapter_parameters (the saved tensors) has no projection or gate.

@@ -34,14 +34,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.adapters import load_adapter
-from data.checkpoints import PRECISIONS, default_precision, resolve_checkpoint, resolve_device, slow_precision_warning
+from data.checkpoints import PRECISIONS, device_and_precision, resolve_checkpoint, slow_precision_warning
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
 from data.files import (code_version, locked_folder, output_files, output_folder, read_bytes, read_run_record,
                         recorded_path, write_atomically)
 from data.published import PROTOCOL_PRECISION, PUBLISHED, default_published, published_rows
 from data.tokenizer import Tokenizer
-from echo_lora import merge
+from echo_lora import load_adapter, merge
 from llama import KVCache, Transformer, attention_mask, load
 
 
@@ -584,19 +583,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.ckpt:
         parser.error("--ckpt is required")
-    try:
-        resolve_device(args.device)
+    try:  # the weights' dtype on CUDA is the protocol's fp16; on a CPU fp32 (half precision is slow there)
+        _, args.precision = device_and_precision(args.device, args.precision, PROTOCOL_PRECISION)
     except ValueError as e:
         parser.error(str(e))
     args.published = args.published or default_published(args.ckpt)
-    args.precision = args.precision or default_eval_precision(args.device)
     args.out = args.out or args.adapter or Path("out") / f"eval-{Path(args.ckpt).name}"
     return args
-
-
-def default_eval_precision(device) -> str:
-    """The protocol's fp16 on CUDA; on a CPU, fp32 (half precision is slow there and not the recipe)."""
-    return PROTOCOL_PRECISION if torch.device(device).type == "cuda" else default_precision(device)
 
 
 def load_model(args) -> tuple[Transformer, Tokenizer]:

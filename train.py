@@ -4,8 +4,8 @@
     python train.py --ckpt llama-7b --method echo-lora
     torchrun --nproc_per_node 8 train.py --ckpt llama-7b --method echo-dora
 
-Reads top to bottom: configuration, model, training machinery, then `run`: the loop. The data
-and its batches are data/batches.py, the run folder's rules data/runs.py. Defaults are the published
+Reads top to bottom: configuration, model, training machinery, the run folder, then `run`: the
+loop. The data and its batches are data/batches.py. Defaults are the published
 commonsense recipe (LLM-Adapters / DoRA): r 32, alpha 64, dropout 0.05 on q, k, v, up, down;
 batch 16, 3 epochs, cutoff 256, 120 validation records, 100 warmup steps then linear decay,
 AdamW without weight decay, random batches, the loss on the whole text (prompt and answer), each
@@ -16,29 +16,34 @@ library versions, the checkpoint's params) and metrics.jsonl.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import llama
 from data import checkpoints
-from data.adapters import save_adapter
-from data.batches import Batch, TrainingData, collate, micro_batch_slices, padded_parts, read_records
-from data.commonsense import IGNORE_INDEX
-from data.embedded import build_embedded_checkpoint
+from data.adapters import copy_adapter_tensors
+from data.batches import Batch, TrainingData, collate, encode_examples, micro_batch_slices, padded_parts, read_records
+from data.commonsense import IGNORE_INDEX, load_records, train_prompt
+from data.files import (EVAL_FILES, RUN_MARKER, Rule, check_shape, code_version, locked_folder, output_folder, read_bytes,
+                        read_run_record, recorded_command, recorded_path, refuse_constant, write_atomically)
 from data.flags import (BLOCK_NUMBERS, NAMES, NOT_NEGATIVE, POSITIVE, SEED, check_allowed, dataclass_parser, flag,
                         given_flags, list_items)
 from data.published import default_lr
-from data.runs import (Progress, append_metrics, default_out, prepare_run_folder, restore_checkpoint, run_folder,
-                       run_record, run_summary, save_run, stop_if_not_finite)
-from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, EchoConfig, EchoPath, add_adapters, loss_terms, route,
-                       trainable_parameters)
+from echo_lora import (DEFAULT_TARGETS, ECHO_CHOICES, EchoConfig, EchoPath, add_adapters, adapter_parameters,
+                       adapter_state, loss_terms, route, save_adapter, trainable_parameters)
 
 EMBEDDED = "tiny"  # the checkpoint `python train.py` builds and uses when given nothing
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample"  # our own small records (data/README.md)
@@ -173,7 +178,7 @@ def parse_config(argv=None) -> Config:
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out, --overwrite replaces it: give one")
     try:
-        cfg.precision = cfg.precision or checkpoints.default_precision(checkpoints.resolve_device(cfg.device))
+        _, cfg.precision = checkpoints.device_and_precision(cfg.device, cfg.precision)
     except ValueError as e:
         parser.error(str(e))
     if cfg.batch_size % cfg.micro_batch_size:
@@ -227,6 +232,30 @@ def load_model(cfg: Config, device, rank: int, world: int):
         raise FileNotFoundError(f"{cfg.ckpt}: no tokenizer.model or tokenizer.json beside the weights (or tokenizer.model one folder up)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tokenizer
+
+
+def build_embedded_checkpoint(folder: Path, sample: Path):
+    """The embedded default: a tiny random LLaMA and a SentencePiece tokenizer trained on our sample
+    records, written as an ordinary Meta-layout folder that eval.py and the rest load like a real one."""
+    import sentencepiece
+
+    model_file = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([train_prompt(r) for r in load_records(sample)]), model_writer=model_file,
+        vocab_size=800, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        # As LLaMA's own SentencePiece model: whitespace kept as it is (identity normalisation,
+        # whitespace-only pieces), so the prompt's 16-space indent is one piece, the answer-only
+        # labels start exactly at the output, and the evaluation prompt ends as training saw it.
+        remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+        split_digits=True,
+    )
+    args = llama.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=800, multiple_of=32, max_seq_len=512)
+    torch.manual_seed(0)
+    model = llama.Transformer(args)
+    params = {k: v for k, v in dataclasses.asdict(args).items() if k != "ffn_hidden_dim"}
+    write_atomically(folder / "tokenizer.model", lambda tmp: tmp.write_bytes(model_file.getvalue()))
+    write_atomically(folder / "consolidated.00.pth", lambda tmp: torch.save(model.state_dict(), tmp))
+    write_atomically(folder / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2)))
 
 
 def add_adapters_and_echo_path(model, cfg: Config, echo_cfg: EchoConfig | None, device) -> EchoPath | None:
@@ -342,6 +371,227 @@ def parameter_groups(model, echo: EchoPath | None) -> list[dict]:
     return [adapters, {"params": list(echo.parameters()), "lr_scale": echo.config.lr_scale}]
 
 
+def check_examples(cfg: Config, data: TrainingData, max_positions: int):
+    """Records that leave nothing to train on, no answer to learn, or do not fit the model: one
+    error line naming the flag to change."""
+    if not data.train:
+        raise ValueError(f"{cfg.data}: {len(data.val)} records and --val-size {cfg.val_size} leave none to train on")
+    for name, part in (("training", data.train), ("validation", data.val)):
+        if part and not any(label != IGNORE_INDEX for _, labels in part for label in labels):
+            raise ValueError(f"--cutoff {cfg.cutoff} cuts off the answer of every {name} record of {cfg.data}: "
+                             "no answer token to learn from or to validate on; raise --cutoff")
+    longest = max(len(ids) for ids, _ in data.train + data.val)
+    if longest > max_positions:
+        raise ValueError(f"--cutoff {cfg.cutoff}: records of {longest} tokens do not fit the {max_positions} "
+                         f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
+
+
+class Progress:
+    """The progress bar (rank 0's): loss, lr and real tokens/s over the last --log-every steps."""
+
+    def __init__(self, log_every: int, step: int, total_steps: int, rank: int, world: int):
+        self.bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+        self.log_every, self.world = log_every, world
+        self.tokens, self.t_last = 0, time.perf_counter()
+
+    def step(self, step: int, tokens: int, losses: torch.Tensor, lr: float, grad_norm: float, routed) -> dict:
+        """Advance by one step of this process's `tokens`; the step's metrics.jsonl entry."""
+        self.bar.update(1)
+        self.tokens += tokens
+        ce, echo_loss = losses.tolist()
+        entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss,
+                 "lr": lr, "grad_norm": grad_norm, "routed": int(routed.sum())}
+        if step % self.log_every == 0:
+            entry["tokens_per_s"] = self.tokens * self.world / (time.perf_counter() - self.t_last)
+            self.tokens, self.t_last = 0, time.perf_counter()
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+        return entry
+
+
+def stop_if_not_finite(step: int, cfg: Config, **values: float):
+    """NaN or inf stops training at once, with one line naming the step. Checked before each
+    update and each save, so nothing non-finite is saved: the adapter in --out stays the last finite one."""
+    if not all(math.isfinite(v) for v in values.values()):
+        raise ValueError(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items())
+                         + f": not finite, training stopped (--lr {cfg.lr:g} too high?); {cfg.out} keeps the last "
+                         "finite adapter")
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: config.json (train.py's record: RUN_MARKER, every flag, the versions, the git
+# commit), metrics.jsonl, checkpoint.pt, the adapter, and eval.py's files (data.files.EVAL_FILES).
+# A folder holding a run is continued (--resume) or replaced (--overwrite), never silently
+# written over; a second train.py into the same folder is refused while the first holds it.
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors", "adapter_config.json")
+# Flags a resumed run may change, because they cannot change what it computes (--out: the run
+# folder was moved; a larger --max-steps is checked apart: it continues the run further).
+RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "log_every", "save_every", "gradient_checkpointing", "max_steps"}
+# A metrics.jsonl line's shape (data.files.check_shape): its step, then numbers.
+METRICS_ENTRY = {"step": Rule(int, lambda v: v >= 0, "a step >= 0"), str: float | None}
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether `folder` holds a run: train.py's record (config.json with RUN_MARKER) is there."""
+    try:
+        return read_run_record(folder) is not None
+    except ValueError:  # unreadable: no run to continue or replace (check_out_folder says why)
+        return False
+
+
+def taken(folder: Path) -> list[str]:
+    """The names of the files train.py would write that `folder` holds already."""
+    return [name for name in RUN_FILES if (folder / name).exists()]
+
+
+def default_out(base: str, resume: bool) -> str:
+    """`--out` not given: `base`, or when files a run writes are already there (and this is no
+    --resume) the first free `base`-2, -3, ...: running the same command twice never overwrites a run."""
+    n = 1
+    while not resume and taken(Path(base if n == 1 else f"{base}-{n}")):
+        n += 1
+    return base if n == 1 else f"{base}-{n}"
+
+
+@contextlib.contextmanager
+def run_folder(cfg: Config, rank: int):
+    """--out for the run's life: checked before anything is loaded, and (rank 0's, which alone
+    writes there) held by this process alone, so a second train.py into it fails at once."""
+    out = Path(cfg.out)
+    with contextlib.ExitStack() as held:
+        try:
+            output_folder(out)
+            if rank == 0:
+                held.enter_context(locked_folder(out))
+            check_out_folder(cfg)
+        except OSError as e:  # made and locked before the model loads: a read-only or full disk
+            raise ValueError(f"--out {out}: cannot write a run there: {e.strerror or e}") from None
+        yield out
+
+
+def check_out_folder(cfg: Config):
+    """A resumed run must not change what the run computes, and needs the run's record to tell.
+    A folder holding files of train.py's names but no run record (an HF model folder's
+    config.json, a run whose config.json is gone) is never written into."""
+    out = Path(cfg.out)
+    record, names = read_run_record(out), taken(out)
+    if record is None and names:
+        raise ValueError(f"{out}: holds {', '.join(names)} but no train.py run record (a config.json with "
+                         f"{RUN_MARKER!r}): not a run to " + ("resume" if cfg.resume else "replace")
+                         + "; give another --out")
+    if record is None and cfg.resume:
+        raise ValueError(f"{out}: --resume given but there is no run there to resume")
+    if record is None or cfg.overwrite:
+        return
+    if not cfg.resume:
+        raise ValueError(f"{out}: holds a run already; --resume continues it, --overwrite replaces it, "
+                         "or give another --out")
+    saved, now = record.get("config", {}), dataclasses.asdict(cfg)
+    changed = [k for k in now if k in saved and saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
+    if "max_steps" in saved and (now["max_steps"] or math.inf) < (saved["max_steps"] or math.inf):  # 0: all epochs
+        changed.append("max_steps")  # only a longer run continues this one
+    if changed:
+        raise ValueError(f"{out}: --resume with flags that change the run: "
+                         + ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed)
+                         + "; start a new run (another --out) instead")
+
+
+def prepare_run_folder(cfg: Config, step: int, record: dict):
+    """--overwrite's old run removed (and eval.py's results of its adapter: the user's own files
+    stay), config.json written, metrics.jsonl started or, on --resume, cut back to the checkpoint's step."""
+    out = Path(cfg.out)
+    if cfg.overwrite:
+        for name in RUN_FILES + EVAL_FILES:
+            (out / name).unlink(missing_ok=True)
+    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+    metrics_file = out / "metrics.jsonl"
+    kept = metrics_lines(metrics_file, step) if cfg.resume and metrics_file.exists() else []
+    write_atomically(metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def metrics_lines(path: Path, up_to_step: float) -> list[str]:
+    """The lines of metrics.jsonl up to `up_to_step`. A partial last line (the run was killed
+    during its append) is dropped; a malformed line before it, or an entry of the wrong shape,
+    is a ValueError naming the file and line."""
+    try:
+        lines = read_bytes(path).decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line, parse_constant=refuse_constant)
+        except (ValueError, RecursionError):
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}: line {n} is not a metrics entry") from None
+        if check_shape(f"{path}: line {n}", entry, METRICS_ENTRY)["step"] <= up_to_step:
+            kept.append(line)
+    return kept
+
+
+def append_metrics(out: Path, entry: dict):
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def run_record(cfg: Config, args, n_train: int, n_echo_params: int) -> dict:
+    import safetensors
+    import sentencepiece
+    import tiktoken
+
+    # the folder and the command relative to the repository: a committed run names no machine's folders
+    return {RUN_MARKER: 1, "config": dataclasses.asdict(cfg) | {"out": recorded_path(cfg.out)},
+            "model_args": dataclasses.asdict(args), "train_records": n_train, "echo_parameters": n_echo_params,
+            "command": recorded_command(sys.argv), "code": code_version(),
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+                         "sentencepiece": sentencepiece.__version__, "tiktoken": tiktoken.__version__,
+                         "safetensors": safetensors.__version__}}
+
+
+def save_checkpoint(path: Path, step: int, model, echo, optimizer, best_val: float):
+    state = {"step": step, "adapter": adapter_state(model), "base_fingerprint": getattr(model, "fingerprint", None),
+             "echo": echo.state_dict() if echo else None, "optimizer": optimizer.state_dict(),
+             "best_val": best_val, "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
+    if not path.is_file():
+        raise ValueError(f"{path}: --resume given but there is no checkpoint to resume from")
+    try:  # tensors and plain values only: a pickle that would run code is refused, never run
+        state = torch.load(path, weights_only=True)
+        copy_adapter_tensors(adapter_parameters(model), state["adapter"], path)
+    except Exception as e:  # pickle, torch and format errors alike; the user needs the file name
+        raise ValueError(f"{path}: not a checkpoint this run can resume from: {str(e).splitlines()[0]}") from None
+    saved, mine = state.get("base_fingerprint"), getattr(model, "fingerprint", None)
+    if None not in (saved, mine) and saved != mine:  # the same shapes, other weights: another run, not this one
+        raise ValueError(f"{path}: the run trained on other base weights (fingerprint {saved}, the --ckpt loaded has "
+                         f"{mine}): --resume continues only the same run; start a new one (another --out)")
+    if echo:
+        echo.load_state_dict(state["echo"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["best_val"]
+
+
+def save_run(cfg: Config, step: int, total_steps: int, keep_last: bool, model, echo, optimizer, params, best_val: float):
+    """After a step: the adapter, when the last one is the one kept (no validation records) and
+    this is the last step; a resumable checkpoint every --save-every steps and at the end. Nothing
+    non-finite is saved. `params`: what the optimizer updates."""
+    out, last = Path(cfg.out), step == total_steps
+    if keep_last and last or step % cfg.save_every == 0:
+        flat = torch.cat([p.detach().flatten() for p in params])
+        stop_if_not_finite(step, cfg, largest_parameter=flat.abs().max().item())  # NaN propagates through max
+    if keep_last and last:
+        save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step})
+    if step % cfg.save_every == 0 or last:
+        save_checkpoint(out / "checkpoint.pt", step, model, echo, optimizer, best_val)
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with the one line that says what is left (the command line prints it)."""
 
@@ -388,7 +638,10 @@ def run(cfg: Config):
     model.train()
     groups = parameter_groups(model, echo)
     params = [p for group in groups for p in group["params"]]
-    data = TrainingData(records, tokenizer, cfg, model.max_positions)  # tokenised by the model's tokenizer
+    examples = encode_examples(records, tokenizer, cfg.cutoff, cfg.cloze)  # tokenised by the model's tokenizer
+    data = TrainingData(examples, cfg.val_size, cfg.val_seed, cfg.batch_size, cfg.seed, cfg.group_by_length)
+    check_examples(cfg, data, model.max_positions)
+    total_steps = min(cfg.epochs * data.steps_per_epoch, cfg.max_steps or math.inf)
 
     # ---- optimizer and schedule (lr_at: linear warm-up, then linear decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
@@ -398,20 +651,21 @@ def run(cfg: Config):
     if cfg.resume:
         step, best_val = restore_checkpoint(out / "checkpoint.pt", model, echo, optimizer)
     if rank == 0:
-        record = run_record(cfg, model.args, len(data.train), echo.n_parameters() if echo else 0)
-        prepare_run_folder(cfg, out, step, record)
-        print(run_summary(cfg, model, echo, len(data.train), data.total_steps, device))
+        prepare_run_folder(cfg, step, run_record(cfg, model.args, len(data.train), echo.n_parameters() if echo else 0))
+        print(f"{cfg.method}: {sum(p.numel() for p in trainable_parameters(model)):,} adapter parameters"
+              + (f" + {echo.n_parameters():,} echo parameters (training only)" if echo else "")
+              + f"; {len(data.train)} training records, {total_steps} steps, lr {cfg.lr:g}, on {device}")
         if data.val and step == 0:  # the untouched model's loss, for reference
             val_loss = validation_loss(model, data.val, cfg, tokenizer.pad_id, device)
             append_metrics(out, {"step": 0, "val_loss": val_loss})
 
     # ---- the loop
-    progress = Progress(cfg, step, data.total_steps, rank, world)
-    while step < data.total_steps:
+    progress = Progress(cfg.log_every, step, total_steps, rank, world)
+    while step < total_steps:
         # batch: the step's examples (every process sees them all) and those routed to the Echo pass
         examples = data.batch(step)
         routed = routed_samples(len(examples), echo_cfg.route_p if echo_cfg else 0.0, cfg.seed, step)
-        lr = lr_at(step, cfg, data.total_steps)
+        lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         # forward, loss and backward over this process's micro-batches; sum over processes
@@ -421,7 +675,7 @@ def run(cfg: Config):
             dist.all_reduce(losses)
         # clip and step; NaN stops the run before the update
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        stop_if_not_finite(step + 1, out, cfg, loss=losses.sum().item(), gradient_norm=grad_norm.item())
+        stop_if_not_finite(step + 1, cfg, loss=losses.sum().item(), gradient_norm=grad_norm.item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -431,16 +685,16 @@ def run(cfg: Config):
         # log
         entry = progress.step(step, tokens, losses, lr, grad_norm.item(), routed) | diagnostics
         # validate: the adapter with the best validation loss is the one kept (the recipe's choice)
-        if data.val and (step % cfg.eval_every == 0 or step == data.total_steps):
+        if data.val and (step % cfg.eval_every == 0 or step == total_steps):
             entry["val_loss"] = validation_loss(model, data.val, cfg, tokenizer.pad_id, device)
-            stop_if_not_finite(step, out, cfg, val_loss=entry["val_loss"])
+            stop_if_not_finite(step, cfg, val_loss=entry["val_loss"])
             if entry["val_loss"] < best_val:
                 best_val = entry["val_loss"]
                 save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step, "val_loss": best_val})
             progress.bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
         append_metrics(out, entry)
         # save: without validation the last adapter is kept; a resumable checkpoint every --save-every steps
-        save_run(cfg, out, step, data.total_steps, not data.val, model, echo, optimizer, params, best_val)
+        save_run(cfg, step, total_steps, not data.val, model, echo, optimizer, params, best_val)
     progress.bar.close()
     if rank == 0:
         print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")

@@ -60,21 +60,6 @@ def encode_examples(records, tokenizer, cutoff: int, cloze: bool = False) -> lis
     return examples
 
 
-def check_examples(examples, train_idx: list[int], val_idx: list[int], cfg, max_positions: int):
-    """Records that leave nothing to train on, no answer to learn, or do not fit the model: one
-    error line naming the flag to change."""
-    if not train_idx:
-        raise ValueError(f"{cfg.data}: {len(examples)} records and --val-size {cfg.val_size} leave none to train on")
-    for name, part in (("training", train_idx), ("validation", val_idx)):
-        if part and not any(label != IGNORE_INDEX for i in part for label in examples[i][1]):
-            raise ValueError(f"--cutoff {cfg.cutoff} cuts off the answer of every {name} record of {cfg.data}: "
-                             "no answer token to learn from or to validate on; raise --cutoff")
-    longest = max(len(ids) for ids, _ in examples)
-    if longest > max_positions:
-        raise ValueError(f"--cutoff {cfg.cutoff}: records of {longest} tokens do not fit the {max_positions} "
-                         f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
-
-
 def split_validation(n: int, val_size: int, val_seed: int) -> tuple[list[int], list[int]]:
     """(train, validation) record indices as upstream's `datasets` train_test_split(test_size=
     val_size, shuffle=True, seed=val_seed) picks them: a permutation by numpy's default
@@ -112,28 +97,23 @@ EPOCH_SEED_STRIDE = 1000  # more epochs than any run has
 
 
 class TrainingData:
-    """The records tokenised and split as the recipe does (training, validation) and each step's
-    batch of training examples."""
+    """The examples split as the recipe splits them (training, validation) and each step's batch
+    of training examples."""
 
-    def __init__(self, records, tokenizer, cfg, max_positions: int):
-        examples = encode_examples(records, tokenizer, cfg.cutoff, cfg.cloze)
-        train_idx, val_idx = split_validation(len(examples), cfg.val_size, cfg.val_seed)
-        check_examples(examples, train_idx, val_idx, cfg, max_positions)
+    def __init__(self, examples, val_size: int, val_seed: int, batch_size: int, seed: int, group_by_length: bool):
+        train_idx, val_idx = split_validation(len(examples), val_size, val_seed)
         self.train, self.val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
-        self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.cfg, self.epoch, self.batches = cfg, None, []
+        self.steps_per_epoch = math.ceil(len(self.train) / batch_size)
+        self.batch_size, self.seed, self.group_by_length = batch_size, seed, group_by_length
+        self.epoch, self.batches = None, []
 
     def batch(self, step: int) -> list[tuple[list[int], list[int]]]:
-        """The examples of step `step`: its epoch's order depends on (--seed, epoch) alone."""
+        """The examples of step `step`: its epoch's order depends on (seed, epoch) alone."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self.epoch:
-            cfg, seed = self.cfg, self.cfg.seed * EPOCH_SEED_STRIDE + epoch
-            lengths = [len(ids) for ids, _ in self.train]
-            self.batches = (length_grouped_batches(lengths, cfg.batch_size, seed) if cfg.group_by_length
-                            else random_batches(len(lengths), cfg.batch_size, seed))
+            seed, lengths = self.seed * EPOCH_SEED_STRIDE + epoch, [len(ids) for ids, _ in self.train]
+            self.batches = (length_grouped_batches(lengths, self.batch_size, seed) if self.group_by_length
+                            else random_batches(len(lengths), self.batch_size, seed))
             self.epoch = epoch
         return [self.train[i] for i in self.batches[index]]
 

@@ -227,9 +227,12 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def default_precision(device) -> str:
-    """bf16 on CUDA, fp32 elsewhere."""
-    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+def device_and_precision(device: str | None, precision: str | None, cuda_precision: str = "bf16"):
+    """--device and --precision as train.py, eval.py and bench.py read them: the device
+    (resolve_device), and the precision given or, by default, `cuda_precision` on CUDA (the
+    recipe's bf16; eval.py's is the protocol's fp16) and fp32 elsewhere."""
+    device = resolve_device(device)
+    return device, precision or (cuda_precision if device.type == "cuda" else "fp32")
 
 
 # A half-precision matmul this many times slower than fp32 is emulated: a CPU with bf16
@@ -260,10 +263,9 @@ def matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 3) -> float:
     return time.perf_counter() - start
 
 
-def autocast(device, precision: str = ""):
+def autocast(device, precision: str):
     """The bf16 recipe's autocast, on any device: matmuls in bf16 while the adapters, the DoRA
-    norm and the losses stay fp32 (echo_lora.LoRALinear); off for fp32. Default: the device's."""
-    precision = precision or default_precision(device)
+    norm and the losses stay fp32 (echo_lora.LoRALinear); off for fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

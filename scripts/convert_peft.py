@@ -24,10 +24,11 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from data import checkpoints
-from data.adapters import ADAPTER_FILE, CONFIG_FILE, adapter_config, adapter_state, block_and_target, copy_adapter_tensors, fit_adapters
+from data.adapters import ADAPTER_FILE, CONFIG_FILE, copy_adapter_tensors
 from data.checkpoints import read_tensor_file
 from data.files import check_json_types, read_json, write_atomically
-from echo_lora import BLOCK_LINEARS
+from echo_lora import (BLOCK_LINEARS, adapter_config, adapter_parameters, adapter_state, block_and_target, fit_adapters,
+                       load_adapter, save_adapter)
 from scripts.convert_hf import HF_TO_META_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows
 
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
@@ -80,7 +81,7 @@ def import_peft(path, model: nn.Module) -> dict:
         except ValueError as e:
             raise ValueError(f"{tensor_file}: {e}") from None
         tensors[name] = permute_qk_rows(model, name, tensor, hf_to_meta_rows)
-    copy_adapter_tensors(model, tensors, tensor_file)
+    copy_adapter_tensors(adapter_parameters(model), tensors, tensor_file)
     return config
 
 
@@ -149,7 +150,6 @@ def permute_qk_rows(model: nn.Module, name: str, tensor: torch.Tensor, permute) 
 
 def main(argv=None):
     import llama
-    from data.adapters import load_adapter, save_adapter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("direction", choices=["to-peft", "from-peft"])

@@ -33,12 +33,11 @@ import torch  # noqa: E402
 
 import llama  # noqa: E402
 from data import checkpoints  # noqa: E402
-from data.adapters import adapter_parameters  # noqa: E402
 from data.checkpoints import autocast  # noqa: E402
 from convert_hf import convert, hf_random_model, hf_to_meta_rows  # noqa: E402
 from convert_peft import export_peft, name_from_peft_key, permute_qk_rows  # noqa: E402
 from data.files import write_atomically  # noqa: E402
-from echo_lora import DEFAULT_TARGETS, adapted_linears, add_adapters  # noqa: E402
+from echo_lora import DEFAULT_TARGETS, adapted_linears, adapter_parameters, add_adapters  # noqa: E402
 
 # Relative error ||ours - theirs|| / ||theirs|| of the logits, and of all adapter gradients
 # together. fp32: both sides compute the same function, only the order of operations differs
@@ -78,7 +77,7 @@ def adapter_gradients(ours, peft_model) -> tuple[torch.Tensor, torch.Tensor]:
     params = adapter_parameters(ours)
     names = sorted(params)
     if sorted(theirs) != names:
-        raise SystemExit("device_check.py: parity: peft's adapter parameters are not ours")
+        raise ValueError("parity: peft's adapter parameters are not ours")
     return torch.cat([params[n].grad.flatten() for n in names]), torch.cat([theirs[n].flatten() for n in names])
 
 
@@ -160,7 +159,10 @@ def main(argv=None) -> dict:
     print(f"device check on {device_name(device)}, shape {a.shape}: results in {out}/", flush=True)
 
     started = time.perf_counter()
-    checks = parity(llama.SHAPES[a.shape], device)
+    try:
+        checks = parity(llama.SHAPES[a.shape], device)
+    except ValueError as e:
+        raise SystemExit(f"device_check.py: {e}") from None
     write_json(out / "parity.json", {"device": device_name(device), "torch": torch.__version__,
                                      "shape": f"{a.shape}, 2 blocks", "checks": checks,
                                      "seconds": time.perf_counter() - started})

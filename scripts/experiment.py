@@ -1,6 +1,6 @@
 """The real-model experiment: Echo-LoRA against LoRA and against its control, Echo-DoRA against DoRA.
 
-    python scripts/experiment.py --ckpt smollm2-135m --data-dir data --out results/smollm2-cpu/experiment --budget-minutes 60
+    python scripts/experiment.py --ckpt smollm2-135m --data-dir data --out results/smollm2-cpu/experiment
     python scripts/experiment.py --table-only --out results/smollm2-cpu/experiment   # results.md again, nothing run
     python scripts/experiment.py --table-only --out results/smollm2-cpu/experiment --readme README.md   # and README's tables
     python scripts/figure.py results/smollm2-cpu/experiment                          # figure.png
@@ -12,13 +12,8 @@ Echo-DoRA. Each run is `python train.py` then `python eval.py`, run as a user ty
 <out>/<arm>-s<seed>/ (<out>/none/ for the untouched model): trained on <data-dir>/<name>/train.json
 of every --train-sets name together, evaluated on <data-dir>/<name>/test.json of each --test-sets.
 
-Sized by its budget: a run starts only if its estimated time (from the runs timed so far, in this
-call or an earlier one) fits what is left of --budget-minutes, and the runs of one seed's group
-start only if all of them fit; from the first that does not fit, every later one waits, so the
-runs done are always the first ones of the priority order. The same command continues the
-experiment: evaluated runs are kept, a run cut short resumes from its checkpoint.
-<out>/experiment.json records the settings (another call with other settings is refused), each
-call and each run's status and seconds.
+The same command continues the experiment: evaluated runs are kept, a run cut short resumes from
+its checkpoint (train.py --resume, which refuses flags that change the run).
 
 It ends by writing <out>/results.md from the run folders' own files alone (train.py's
 config.json, eval.py's results.json and predictions.jsonl; `--table-only` writes it again from
@@ -33,14 +28,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import platform
 import re
 import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 import eval as evaluator  # noqa: E402  (the repo root is on sys.path from the line above)
 import train  # noqa: E402
-from data import checkpoints, runs  # noqa: E402
-from data.files import (Rule, check_shape, inside, output_files, read_bytes, read_json, read_json_shaped,  # noqa: E402
-                        read_run_record, recorded_command, write_atomically)
-from data.runs import metrics_lines  # noqa: E402
+from data import checkpoints  # noqa: E402
+from data.files import (EVAL_FILES, Rule, check_shape, output_files, read_bytes, read_json_shaped,  # noqa: E402
+                        read_run_record, write_atomically)
 
 # The arms: name -> (train.py --method, the arm's own train.py flags); "none": the untouched model.
 ARMS = {"none": None,
@@ -69,23 +60,18 @@ EXPERIMENT_EVAL_FLAGS = ("--num-beams", "1",  # greedy: a quarter of the protoco
 # What the runner gives each run itself (the parsers' destinations): not for the passed-through flags.
 RUNNER_TRAIN_FLAGS = {"ckpt", "method", "seed", "data", "out", "resume", "overwrite", "echo_inject"}
 RUNNER_EVAL_FLAGS = {"ckpt", "adapter", "datasets", "data_dir", "out", "overwrite"}
-# An arm not timed yet is estimated at the slowest timed training run times this: bench.py
-# measured echo and DoRA steps at up to 1.4x our LoRA step.
-UNMEASURED_ARM_FACTOR = 1.5
-RUN_NAME = re.compile("none|(?:" + "|".join(re.escape(arm) for arm in ARMS if arm != "none") + r")-s[0-9]+")
 # The evaluation settings runs must share to be compared: they change what the accuracy measures.
 COMPARED_SETTINGS = ("scoring", "num_beams", "max_new_tokens", "limit")
 # train.py fields that say where or how a run ran, not what it trained: left out of the table's settings.
 NOT_SETTINGS = {"ckpt", "method", "seed", "data", "out", "resume", "overwrite", "device", "log_every", "save_every",
                 "gradient_checkpointing"}
-clock = time.perf_counter  # what runs are timed and sized by (a test replaces it to simulate run times)
 
 
 def arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--out", type=Path, required=True,
-                   help="the experiment's folder: a folder per run, experiment.json, results.md; the same command "
-                        "continues it (required)")
+                   help="the experiment's folder: a folder per run and results.md; the same command continues it "
+                        "(required)")
     p.add_argument("--ckpt", default="smollm2-135m",
                    help="the base model: checkpoints/NAME or a path (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path("data"),
@@ -101,8 +87,6 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="one run per arm and seed: the seed sets the initialisation, batch order, dropout and "
                         "routing (default: 1 2 3)")
-    p.add_argument("--budget-minutes", type=float, default=60.0,
-                   help="start only the runs whose estimated time fits in it (default: %(default)s)")
     p.add_argument("--train-flags", default="",
                    help='more train.py flags for every run, one string: --train-flags="--lr 1e-3 --precision bf16" '
                         "(the same in every call into one --out; default: none)")
@@ -121,22 +105,28 @@ def arg_parser() -> argparse.ArgumentParser:
                    help=f"with --table-only: also put results.md's tables into FILE, between its {README_BEGIN} "
                         f"and {README_END} lines (default: none)")
     p.add_argument("--scoring", help="with --table-only: which evaluation's files to read, a value of eval.py "
-                                     "--scoring (default: the experiment's, from <out>/experiment.json; generate "
-                                     "without one)")
+                                     "--scoring (default: the one scoring the runs hold results of)")
     return p
 
 
 def main(argv=None) -> str:
-    """Run the experiment (or, --table-only, only its table); returns results.md's text."""
+    """Run the experiment (or, --table-only, only its table); returns results.md's text. An error
+    is one line (exit status 1); a bad flag, argparse's usage line (exit status 2)."""
     p = arg_parser()
     a = p.parse_args(argv)
-    if a.table_only:
-        suffix = table_suffix(a.out, a.scoring)
-        return write_results(a.out, a.runs or run_folders(a.out, suffix), suffix, a.readme)
-    if a.runs or a.scoring or a.readme:
+    if not a.table_only and (a.runs or a.scoring or a.readme):
         p.error("--runs, --scoring and --readme go with --table-only (the runs' scoring is --eval-flags')")
-    if not 0 < a.budget_minutes < math.inf:
-        p.error(f"--budget-minutes must be > 0 and finite, found {a.budget_minutes}")
+    try:
+        if a.table_only:
+            suffix = table_suffix(a.runs or subfolders(a.out), a.scoring)
+            return write_results(a.out, a.runs or run_folders(a.out, suffix), suffix, a.readme)
+        return run_experiment(a, p)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"experiment.py: {e}") from None
+
+
+def run_experiment(a, p) -> str:
+    """Every arm x seed in priority order, each trained and evaluated unless it was already; results.md."""
     if not all(0 <= seed < 2**32 for seed in a.seeds) or len(set(a.seeds)) < len(a.seeds):
         p.error(f"--seeds must be distinct and in [0, 2^32), found {' '.join(map(str, a.seeds))}")
     for name in ("arms", "train_sets", "test_sets"):
@@ -145,44 +135,14 @@ def main(argv=None) -> str:
             p.error(f"--{name.replace('_', '-')} names one twice: {' '.join(values)}")
     flags = passed_flags(a, p)
     suffix = evaluator.results_suffix(evaluator.parse_args(eval_command(a, "none", a.out / "none", flags)))
-    files = experiment_files(a, p)
-    manifest = open_experiment(a.out, experiment_settings(a, flags, files))
-    started = clock()
-    call = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(), "command":
-            "python scripts/experiment.py " + recorded_command(sys.argv[1:] if argv is None else argv),
-            "budget_minutes": a.budget_minutes, "runs_done": []}
-    manifest["calls"].append(call)
-    print(f"experiment on {call['device']}, budget {a.budget_minutes:g} min: {a.out}/", flush=True)
-    try:
-        run_experiment(a, manifest, call, flags, suffix, started)
-    finally:  # a call stopped by a failed run or Ctrl-C still records what it did
-        call["seconds"] = clock() - started
-        write_json(a.out / "experiment.json", manifest)
+    check_files(a, p)
+    print(f"experiment: {a.out}/", flush=True)
+    runs = [("none", None)] if "none" in a.arms else []
+    runs += [(arm, seed) for group in GROUPS for seed in a.seeds for arm in group if arm in a.arms]
+    for arm, seed in runs:
+        if not evaluated(a.out / run_name(arm, seed), suffix):  # evaluated in an earlier call: kept as it is
+            train_and_evaluate(a, a.out / run_name(arm, seed), arm, seed, flags, suffix)
     return write_results(a.out, run_folders(a.out, suffix), suffix)
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return "cpu: " + cpu_model()
-
-
-def cpu_model() -> str:
-    """The processor and its bf16 instructions: seeded bf16 runs are bit-identical on one CPU model, not across them."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return platform.processor() or "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    bf16 = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags] or ["no bf16 instructions"]
-    return f"{model}, {os.cpu_count()} cores, {' '.join(bf16)}"
-
-
-def write_json(path: Path, value: dict):
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +182,8 @@ def passed_flags(a, p) -> dict[str, list[str]]:
     return flags
 
 
-def experiment_files(a, p) -> dict[str, Path]:
-    """The training and test files the runs read, after checking that they and the base model are there."""
+def check_files(a, p):
+    """The training and test files the runs read, and the base model, are there."""
     try:
         evaluator.dataset_names(a.test_sets)
     except ValueError as e:
@@ -238,82 +198,10 @@ def experiment_files(a, p) -> dict[str, Path]:
         checkpoints.resolve_checkpoint(a.ckpt)
     except FileNotFoundError as e:
         p.error(f"--ckpt {e}")
-    return files
-
-
-def experiment_settings(a, flags: dict, files: dict) -> dict:
-    """What every run in one experiment folder shares: a call with other settings would mix two
-    experiments in one table."""
-    return {"ckpt": Path(a.ckpt).name, "train_sets": a.train_sets, "test_sets": a.test_sets,
-            "train_flags": flags["train"], "echo_flags": flags["echo"], "eval_flags": flags["eval"],
-            "data_sha256": {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items()}}
-
-
-# experiment.json's shape (data.files.check_shape): what this program wrote, read back before any use.
-SECONDS = Rule(float | None, lambda v: v is None or 0 <= v < math.inf, "seconds >= 0, or null")
-EXPERIMENT = {
-    "settings": {"ckpt?": str, "train_sets?": [str], "test_sets?": [str], "train_flags?": [str], "echo_flags?": [str],
-                 "eval_flags?": [str], "data_sha256?": {str: str}},
-    "calls": [{"runs_done?": [str], "seconds?": SECONDS, str: (str, float, bool, list, None)}],
-    "runs": {str: {"arm": Rule(str, lambda v: v in ARMS, "an arm: " + ", ".join(ARMS)), "seed?": int | None,
-                   "status?": str, "train_seconds?": SECONDS, "eval_seconds?": SECONDS, "estimate_seconds?": SECONDS,
-                   "seconds_left?": SECONDS, "resumed?": bool, "call?": int, "stopped_by?": str}},
-}
-
-
-def check_run_names(out: Path, names):
-    """The run names an experiment.json gives: each a folder inside `out` (data.files.inside: no
-    `../x`) and a run's name, <arm>-s<seed> or none."""
-    source = out / "experiment.json"
-    for name in names:
-        try:
-            inside(out, name, source)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        if not RUN_NAME.fullmatch(name):
-            raise SystemExit(f"{source}: {name!r} is not a run's name (<arm>-s<seed>, or none)")
-
-
-def open_experiment(out: Path, settings: dict) -> dict:
-    """The folder's experiment.json, or a new one for an empty or new folder. A folder made with
-    other settings, or holding anything else, is an error: runs are continued, never mixed with
-    another experiment's or written over."""
-    file = out / "experiment.json"
-    if not file.is_file():
-        if out.exists() and any(out.iterdir()):
-            raise SystemExit(f"{out}: holds files but no experiment.json; give another --out")
-        return {"settings": settings, "calls": [], "runs": {}}
-    try:
-        manifest = read_json_shaped(file, EXPERIMENT)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    check_run_names(out, manifest["runs"])
-    saved = manifest["settings"]
-    show = lambda v: shlex.join(v) if isinstance(v, list) else v  # noqa: E731
-    changed = [f"{key}: {show(saved.get(key))} -> {show(value)}" if key != "data_sha256" else
-               "data files " + ", ".join(k for k in value if saved.get(key, {}).get(k) != value[k])
-               for key, value in settings.items() if saved.get(key) != value]
-    if changed:
-        raise SystemExit(f"{out}: its runs were made with other settings ({'; '.join(changed)}); "
-                         "give another --out for these")
-    return manifest
 
 
 # --------------------------------------------------------------------------------------------
-# Running: the units in priority order, each run if it fits the budget
-
-
-def experiment_units(arms, seeds) -> list[list[tuple[str, int | None]]]:
-    """The runs in priority order, in units that start together: the untouched model; each
-    seed's LoRA, Echo-LoRA and control; each seed's DoRA and Echo-DoRA (the Echo run is compared
-    with the other runs of its seed, so a unit starts only when all of it fits)."""
-    units = [[("none", None)]] if "none" in arms else []
-    for group in GROUPS:
-        for seed in seeds:
-            unit = [(arm, seed) for arm in group if arm in arms]
-            if unit:
-                units.append(unit)
-    return units
+# Running: each run as a user types it
 
 
 def run_name(arm: str, seed: int | None) -> str:
@@ -325,65 +213,6 @@ def evaluated(folder: Path, suffix: str = "") -> bool:
     its files' for a --scoring other than generate."""
     predictions, _, results = output_files(suffix)
     return (folder / results).is_file() and (folder / predictions).is_file()
-
-
-def estimate_seconds(arm: str, runs: dict) -> float | None:
-    """A run's expected seconds from the runs timed so far: the mean of its arm's runs; for an arm
-    not timed yet, the slowest timed training run times UNMEASURED_ARM_FACTOR; for the untouched
-    model, the mean evaluation. None: nothing timed yet."""
-    evaluations = [r["eval_seconds"] for r in runs.values() if r.get("eval_seconds") is not None]
-    if arm == "none":
-        return statistics.mean(evaluations) if evaluations else None
-    timed = [(r["arm"], r["train_seconds"] + r["eval_seconds"]) for r in runs.values()
-             if r.get("train_seconds") is not None and r.get("eval_seconds") is not None]
-    same = [seconds for a, seconds in timed if a == arm]
-    if same:
-        return statistics.mean(same)
-    return max(seconds for _, seconds in timed) * UNMEASURED_ARM_FACTOR if timed else None
-
-
-def fits(estimates: list[float | None], seconds_left: float) -> bool:
-    """Whether runs of these estimated times fit. An unknown time counts as 0: with nothing timed
-    yet the first run starts, and its time sizes the rest."""
-    return seconds_left > 0 and sum(e for e in estimates if e is not None) <= seconds_left
-
-
-class RunStopped(Exception):
-    """train.py or eval.py exited with an error (it has printed why)."""
-
-
-def run_experiment(a, manifest: dict, call: dict, flags: dict, suffix: str, started: float):
-    """Every unit of experiment_units in order, each run only if it fits the budget; from the first
-    that does not, every later one is skipped too. experiment.json is rewritten as each run starts
-    and ends."""
-    runs, budget, waiting = manifest["runs"], 60 * a.budget_minutes, False
-    for unit in experiment_units(a.arms, a.seeds):
-        folders = {(arm, seed): a.out / run_name(arm, seed) for arm, seed in unit}
-        todo = [(arm, seed) for arm, seed in unit if not evaluated(folders[arm, seed], suffix)]
-        for arm, seed in unit:
-            if (arm, seed) not in todo:  # evaluated in an earlier call: kept as it is
-                runs.setdefault(run_name(arm, seed), {"arm": arm, "seed": seed})["status"] = "done"
-        for i, (arm, seed) in enumerate(todo):
-            name, left = run_name(arm, seed), budget - (clock() - started)
-            estimates = [estimate_seconds(arm, runs) for arm, _ in (todo if i == 0 else todo[i:i + 1])]
-            if waiting or not fits(estimates, left):
-                waiting = True
-                runs[name] = {"arm": arm, "seed": seed, "status": "skipped",
-                              "estimate_seconds": estimate_seconds(arm, runs), "seconds_left": max(left, 0.0)}
-                estimate = runs[name]["estimate_seconds"]
-                print(f"skipped {name}: estimated {'?' if estimate is None else f'{estimate:.0f}'} s, "
-                      f"{max(left, 0.0):.0f} s of the budget left", flush=True)
-                continue
-            runs[name] = {"arm": arm, "seed": seed, "status": "running", "call": len(manifest["calls"]) - 1}
-            write_json(a.out / "experiment.json", manifest)
-            try:
-                runs[name] |= train_and_evaluate(a, folders[arm, seed], arm, seed, flags, suffix)
-            except RunStopped as e:
-                runs[name] |= {"status": "stopped", "stopped_by": str(e)}
-                raise SystemExit(f"experiment.py: {name}: {e}; the same command continues the run") from None
-            runs[name]["status"] = "done"
-            call["runs_done"].append(name)
-            write_json(a.out / "experiment.json", manifest)
 
 
 def run_script(script: str, args: list[str]) -> int:
@@ -407,49 +236,47 @@ def eval_command(a, arm: str, folder: Path, flags: dict) -> list[str]:
             "--out", str(folder)]
 
 
-def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict, suffix: str) -> dict:
-    """One run: train.py (the untouched model has nothing to train), then eval.py, into `folder`;
-    the seconds of each. A run cut short in an earlier call continues from its checkpoint; one
-    cut short before its first checkpoint holds nothing finished and starts again."""
-    timing = {}
+def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict, suffix: str):
+    """One run: train.py (the untouched model has nothing to train), then eval.py, into `folder`.
+    A run cut short in an earlier call continues from its checkpoint; one cut short before its
+    first checkpoint holds nothing finished and starts again."""
+    commands = []
     if arm != "none":
-        resume = (folder / "checkpoint.pt").is_file()
-        again = ["--resume"] if resume else ["--overwrite"] if runs.holds_run(folder) else []
-        t0 = clock()
-        if code := run_script("train.py", train_command(a, arm, seed, folder, flags) + again):
-            raise RunStopped(f"train.py stopped with exit code {code}")
-        # a resumed run's time is part of a run's: no estimate of a whole one
-        timing |= {"train_seconds": None if resume else clock() - t0, "resumed": resume}
+        again = ["--resume"] if (folder / "checkpoint.pt").is_file() else ["--overwrite"] if train.holds_run(folder) else []
+        commands.append(("train.py", train_command(a, arm, seed, folder, flags) + again))
     again = ["--overwrite"] if (folder / output_files(suffix)[2]).is_file() else []  # eval.py's own rule
-    t0 = clock()
-    if code := run_script("eval.py", eval_command(a, arm, folder, flags) + again):
-        raise RunStopped(f"eval.py stopped with exit code {code}")
-    timing["eval_seconds"] = clock() - t0
-    return timing
+    commands.append(("eval.py", eval_command(a, arm, folder, flags) + again))
+    for script, args in commands:
+        if code := run_script(script, args):  # it has printed why
+            raise ValueError(f"{folder.name}: {script} stopped with exit code {code}; the same command continues the run")
 
 
 # --------------------------------------------------------------------------------------------
 # The table, from the run folders alone
 
 
+def subfolders(out: Path) -> list[Path]:
+    if not out.is_dir():
+        raise ValueError(f"{out}: no such folder")
+    return sorted(folder for folder in out.iterdir() if folder.is_dir())
+
+
 def run_folders(out: Path, suffix: str = "") -> list[Path]:
     """The evaluated run folders in `out`."""
-    if not out.is_dir():
-        raise SystemExit(f"{out}: no such folder")
     # a folder with eval.py's results.json is a run, even when its predictions are gone: read_run says so
-    return sorted(folder for folder in out.iterdir() if folder.is_dir() and (folder / output_files(suffix)[2]).is_file())
+    return [folder for folder in subfolders(out) if (folder / output_files(suffix)[2]).is_file()]
 
 
-def table_suffix(out: Path, scoring: str | None) -> str:
-    """The evaluation files' suffix for --scoring, or for the scoring of the experiment in `out`."""
-    if scoring is None and (out / "experiment.json").is_file():
-        try:
-            eval_flags = read_json_shaped(out / "experiment.json", EXPERIMENT)["settings"].get("eval_flags", [])
-        except ValueError as e:
-            raise SystemExit(f"{e}; or give --scoring") from None
-    else:
-        eval_flags = [] if scoring is None else ["--scoring", scoring]  # checked by eval.py's own parser
-    return evaluator.results_suffix(evaluator.arg_parser().parse_args(eval_flags))
+def table_suffix(folders: list[Path], scoring: str | None) -> str:
+    """The evaluation files' suffix of --scoring (checked by eval.py's own parser); without it, of
+    the one scoring whose results.json the folders hold (generate's when they hold none)."""
+    if scoring is not None:
+        return evaluator.results_suffix(evaluator.arg_parser().parse_args(["--scoring", scoring]))
+    held = sorted({name for folder in folders for name in EVAL_FILES
+                   if name.startswith("results") and name.endswith(".json") and (folder / name).is_file()})
+    if len(held) > 1:
+        raise ValueError(f"the runs hold results of several scorings ({', '.join(held)}): give --scoring")
+    return held[0].removeprefix("results").removesuffix(".json") if held else ""
 
 
 # The shapes (data.files.check_shape) of eval.py's results.json and of a predictions.jsonl line.
@@ -639,7 +466,7 @@ LAST_STEPS = 20  # a diagnostic's end value: the mean of its last 20 steps (one 
 def metrics_entries(folder: Path) -> list[dict]:
     """The entries of the run's metrics.jsonl ([] without one)."""
     path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in metrics_lines(path, math.inf)] if path.is_file() else []
+    return [json.loads(line) for line in train.metrics_lines(path, math.inf)] if path.is_file() else []
 
 
 def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
@@ -749,11 +576,8 @@ def with_results_block(readme: Path, text: str) -> str:
 
 def write_results(out: Path, folders, suffix: str = "", readme: Path | None = None) -> str:
     """<out>/results.md from the run folders (and its tables into `readme`); printed, and returned."""
-    try:
-        text = results_markdown(folders, suffix)
-        shown = readme and with_results_block(readme, text)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"experiment.py: {e}") from None
+    text = results_markdown(folders, suffix)
+    shown = readme and with_results_block(readme, text)
     write_atomically(out / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     if readme:
         write_atomically(readme, lambda tmp: tmp.write_text(shown, encoding="utf-8"))

@@ -93,11 +93,11 @@ def main(argv=None) -> Path:
     p.add_argument("dir", type=Path, help="the experiment's folder, holding the run folders (required)")
     p.add_argument("--out", type=Path, help="the PNG written (default: DIR/figure.png)")
     p.add_argument("--scoring", help="which evaluation's files to read, a value of eval.py --scoring (default: the "
-                                     "experiment's, from DIR/experiment.json; generate without one)")
+                                     "one scoring the runs hold results of)")
     a = p.parse_args(argv)
     out = a.out or a.dir / "figure.png"
-    suffix = experiment.table_suffix(a.dir, a.scoring)
     try:
+        suffix = experiment.table_suffix(experiment.subfolders(a.dir), a.scoring)
         draw(experiment.run_folders(a.dir, suffix), out, suffix)
     except (OSError, ValueError) as e:
         raise SystemExit(f"figure.py: {e}") from None

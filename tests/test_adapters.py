@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data.adapters import adapter_config, adapter_state, load_adapter, save_adapter
-from echo_lora import LoRALinear, add_adapters, adapted_linears, merge, trainable_parameters
+from echo_lora import (LoRALinear, adapted_linears, add_adapters, adapter_config, adapter_state, load_adapter, merge,
+                       save_adapter, trainable_parameters)
 from llama import ModelArgs, Transformer
 from reference import META_TO_HF_LAYER_NAMES, hf_llama
 from scripts.convert_hf import hf_to_meta_rows, meta_to_hf_rows

@@ -23,7 +23,7 @@ import eval as evaluator
 import llama
 import train
 from conftest import ROOT
-from data import adapters, checkpoints, download, prepare_smollm2, runs
+from data import checkpoints, download, prepare_smollm2
 from data.commonsense import load_records
 from data.files import RUN_MARKER, inside, locked_folder, read_json, recorded_command, recorded_path, write_atomically
 from reference import write_hf_folder
@@ -162,12 +162,12 @@ def test_integer_and_bool_weights_are_an_error_naming_the_file_and_key(tmp_path)
         convert_hf.convert(folder, tmp_path / "meta")
     # an adapter's tensors too
     model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
-    adapters.save_adapter(tmp_path / "adapter", model)
+    echo_lora.save_adapter(tmp_path / "adapter", model)
     tensors = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
     tensors["layers.0.attention.wq.lora_A"] = tensors["layers.0.attention.wq.lora_A"].to(torch.int64)
     save_file(tensors, str(tmp_path / "adapter" / "adapter.safetensors"))
     with pytest.raises(ValueError, match=r"adapter\.safetensors: layers\.0\.attention\.wq\.lora_A is int64"):
-        adapters.load_adapter(tmp_path / "adapter", small_model())
+        echo_lora.load_adapter(tmp_path / "adapter", small_model())
 
 
 # ---- 4. a model that computes NaN is never scored
@@ -204,7 +204,7 @@ def test_an_hf_model_folder_is_not_a_run_and_is_never_written_over(ckpt, records
             train.main(train_args(ckpt, records, folder, *flags))
         assert "\n" not in str(e.value)
     assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != ".lock"} == before
-    assert not runs.holds_run(folder)
+    assert not train.holds_run(folder)
 
 
 def test_overwrite_removes_only_the_files_train_and_eval_write(finished_run, ckpt, records, tmp_path):
@@ -243,7 +243,7 @@ def test_a_second_train_into_the_same_out_fails_with_one_line(ckpt, records, tmp
             train.main(train_args(ckpt, records, out, "--max-steps", "1"))
         assert "\n" not in str(e.value) and not (out / "config.json").exists()
     train.main(train_args(ckpt, records, out, "--max-steps", "1"))  # a killed holder leaves no stale lock
-    assert runs.holds_run(out)
+    assert train.holds_run(out)
     with locked_folder(out):  # in-process too: the lock is the folder's, not the process's
         with pytest.raises(SystemExit, match="another process is writing a run there"):
             train.main(train_args(ckpt, records, out, "--resume", "--max-steps", "2"))
@@ -253,7 +253,7 @@ def test_temporary_files_are_fresh_names_never_a_planted_symlink(finished_run, c
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     victims = {}
-    for name in runs.RUN_FILES:
+    for name in train.RUN_FILES:
         victims[name] = tmp_path / f"victim-{name}"
         victims[name].write_text("keep")
         (run / f".{name}.tmp").symlink_to(victims[name])  # the old fixed temporary names
@@ -361,7 +361,7 @@ def test_json_nan_huge_numbers_and_deep_nesting_are_one_line(tmp_path):
 def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, what):
     folder = meta_folder(tmp_path / "ckpt")
     model = echo_lora.add_adapters(small_model(), r=2, alpha=4)
-    adapters.save_adapter(tmp_path / "adapter", model)
+    echo_lora.save_adapter(tmp_path / "adapter", model)
     fifo = {"shard": folder / "consolidated.00.pth", "params": folder / "params.json",
             "adapter config": tmp_path / "adapter" / "adapter_config.json",
             "adapter tensors": tmp_path / "adapter" / "adapter.safetensors", "data": tmp_path / "data.json"}[what]
@@ -371,7 +371,7 @@ def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, what):
         if what == "data":
             load_records(fifo)
         elif what.startswith("adapter"):
-            adapters.load_adapter(tmp_path / "adapter", small_model())
+            echo_lora.load_adapter(tmp_path / "adapter", small_model())
         else:
             llama.load(folder)
 
@@ -425,7 +425,7 @@ def test_out_is_checked_before_the_model_loads(ckpt, records, tmp_path, capsys, 
 
 def test_a_broken_train_config_beside_the_adapter_fails_before_the_model_loads(ckpt, tmp_path, capsys, monkeypatch):
     model, _ = llama.load(ckpt, dtype=torch.float32)
-    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
     (tmp_path / "adapter" / "config.json").write_text('{"echo_lora_run": 1, "config": ')  # cut short
 
     def loaded(*_):
@@ -616,20 +616,20 @@ def test_a_model_whose_tokenizer_loses_text_is_one_line_in_train_and_eval(ckpt, 
 ])
 def test_an_adapter_config_edited_after_the_save_is_refused(tmp_path, edit, key):
     model = echo_lora.add_adapters(small_model(), r=2, alpha=4, targets=("wq", "wv"))
-    adapters.save_adapter(tmp_path, model)
+    echo_lora.save_adapter(tmp_path, model)
     config = read_json(tmp_path / "adapter_config.json")
     (tmp_path / "adapter_config.json").write_text(json.dumps(edit(config)))
     with pytest.raises(ValueError, match=rf"adapter_config\.json: '{key}' is .*, but adapter\.safetensors was saved "
                                          r"with .*: the config was edited after the save") as e:
-        adapters.load_adapter(tmp_path, small_model())
+        echo_lora.load_adapter(tmp_path, small_model())
     assert "\n" not in str(e.value)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))  # as saved: loads
-    adapters.load_adapter(tmp_path, small_model())
+    echo_lora.load_adapter(tmp_path, small_model())
 
 
 def test_eval_refuses_an_adapter_whose_alpha_was_edited(ckpt, tmp_path, capsys):
     model, _ = llama.load(ckpt, dtype=torch.float32)
-    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
     config = read_json(tmp_path / "adapter" / "adapter_config.json")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha": 64}))
     assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
@@ -657,16 +657,16 @@ def rewrite_json(path, edit):
     (lambda c: c | {"base_model": {"shape": "32x1"}}, r"'base_model/shape' is \"32x1\", expected an object"),
 ])
 def test_an_adapter_config_of_the_wrong_shape_is_one_line(tmp_path, edit, message):
-    adapters.save_adapter(tmp_path, echo_lora.add_adapters(small_model(), r=2, alpha=4))
+    echo_lora.save_adapter(tmp_path, echo_lora.add_adapters(small_model(), r=2, alpha=4))
     rewrite_json(tmp_path / "adapter_config.json", edit)
     with pytest.raises(ValueError, match=r"adapter_config\.json: " + message) as e:
-        adapters.load_adapter(tmp_path, small_model())
+        echo_lora.load_adapter(tmp_path, small_model())
     assert "\n" not in str(e.value)
 
 
 def test_eval_with_an_adapter_config_of_the_wrong_shape_is_one_line(ckpt, tmp_path, capsys):
     model, _ = llama.load(ckpt, dtype=torch.float32)
-    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
     rewrite_json(tmp_path / "adapter" / "adapter_config.json", lambda c: c | {"layers": ["0"]})
     assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 1
     assert "adapter_config.json: 'layers/0' is \"0\", expected int" in one_line(capsys)
@@ -743,7 +743,7 @@ def metrics_run(tmp_path, metrics_text):
 def test_a_metrics_file_of_the_wrong_shape_is_one_line_in_the_table(tmp_path, text, message):
     run = metrics_run(tmp_path, text)
     with pytest.raises(SystemExit, match=r"experiment\.py: .*metrics\.jsonl: " + message) as e:
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
     assert "\n" not in str(e.value)
 
 
@@ -753,25 +753,6 @@ def test_a_metrics_file_of_the_wrong_shape_is_one_line_on_resume(finished_run, c
     (run / "metrics.jsonl").write_text('{"step": "0", "val_loss": 1.0}\n{"step": 1}\n')
     message = refused_by_train(train_args(ckpt, records, run, "--resume", "--max-steps", "3"))
     assert "metrics.jsonl: line 1: 'step' is \"0\", expected int" in message
-
-
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m | {"runs": {"lora-s1": "done"}}, r"'runs/lora-s1' is \"done\", expected an object"),  # the issue's
-    (lambda m: m | {"runs": {"lora-s1": {"arm": "lora", "seed": "1"}}}, r"'runs/lora-s1/seed' is \"1\", expected int"),
-    (lambda m: m | {"runs": {"lora-s1": {"arm": "gpt"}}}, r"'runs/lora-s1/arm' is \"gpt\", expected an arm"),
-    (lambda m: m | {"calls": {}}, r"'calls' is \{\}, expected a list"),
-    (lambda m: m | {"settings": {**m["settings"], "eval_flags": "--limit 5"}}, r"'settings/eval_flags' is \"--limit 5\""),
-    (lambda m: {k: v for k, v in m.items() if k != "runs"}, r"has no 'runs'"),
-    (lambda m: m | {"runs": {"lora-s1": {"arm": "lora", "eval_seconds": -3}}}, r"'runs/lora-s1/eval_seconds' is -3"),
-])
-def test_an_experiment_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, edit, message):
-    manifest = {"settings": {"eval_flags": []}, "calls": [], "runs": {}}
-    (tmp_path / "experiment.json").write_text(json.dumps(edit(manifest)))
-    for call in (lambda: experiment.main(["--table-only", "--out", str(tmp_path)]),
-                 lambda: experiment.open_experiment(tmp_path, {"eval_flags": []})):
-        with pytest.raises(SystemExit, match=r"experiment\.json: " + message) as e:
-            call()
-        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("file, edit, message", [
@@ -786,7 +767,7 @@ def test_results_and_run_records_of_the_wrong_shape_are_one_line_in_the_table(tm
     run = metrics_run(tmp_path, "")
     rewrite_json(run / file, edit)
     with pytest.raises(SystemExit, match=rf"experiment\.py: .*{file}: " + message) as e:
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
     assert "\n" not in str(e.value)
 
 
@@ -820,7 +801,7 @@ def test_the_table_recomputes_correctness_from_answer_and_gold(tmp_path, edit, m
     run = scored_run(tmp_path)
     edit_predictions(run, edit)
     with pytest.raises(SystemExit, match=r"experiment\.py: .*predictions\.jsonl: line 1: " + message) as e:
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
     assert "\n" not in str(e.value)
 
 
@@ -830,16 +811,17 @@ def test_runs_scored_on_different_test_files_are_not_paired(tmp_path):
         rewrite_json(run / "results.json", lambda r: r | {"test_sha256": {"ARC-Easy": digest, "ARC-Challenge": "c" * 64}})
     with pytest.raises(SystemExit, match=r"the runs scored different ARC-Easy test files: aaaaaaaaaaaa .*lora-s1.*"
                                          r"bbbbbbbbbbbb .*echo-lora-s1") as e:
-        experiment.write_results(tmp_path, [lora, echo])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(lora), str(echo)])
     assert "\n" not in str(e.value)
     rewrite_json(echo / "results.json", lambda r: r | {"test_sha256": {"ARC-Easy": "a" * 64, "ARC-Challenge": "c" * 64}})
-    assert "| echo-lora vs lora | 1 |" in experiment.write_results(tmp_path, [lora, echo])
+    table = experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(lora), str(echo)])
+    assert "| echo-lora vs lora | 1 |" in table
 
 
 def test_a_run_whose_predictions_are_missing_is_an_error_not_a_seed_fewer(tmp_path, capsys):
     lora, echo = scored_run(tmp_path, "lora-s1", "lora"), scored_run(tmp_path)
     (echo / "predictions.jsonl").unlink()
-    for call in (lambda: experiment.write_results(tmp_path, [lora, echo]),
+    for call in (lambda: experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(lora), str(echo)]),
                  lambda: experiment.main(["--table-only", "--out", str(tmp_path), "--scoring", "generate"])):
         with pytest.raises(SystemExit, match=r"echo-lora-s1: results\.json but no predictions\.jsonl") as e:
             call()
@@ -848,7 +830,7 @@ def test_a_run_whose_predictions_are_missing_is_an_error_not_a_seed_fewer(tmp_pa
 
 def test_eval_records_the_test_files_and_the_adapter_it_scored(ckpt, tmp_path):
     model, _ = llama.load(ckpt, dtype=torch.float32)
-    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
+    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=2, alpha=4))
     assert evaluator.main(eval_args(ckpt, tmp_path / "eval", "--adapter", str(tmp_path / "adapter"))) == 0
     summary = read_json(tmp_path / "eval" / "results.json")
     assert summary["test_sha256"] == {"piqa": hashlib.sha256((DATA / "piqa" / "test.json").read_bytes()).hexdigest()}
@@ -860,19 +842,19 @@ def test_eval_records_the_test_files_and_the_adapter_it_scored(ckpt, tmp_path):
 
 def test_the_table_refuses_a_result_whose_adapter_changed_since(tmp_path):
     run = scored_run(tmp_path)
-    adapters.save_adapter(run, echo_lora.add_adapters(small_model(), r=2, alpha=4))
+    echo_lora.save_adapter(run, echo_lora.add_adapters(small_model(), r=2, alpha=4))
     scored = read_json(run / "adapter_config.json")["tensors_sha256"]
     rewrite_json(run / "results.json", lambda r: r | {"adapter_sha256": scored})
-    experiment.write_results(tmp_path, [run])  # the adapter scored is the one there
-    adapters.save_adapter(run, echo_lora.add_adapters(small_model(seed=1), r=2, alpha=4))  # trained again since
+    experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])  # the adapter scored is the one there
+    echo_lora.save_adapter(run, echo_lora.add_adapters(small_model(seed=1), r=2, alpha=4))  # trained again since
     with pytest.raises(SystemExit, match=rf"results\.json: scored adapter {scored[:12]}, but .*adapter\.safetensors "
                                          r"is now [0-9a-f]{12}: evaluate it again") as e:
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
     assert "\n" not in str(e.value)
     for name in ("adapter_config.json", "adapter.safetensors"):
         (run / name).unlink(missing_ok=True)  # gone altogether
     with pytest.raises(SystemExit, match=r"adapter_config\.json: cannot read JSON"):
-        experiment.write_results(tmp_path, [run])
+        experiment.main(["--table-only", "--out", str(tmp_path), "--runs", str(run)])
 
 
 def test_eval_refuses_a_folder_train_is_writing(finished_run, ckpt, tmp_path, capsys):
@@ -1107,20 +1089,20 @@ def test_convert_hf_refuses_a_spoiled_folder_in_one_line_and_writes_nothing(tmp_
 
 def test_ctrl_c_during_training_is_one_line_saying_the_checkpoint_is_intact(ckpt, records, tmp_path, capsys,
                                                                            monkeypatch):
-    out, original = tmp_path / "run", runs.save_checkpoint
+    out, original = tmp_path / "run", train.save_checkpoint
 
     def interrupted(path, step, *a):  # Ctrl-C just after the first checkpoint
         original(path, step, *a)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "save_checkpoint", interrupted)
+    monkeypatch.setattr(train, "save_checkpoint", interrupted)
     with pytest.raises(SystemExit) as e:
         train.cli(train_args(ckpt, records, out, "--max-steps", "3"))  # what `python train.py` runs
     err = capsys.readouterr().err
     assert e.value.code == 130 and "Traceback" not in err
     [line] = [line for line in err.splitlines() if "train.py:" in line]  # after the progress bar
     assert line.endswith(f"train.py: interrupted; {out}/checkpoint.pt is intact; --resume continues from it")
-    monkeypatch.setattr(runs, "save_checkpoint", original)
+    monkeypatch.setattr(train, "save_checkpoint", original)
     train.main(train_args(ckpt, records, out, "--max-steps", "3", "--resume"))  # and it does
     with pytest.raises(SystemExit) as e:  # before any checkpoint: said so
         monkeypatch.setattr(train, "run", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import llama
-from data.adapters import load_adapter, save_adapter
 from data.commonsense import IGNORE_INDEX
-from echo_lora import EchoConfig, EchoPath, LoRALinear, add_adapters, answer_only_masks, echo_representation, loss_terms, source_states, trainable_parameters
+from echo_lora import (EchoConfig, EchoPath, LoRALinear, add_adapters, answer_only_masks, echo_representation, load_adapter,
+                       loss_terms, save_adapter, source_states, trainable_parameters)
 from train import collate
 
 ARGS = llama.ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=32)

@@ -16,7 +16,6 @@ import echo_lora
 import eval as evaluator
 import llama
 from conftest import ASSETS
-from data import adapters
 from data.commonsense import eval_prompt
 from data.tokenizer import Tokenizer
 from reference import hf_llama, write_meta_folder
@@ -313,10 +312,10 @@ def test_adapter_is_merged_and_results_are_written_beside_it(tiny_checkpoint, ti
                                                               capsys, dora):
     adapted = echo_lora.add_adapters(copy.deepcopy(tiny_model), r=4, alpha=8, dropout=0.0, dora=dora)
     with torch.no_grad():  # a trained-looking adapter: B away from zero, the magnitude away from ||W||
-        for name, p in adapters.adapter_parameters(adapted).items():
+        for name, p in echo_lora.adapter_parameters(adapted).items():
             p.mul_(1 + 0.2 * torch.randn_like(p)) if name.endswith("magnitude") else p.normal_(0, 0.2)
     folder = tmp_path / "adapter"
-    adapters.save_adapter(folder, adapted)
+    echo_lora.save_adapter(folder, adapted)
     code, _ = run_main(capsys, "--ckpt", tiny_checkpoint, "--adapter", folder, "--data-dir", DATA, "--limit", 8,
                        "--datasets", "piqa", "--device", "cpu")
     assert code == 0 and (folder / "results.md").is_file()
@@ -329,7 +328,7 @@ def test_adapter_is_merged_and_results_are_written_beside_it(tiny_checkpoint, ti
 
 def test_adapter_that_does_not_fit_is_one_line_and_a_failure(tiny_checkpoint, tmp_path, capsys):
     other = llama.Transformer(llama.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32))
-    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(other, r=4, alpha=8))
+    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(other, r=4, alpha=8))
     code, printed = run_main(capsys, "--ckpt", tiny_checkpoint, "--adapter", tmp_path / "adapter", "--data-dir", DATA,
                              "--limit", 1, "--datasets", "piqa", "--device", "cpu")
     assert code == 1

@@ -1,9 +1,8 @@
 """scripts/experiment.py, the real-model experiment runner, and scripts/figure.py.
 
-- The budget's decisions, exactly: train.py and eval.py replaced by stand-ins that parse their
-  commands with the real parsers, write the files a run leaves and advance a fake clock by fixed
-  seconds, so which runs start, which wait, and that a rerun continues (also after a run that
-  stopped mid-training) is known to the second.
+- The runner's decisions, exactly: train.py and eval.py replaced by stand-ins that parse their
+  commands with the real parsers and write the files a run leaves, so which runs start, in which
+  order, and that a rerun continues (also after a run that stopped mid-training) is known.
 - One end-to-end experiment at toy scale on CPU: real `python train.py` and `python eval.py`
   subprocesses for the untouched model, LoRA, Echo-LoRA and the control, a tiny random LLaMA with
   the real LLaMA-2 tokenizer, real ARC records (tests/assets slices), the control's training
@@ -38,8 +37,6 @@ import figure  # noqa: E402
 
 DATA = ASSETS / "data" / "commonsense"  # training splits and test sets, real records
 TOKENIZER = ASSETS / "models" / "llama2-tokenizer" / "tokenizer.model"
-TRAIN_SECONDS = {"lora": 10, "echo-lora": 12, "echo-lora-control": 12, "dora": 14, "echo-dora": 16}  # simulated
-EVAL_SECONDS = 5
 SETS = ["ARC-Easy", "ARC-Challenge"]
 
 
@@ -49,13 +46,11 @@ def option(args: list[str], name: str) -> str:
 
 class StandIn:
     """`python train.py` and `python eval.py` as experiment.run_script sees them: each command is
-    parsed by the script's own parser and recorded, the fake clock advances by the run's
-    simulated seconds, and the files a finished run leaves are written (a run named in `stop`
+    parsed by the script's own parser and recorded, and the files a finished run leaves are written (a run named in `stop`
     leaves only its checkpoint and exits with 1, as a killed run would)."""
 
     def __init__(self, monkeypatch):
-        self.now, self.commands, self.stop = 0.0, [], set()
-        monkeypatch.setattr(experiment, "clock", lambda: self.now)
+        self.commands, self.stop = [], set()
         monkeypatch.setattr(experiment, "run_script", self)
 
     def __call__(self, script: str, args: list[str]) -> int:
@@ -64,15 +59,12 @@ class StandIn:
         if script == "eval.py":
             parsed = evaluator.parse_args(args)
             assert (out / f"results{evaluator.results_suffix(parsed)}.json").exists() == parsed.overwrite
-            self.now += EVAL_SECONDS
             correct = {d: [(i + len(out.name)) % 3 == 0 for i in range(4)] for d in parsed.datasets}
             write_run(out, None, None, correct, write_config=False, suffix=evaluator.results_suffix(parsed),
                       **{k: getattr(parsed, k) for k in ("ckpt", "scoring", "num_beams", "max_new_tokens", "limit",
                                                          "precision")})
             return 0
         cfg = train.parse_config(args)
-        arm = cfg.method + ("-control" if cfg.echo_inject == "zero" else "")
-        self.now += TRAIN_SECONDS[arm]
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoint.pt").write_text("a checkpoint")
         if out.name in self.stop:
@@ -87,31 +79,22 @@ class StandIn:
         return [name for s, name, _ in self.commands if s == script]
 
 
-def stand_in_experiment(tmp_path, budget_minutes, *extra) -> dict:
+def stand_in_experiment(tmp_path, *extra):
     (tmp_path / "ckpt").mkdir(exist_ok=True)
     experiment.main(["--ckpt", str(tmp_path / "ckpt"), "--data-dir", str(DATA), "--out", str(tmp_path / "exp"),
-                     "--seeds", "1", "2", "--budget-minutes", str(budget_minutes), *extra])
-    return json.loads((tmp_path / "exp" / "experiment.json").read_text())
+                     "--seeds", "1", "2", *extra])
 
 
-def status(manifest) -> dict[str, str]:
-    return {name: run["status"] for name, run in manifest["runs"].items()}
-
-
-def test_budget_decides_which_runs_start_and_a_rerun_continues(tmp_path, monkeypatch):
+def test_every_arm_and_seed_runs_in_order_and_a_rerun_continues(tmp_path, monkeypatch):
     scripts = StandIn(monkeypatch)
-    # Call 1, 90 s: the untouched model (5 s), then seed 1's unit with nothing of it timed;
-    # lora-s1 takes 15 s, so echo-lora-s1 is estimated at 1.5 x 15 = 22.5 s (fits in 70) and its
-    # control at 1.5 x 17 = 25.5 s (fits in 53); seed 2's unit (15 + 17 + 17 s) does not fit the
-    # 36 s left, and every run after it waits.
-    manifest = stand_in_experiment(tmp_path, 1.5)
-    assert status(manifest) == {"none": "done", "lora-s1": "done", "echo-lora-s1": "done",
-                                "echo-lora-control-s1": "done", "lora-s2": "skipped", "echo-lora-s2": "skipped",
-                                "echo-lora-control-s2": "skipped", "dora-s1": "skipped", "echo-dora-s1": "skipped",
-                                "dora-s2": "skipped", "echo-dora-s2": "skipped"}
-    assert manifest["runs"]["lora-s2"]["estimate_seconds"] == 15 and manifest["runs"]["lora-s2"]["seconds_left"] == 36
-    assert manifest["runs"]["echo-lora-control-s2"]["estimate_seconds"] == 17  # timed now: the control's own
-    assert manifest["runs"]["dora-s1"]["estimate_seconds"] == 1.5 * 17  # not timed: the slowest run x 1.5
+    # Call 1: the untouched model, each seed's LoRA, Echo-LoRA and control, then each seed's DoRA
+    # and Echo-DoRA; dora-s1 stops mid-training (exit code 1), and nothing after it starts.
+    scripts.stop = {"dora-s1"}
+    with pytest.raises(SystemExit, match="dora-s1: train.py stopped with exit code 1; the same command continues"):
+        stand_in_experiment(tmp_path)
+    assert scripts.started("train.py") == [f"{arm}-s{seed}" for seed in (1, 2)
+                                           for arm in ("lora", "echo-lora", "echo-lora-control")] + ["dora-s1"]
+    assert scripts.started("eval.py") == ["none"] + scripts.started("train.py")[:-1]
 
     # The commands, as a user would type them: the arms' methods and flags, the training sets
     # together, the test sets, the adapter.
@@ -125,25 +108,11 @@ def test_budget_decides_which_runs_start_and_a_rerun_continues(tmp_path, monkeyp
     assert (evaluation.datasets, evaluation.adapter, evaluation.num_beams) == (SETS, tmp_path / "exp" / "lora-s1", 1)
     assert "--adapter" not in next(a for s, n, a in scripts.commands if n == "none")
 
-    # Call 2, two minutes: seed 2's unit, then dora-s1 stops mid-training (exit code 1).
+    # Call 2: the evaluated runs are kept as they are, dora-s1 resumes from its checkpoint, the rest runs.
     scripts.commands.clear()
-    scripts.stop = {"dora-s1"}
-    with pytest.raises(SystemExit, match="dora-s1: train.py stopped with exit code 1; the same command continues"):
-        stand_in_experiment(tmp_path, 2)
-    manifest = json.loads((tmp_path / "exp" / "experiment.json").read_text())
-    assert scripts.started("train.py") == ["lora-s2", "echo-lora-s2", "echo-lora-control-s2", "dora-s1"]
-    assert status(manifest)["dora-s1"] == "stopped" and status(manifest)["echo-dora-s1"] == "skipped"
-    assert manifest["calls"][1]["runs_done"] == ["lora-s2", "echo-lora-s2", "echo-lora-control-s2"]
-
-    # Call 3: the evaluated runs are kept as they are, dora-s1 resumes from its checkpoint (its
-    # time is no estimate of a whole run), and the rest fits.
-    scripts.commands.clear()
-    manifest = stand_in_experiment(tmp_path, 2)
-    assert set(status(manifest).values()) == {"done"}
+    stand_in_experiment(tmp_path)
     assert scripts.started("train.py") == ["dora-s1", "echo-dora-s1", "dora-s2", "echo-dora-s2"]
     assert "--resume" in scripts.commands[0][2] and "--resume" not in scripts.commands[2][2]
-    assert manifest["runs"]["dora-s1"]["resumed"] and manifest["runs"]["dora-s1"]["train_seconds"] is None
-    assert len(manifest["calls"]) == 3 and manifest["calls"][2]["budget_minutes"] == 2
     assert (tmp_path / "exp" / "results.md").read_text() == experiment.results_markdown(
         experiment.run_folders(tmp_path / "exp"))
 
@@ -152,7 +121,7 @@ def test_echo_flags_reach_the_echo_runs_alone(tmp_path, monkeypatch):
     """An ablation (every sample routed, no distillation) beside its paired base runs; --arms and
     --seeds restrict the runs."""
     scripts = StandIn(monkeypatch)
-    stand_in_experiment(tmp_path, 60, "--arms", "lora", "echo-lora", "echo-lora-control",
+    stand_in_experiment(tmp_path, "--arms", "lora", "echo-lora", "echo-lora-control",
                         "--echo-flags=--echo-route-p 1 --echo-distill 0", "--eval-flags=--limit 4")
     assert scripts.started("train.py") == [f"{arm}-s{seed}" for seed in (1, 2)
                                            for arm in ("lora", "echo-lora", "echo-lora-control")]
@@ -171,13 +140,12 @@ def test_another_scoring_reads_and_writes_its_own_files(tmp_path, monkeypatch):
     """eval.py --scoring cloze writes results-cloze.json and predictions-cloze.jsonl: the runner
     and the table read those (a rerun finds the runs evaluated), --table-only too."""
     scripts = StandIn(monkeypatch)
-    stand_in_experiment(tmp_path, 60, "--arms", "none", "lora", "--train-flags=--cloze", "--eval-flags=--scoring cloze")
+    stand_in_experiment(tmp_path, "--arms", "none", "lora", "--train-flags=--cloze", "--eval-flags=--scoring cloze")
     assert scripts.started("eval.py") == ["none", "lora-s1", "lora-s2"]
     assert (tmp_path / "exp" / "lora-s1" / "predictions-cloze.jsonl").is_file()
     assert not (tmp_path / "exp" / "lora-s1" / "results.json").exists()
-    manifest = stand_in_experiment(tmp_path, 60, "--arms", "none", "lora", "--train-flags=--cloze",
-                                   "--eval-flags=--scoring cloze")
-    assert len(scripts.commands) == 5 and set(status(manifest).values()) == {"done"}  # nothing run again
+    stand_in_experiment(tmp_path, "--arms", "none", "lora", "--train-flags=--cloze", "--eval-flags=--scoring cloze")
+    assert len(scripts.commands) == 5  # nothing run again
     table = (tmp_path / "exp" / "results.md").read_text()
     assert "- evaluation: eval.py, Cloze ranking:" in table and "| lora | 1, 2 |" in table
     (tmp_path / "exp" / "results.md").unlink()
@@ -207,34 +175,15 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
     assert "--eval-flags: --data-dir, --datasets is given" in error("--eval-flags=--datasets boolq --data-dir d")
     assert "--train-flags" in error("--train-flags=--no-such-flag")
     assert "--lr must be >= 0" in error("--train-flags=--lr -1")
-    assert "unrecognized arguments: --budget 5" in error("--budget", "5")  # no abbreviations here either
+    assert "unrecognized arguments: --echo x" in error("--echo", "x")  # no abbreviations here either
     assert "--test-sets: unknown dataset 'mmlu'" in error("--test-sets", "mmlu")
     assert "no ARC-Easy/train.json, ARC-Challenge/train.json, ARC-Easy/test.json, ARC-Challenge/test.json " \
            "(python data/download.py --only ARC-Easy ARC-Challenge ARC-Easy-train ARC-Challenge-train" in error(
                "--data-dir", str(tmp_path))
     assert "--seeds must be distinct" in error("--seeds", "1", "1")
-    assert "--budget-minutes must be > 0 and finite, found nan" in error("--budget-minutes", "nan")
     assert "--runs, --scoring and --readme go with --table-only" in error("--runs", str(tmp_path))
     assert "--runs, --scoring and --readme go with --table-only" in error("--readme", "README.md")
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    assert "holds files but no experiment.json" in error()
-    assert (out / "notes.txt").read_text() == "mine"
-
-    # a manifest naming a run outside --out, or a name no run has: refused before anything runs
-    (out / "notes.txt").unlink()
-    for name, why in (("../outside/run", "is not a name inside"), ("lora-s1/../../outside", "is not a name inside"),
-                      ("lora-s1/x", "is not a run's name")):
-        manifest = {"settings": {}, "calls": [], "runs": {name: {"arm": "lora", "seed": 1, "status": "done"}}}
-        (out / "experiment.json").write_text(json.dumps(manifest))
-        assert f"experiment.json: {name!r} {why}" in error()
-    assert scripts.commands == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "x"]
-
-    # another call with other settings into the same folder
-    stand_in_experiment(tmp_path, 60, "--arms", "none")
-    with pytest.raises(SystemExit, match=r"its runs were made with other settings \(eval_flags: .* -> .*--limit 2"):
-        stand_in_experiment(tmp_path, 60, "--arms", "none", "--eval-flags=--limit 2")
-    assert len(scripts.commands) == 1
+    assert scripts.commands == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,12 +218,11 @@ KILL_AFTER_CHECKPOINT = """
 import os, sys
 sys.path.insert(0, {root!r})
 import train
-from data import runs
-save = runs.save_checkpoint
+save = train.save_checkpoint
 def save_then_die(*args):
     save(*args)
     os._exit(137)  # as a kill -9 leaves it: no clean-up
-runs.save_checkpoint = save_then_die
+train.save_checkpoint = save_then_die
 train.main(sys.argv[1:])
 """
 
@@ -293,7 +241,7 @@ def test_experiment_end_to_end_with_the_real_scripts(ckpt, tmp_path, monkeypatch
 
     monkeypatch.setattr(experiment, "run_script", kill_control)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    argv = ["--ckpt", str(ckpt), "--data-dir", str(DATA), "--out", str(out), "--seeds", "1", "--budget-minutes", "60",
+    argv = ["--ckpt", str(ckpt), "--data-dir", str(DATA), "--out", str(out), "--seeds", "1",
             "--arms", "none", "lora", "echo-lora", "echo-lora-control",
             "--train-flags=--max-steps 3 --batch-size 4 --micro-batch-size 4 --val-size 4 --warmup-steps 1 "
             "--eval-every 3 --save-every 2 --cutoff 160 --lr 1e-2 --device cpu",
@@ -304,15 +252,13 @@ def test_experiment_end_to_end_with_the_real_scripts(ckpt, tmp_path, monkeypatch
     assert (out / KILLED / "checkpoint.pt").is_file() and not (out / KILLED / "results.json").exists()
 
     table = experiment.main(argv)  # continues: the control from its checkpoint
-    manifest = json.loads((out / "experiment.json").read_text())
-    assert set(status(manifest).values()) == {"done"} and manifest["runs"][KILLED]["resumed"]
     assert {name: (out / name / "results.json").stat().st_mtime_ns for name in finished} == finished
     metrics = [json.loads(line) for line in (out / KILLED / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]  # one log, continued: no step twice
 
     # The raw files of every run, from the real test sets; the control's configuration.
     gold = {d: [r["answer"] for r in json.loads((DATA / d / "test.json").read_text())[:3]] for d in SETS}
-    for name in status(manifest):
+    for name in ("none", "lora-s1", "echo-lora-s1", KILLED):
         files = {"results.json", "predictions.jsonl"} | ({"config.json", "metrics.jsonl"} if name != "none" else set())
         assert all((out / name / f).is_file() for f in files), name
         predictions = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
@@ -523,7 +469,7 @@ def test_the_readme_shows_the_table_made_from_the_committed_runs():
     out = ROOT / "results" / "smollm2-cpu" / "experiment"
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     shown = readme.split("<!-- results.md: begin -->")[1].split("<!-- results.md: end -->")[0].strip()
-    suffix = experiment.table_suffix(out, None)
+    suffix = experiment.table_suffix(experiment.subfolders(out), None)
     made = experiment.results_markdown(experiment.run_folders(out, suffix), suffix)
     assert "| lora | 1, 2, 3 |" in shown and shown == experiment.results_block(made).strip()
 

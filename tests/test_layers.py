@@ -1,8 +1,8 @@
 """Imports run one way, and the data scripts run without torch.
 
-    data/ (files, commonsense, tokenizer, scripts) <- data/checkpoints, batches <- llama <- echo_lora
-        <- data/adapters, embedded <- data/runs <- train, eval, scripts/convert_hf <- scripts/convert_peft
-        <- bench, scripts/experiment, device_check <- scripts/figure
+    data/ (files, commonsense, tokenizer, flags, published, scripts) <- data/checkpoints, batches
+        <- data/adapters (the adapter's file format) <- llama <- echo_lora <- train, eval, scripts/convert_hf
+        <- scripts/convert_peft <- bench, scripts/experiment, device_check <- scripts/figure
 
 Checked on the source (every import statement, also those inside functions) and, for torch, in a
 fresh interpreter: the test process itself has torch loaded already.
@@ -21,10 +21,9 @@ LAYERS = [
     {"data.files", "data.commonsense", "data.download", "data.make_sample", "data.prepare_smollm2", "data.tokenizer",
      "data.flags", "data.published"},
     {"data.checkpoints", "data.batches"},
+    {"data.adapters"},
     {"llama"},
     {"echo_lora"},
-    {"data.adapters", "data.embedded"},
-    {"data.runs"},
     {"train", "eval", "scripts.convert_hf"},
     {"scripts.convert_peft"},
     {"bench", "scripts.experiment", "scripts.device_check"},

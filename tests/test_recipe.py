@@ -52,13 +52,14 @@ def test_default_lr_is_the_published_rows_lr(method, model):
     assert published.PUBLISHED_LR[{"lora": "LoRA r=32", "dora": "DoRA r=32"}[method]][model] == README_LR[method, model]
 
 
-def test_evaluation_defaults_are_the_protocol():
+def test_evaluation_defaults_are_the_protocol(monkeypatch):
     """commonsense_evaluate.py: num_beams=4, max_new_tokens=32, under transformers 4.36.0 (DoRA's pin)."""
     args = evaluator.parse_args(["--ckpt", "llama-7b"])
     assert (args.num_beams, args.max_new_tokens, args.beam_rule, args.scoring) == \
         (4, 32, "transformers-4.36", "generate")
     # ... with the model in fp16 (torch_dtype=torch.float16, then model.half()) on a GPU
-    assert evaluator.default_eval_precision(torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evaluator.parse_args(["--ckpt", "llama-7b", "--device", "cuda"]).precision == "fp16"
     assert evaluator.EVAL_PRECISIONS["fp16"] == torch.float16
 
 

@@ -192,8 +192,8 @@ def test_diverging_run_stops_at_once_and_keeps_a_finite_adapter(ckpt, records, t
 def test_an_adapter_with_nan_is_refused_by_eval(ckpt, tmp_path, capsys):
     model, _ = llama.load(ckpt, dtype=torch.float32)
     echo_lora.add_adapters(model, r=4, alpha=8)
-    adapters.adapter_parameters(model)["layers.1.feed_forward.w2.lora_B"].data[3, 1] = math.nan
-    adapters.save_adapter(tmp_path / "adapter", model)
+    echo_lora.adapter_parameters(model)["layers.1.feed_forward.w2.lora_B"].data[3, 1] = math.nan
+    echo_lora.save_adapter(tmp_path / "adapter", model)
     code = evaluator.main(["--ckpt", str(ckpt), "--adapter", str(tmp_path / "adapter"), "--data-dir", str(DATA),
                            "--datasets", "piqa", "--limit", "1", "--device", "cpu"])
     err = capsys.readouterr().err
@@ -309,11 +309,11 @@ def test_wrong_json_types_name_the_file_and_key(tmp_path):
     with pytest.raises(ValueError, match=r"params\.json: 'dim' is \"128\", expected int"):
         llama.load(folder)
     model = echo_lora.add_adapters(llama.Transformer(llama.ModelArgs(**SHAPE)), r=4, alpha=8)
-    adapters.save_adapter(tmp_path / "adapter", model)
+    echo_lora.save_adapter(tmp_path / "adapter", model)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": "4"}))
     with pytest.raises(ValueError, match=r"adapter_config\.json: 'r' is \"4\", expected int"):
-        adapters.load_adapter(tmp_path / "adapter", llama.Transformer(llama.ModelArgs(**SHAPE)))
+        echo_lora.load_adapter(tmp_path / "adapter", llama.Transformer(llama.ModelArgs(**SHAPE)))
 
 
 def test_non_utf8_data_names_the_file(ckpt, tmp_path):
@@ -329,8 +329,8 @@ def test_non_utf8_data_names_the_file(ckpt, tmp_path):
 def test_a_kill_between_the_two_adapter_files_is_caught(ckpt, tmp_path, monkeypatch):
     model, _ = llama.load(ckpt, dtype=torch.float32)
     echo_lora.add_adapters(model, r=4, alpha=8)
-    adapters.save_adapter(tmp_path, model, {"step": 1})
-    adapters.adapter_parameters(model)["layers.0.attention.wq.lora_B"].data.fill_(0.5)  # step 2
+    echo_lora.save_adapter(tmp_path, model, {"step": 1})
+    echo_lora.adapter_parameters(model)["layers.0.attention.wq.lora_B"].data.fill_(0.5)  # step 2
 
     def killed_before_the_config(file, write):
         if file.name == adapters.CONFIG_FILE:
@@ -340,18 +340,18 @@ def test_a_kill_between_the_two_adapter_files_is_caught(ckpt, tmp_path, monkeypa
     original = adapters.write_atomically
     monkeypatch.setattr(adapters, "write_atomically", killed_before_the_config)
     with pytest.raises(KeyboardInterrupt):
-        adapters.save_adapter(tmp_path, model, {"step": 2})
+        echo_lora.save_adapter(tmp_path, model, {"step": 2})
     with pytest.raises(ValueError, match=r"adapter\.safetensors: its SHA-256 is not the one .*adapter_config\.json"):
-        adapters.load_adapter(tmp_path, llama.load(ckpt, dtype=torch.float32)[0])
+        echo_lora.load_adapter(tmp_path, llama.load(ckpt, dtype=torch.float32)[0])
 
 
 def test_an_adapter_on_another_base_of_the_same_shape_is_refused(ckpt, tmp_path):
     model, _ = llama.load(ckpt, dtype=torch.float32)
-    adapters.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=4, alpha=8))
-    adapters.load_adapter(tmp_path / "adapter", llama.load(ckpt, dtype=torch.bfloat16)[0])  # same base, other dtype
+    echo_lora.save_adapter(tmp_path / "adapter", echo_lora.add_adapters(model, r=4, alpha=8))
+    echo_lora.load_adapter(tmp_path / "adapter", llama.load(ckpt, dtype=torch.bfloat16)[0])  # same base, other dtype
     other, _ = llama.load(meta_ckpt(tmp_path / "other", seed=1), dtype=torch.float32)
     with pytest.raises(ValueError, match=r"adapter_config\.json: the adapter was trained on other base weights"):
-        adapters.load_adapter(tmp_path / "adapter", other)
+        echo_lora.load_adapter(tmp_path / "adapter", other)
 
 
 # ---- eval: empty test sets, results never overwritten

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import llama
 import train
 from conftest import ASSETS, ROOT
-from data import batches, runs
+from data import batches
 from data.commonsense import IGNORE_INDEX, load_records
 from reference import write_meta_folder
 
@@ -82,16 +82,16 @@ def test_resumed_run_continues_the_same_loss_curve(tmp_path, tiny_ckpt, arc_reco
     common = ("--method", "echo-lora", "--max-steps", "8", "--save-every", "4", "--eval-every", "4")
     _, uninterrupted = run(tmp_path / "a", tiny_ckpt, arc_records, *common)
 
-    original = runs.save_checkpoint
+    original = train.save_checkpoint
 
     def crash_after_first_checkpoint(path, step, *args):
         original(path, step, *args)
         raise KeyboardInterrupt(f"simulated crash at step {step}")
 
-    monkeypatch.setattr(runs, "save_checkpoint", crash_after_first_checkpoint)
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", tiny_ckpt, arc_records, *common)
-    monkeypatch.setattr(runs, "save_checkpoint", original)
+    monkeypatch.setattr(train, "save_checkpoint", original)
     _, resumed = run(tmp_path / "b", tiny_ckpt, arc_records, *common, "--resume")
     strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
     assert strip(resumed) == strip(uninterrupted)
