@@ -54,14 +54,12 @@ from data.batches import Batch
 from data.commonsense import IGNORE_INDEX
 from llama import KVCache
 
-# The block linears an adapter can wrap: Meta's short name -> its path inside a block.
+# The block linears an adapter can wrap: Meta's name -> its path inside a block
 BLOCK_LINEARS = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
                  "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
 # q, k, v, up, down: the commonsense recipe of LLM-Adapters and the DoRA paper.
 DEFAULT_TARGETS = ("wq", "wk", "wv", "w3", "w2")
-# A row of W + s B A whose norm is zero has a zero direction, so its output is 0 whatever it is
-# divided by; the floor only keeps that 0 / 0 from becoming NaN.
-NORM_FLOOR = 1e-12
+NORM_FLOOR = 1e-12  # a zero row's output is 0 whatever it is divided by: the floor keeps 0 / 0 from NaN
 
 
 class LoRALinear(nn.Module):
@@ -99,7 +97,7 @@ class LoRALinear(nn.Module):
             # ||W_o||^2 per row, computed once (W is frozen); derived, so not saved, and refreshed on load
             self.register_buffer("base_norm_sq", torch.empty(0), persistent=False)
             self.refresh_base_norm()
-            self.register_load_state_dict_post_hook(refresh_base_norm_after_load)
+            self.register_load_state_dict_post_hook(lambda module, _: module.refresh_base_norm())
             # DoRA section 4.1: m starts at ||W0||_c, so the layer starts as the base layer.
             self.magnitude = nn.Parameter(self.base_norm_sq.sqrt())
 
@@ -166,11 +164,6 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout.p}, dora={self.dora}"
 
 
-def refresh_base_norm_after_load(module: LoRALinear, incompatible_keys):
-    """load_state_dict hook: a newly loaded base weight makes the cached ||W_o||^2 stale."""
-    module.refresh_base_norm()
-
-
 # --------------------------------------------------------------------------------------------
 # Attaching adapters to a model
 
@@ -206,7 +199,7 @@ def adapted_linears(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter of the model that requires grad: the adapters' (the rest is frozen)."""
+    """The adapters' parameters (the rest is frozen)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -340,28 +340,6 @@ def check_examples(cfg: Config, data: TrainingData, max_positions: int):
                          f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
 
 
-class Progress:
-    """The progress bar (rank 0's): loss, lr and real tokens/s over the last --log-every steps."""
-
-    def __init__(self, log_every: int, step: int, total_steps: int, rank: int, world: int):
-        self.bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-        self.log_every, self.world = log_every, world
-        self.tokens, self.t_last = 0, time.perf_counter()
-
-    def step(self, step: int, tokens: int, losses: torch.Tensor, lr: float, grad_norm: float, routed) -> dict:
-        """Advance by one step of this process's `tokens`; the step's metrics.jsonl entry."""
-        self.bar.update(1)
-        self.tokens += tokens
-        ce, echo_loss = losses.tolist()
-        entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss,
-                 "lr": lr, "grad_norm": grad_norm, "routed": int(routed.sum())}
-        if step % self.log_every == 0:
-            entry["tokens_per_s"] = self.tokens * self.world / (time.perf_counter() - self.t_last)
-            self.tokens, self.t_last = 0, time.perf_counter()
-            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
-        return entry
-
-
 def stop_if_not_finite(step: int, cfg: Config, **values: float):
     """NaN or inf stops training, checked before each update and save: nothing non-finite is saved."""
     if not all(math.isfinite(v) for v in values.values()):
@@ -604,7 +582,8 @@ def run(cfg: Config):
             append_metrics(out, {"step": 0, "val_loss": val_loss})
 
     # ---- the loop
-    progress = Progress(cfg.log_every, step, total_steps, rank, world)
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    n_tokens, t_last = 0, time.perf_counter()  # this process's real tokens since the last tokens/s reading
     while step < total_steps:
         # batch: the step's examples (every process sees them all) and those routed to the Echo pass
         examples = data.batch(step)
@@ -626,8 +605,17 @@ def run(cfg: Config):
         diagnostics = echo.diagnostics.read() if echo else {}  # this process's Echo passes of the step
         if rank != 0:
             continue
-        # log
-        entry = progress.step(step, tokens, losses, lr, grad_norm.item(), routed) | diagnostics
+        # log: loss, lr and real tokens/s over the last --log-every steps
+        bar.update(1)
+        n_tokens += tokens
+        ce, echo_loss = losses.tolist()
+        entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss, "lr": lr,
+                 "grad_norm": grad_norm.item(), "routed": int(routed.sum())}
+        if step % cfg.log_every == 0:
+            entry["tokens_per_s"] = n_tokens * world / (time.perf_counter() - t_last)
+            n_tokens, t_last = 0, time.perf_counter()
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+        entry |= diagnostics
         # validate: the adapter with the best validation loss is the one kept (the recipe's choice)
         if data.val and (step % cfg.eval_every == 0 or step == total_steps):
             entry["val_loss"] = validation_loss(model, data.val, cfg, tokenizer.pad_id, device)
@@ -635,11 +623,11 @@ def run(cfg: Config):
             if entry["val_loss"] < best_val:
                 best_val = entry["val_loss"]
                 save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step, "val_loss": best_val})
-            progress.bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
+            bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
         append_metrics(out, entry)
         # save: without validation the last adapter is kept; a resumable checkpoint every --save-every steps
         save_run(cfg, step, total_steps, not data.val, model, echo, optimizer, params, best_val)
-    progress.bar.close()
+    bar.close()
     if rank == 0:
         print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")
         data_dir = f" --data-dir {SAMPLE} --datasets boolq ARC-Easy" if embedded_name(cfg.ckpt) else ""
