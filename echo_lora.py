@@ -221,7 +221,7 @@ def merge(model: nn.Module) -> nn.Module:
 # 16 samples of 256 tokens, 8 routed, a 24-position answer suffix after a prefix of up to 232.
 
 
-# The values each of EchoConfig's choice fields may take: the choices of train.py's --echo-* flags.
+# The values of EchoConfig's choice fields: train.py's --echo-* choices
 ECHO_CHOICES = {"pool": ("mean", "last"), "mask": ("answer", "none"), "echo_pass": ("suffix", "full"),
                 "inject": ("echo", "zero"), "up": ("lora", "own")}
 
@@ -236,11 +236,11 @@ class EchoConfig:
     route_p: float = 0.5  # item 5
     distill: float = 1.0  # lambda, item 7
     tau: float = 1.0  # distillation temperature, item 7
-    mask: str = "answer"  # answer | none (items 2, 4; none leaks the answer: an ablation; needs echo_pass full)
+    mask: str = "answer"  # answer | none: the leaking ablation, needs echo_pass full (items 2, 4)
     echo_pass: str = "suffix"  # suffix | full (item 6)
-    inject: str = "echo"  # echo | zero: the control, the Echo path without the deep signal (item 4)
-    up: str = "lora"  # lora | own: the injected term reaches the output through the adapter's B, or its own U (item 4)
-    lr_scale: float = 1.0  # the projections, gates and U train at this multiple of the adapters' learning rate (item 4)
+    inject: str = "echo"  # echo | zero: the control, without the deep signal (item 4)
+    up: str = "lora"  # lora | own: through the adapter's B, or its own U (item 4)
+    lr_scale: float = 1.0  # the Echo path's multiple of the adapters' learning rate (item 4)
 
 
 def default_layers(n_layers: int, which: str) -> tuple[int, ...]:

@@ -162,8 +162,10 @@ def parse_config(argv=None) -> Config:
         _, cfg.precision = checkpoints.device_and_precision(cfg.device, cfg.precision)
     except ValueError as e:
         parser.error(str(e))
-    if cfg.batch_size % cfg.micro_batch_size:
-        parser.error(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        parser.error(f"--batch-size {cfg.batch_size} is not a multiple of {f'{world} processes x ' if world > 1 else ''}"
+                     f"--micro-batch-size {cfg.micro_batch_size}")
     cfg.lr = cfg.lr or default_lr(cfg.method, cfg.ckpt)
     cfg.out = cfg.out or default_out(f"out/{cfg.method}-{Path(cfg.ckpt).name}", cfg.resume)
     return cfg
@@ -182,7 +184,7 @@ def echo_config(cfg: Config) -> EchoConfig | None:
 # Device and model
 
 
-def start_device(cfg: Config, world: int) -> tuple[torch.device, bool]:
+def start_device(cfg: Config) -> tuple[torch.device, bool]:
     """(device, whether distributed): under torchrun the process group is joined even by one process,
     so one GPU runs the multi-GPU code path."""
     device = checkpoints.resolve_device(cfg.device)
@@ -192,9 +194,6 @@ def start_device(cfg: Config, world: int) -> tuple[torch.device, bool]:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.batch_size % (world * cfg.micro_batch_size):
-        raise ValueError(f"--batch-size {cfg.batch_size} must split into {world} processes x "
-                         f"--micro-batch-size {cfg.micro_batch_size}")
     return device, distributed
 
 
@@ -541,7 +540,7 @@ def run(cfg: Config):
     # ---- config: flags, device, process group (the run folder is checked and held by main)
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device, distributed = start_device(cfg, world)
+    device, distributed = start_device(cfg)
     if rank == 0 and (slow := checkpoints.slow_precision_warning(device, cfg.precision,
                                                                  checkpoints.PRECISIONS[cfg.precision])):
         print(slow, file=sys.stderr)
