@@ -4,22 +4,14 @@
     python bench.py --shape llama-7b                         # random weights of a named shape (a GPU)
     python bench.py --shape tiny --steps 1 --warmup 1        # a smoke run (tests/test_bench.py)
 
-Training: batches of --batch-size real records (default: the four training splits in tests/assets),
-drawn as the recipe draws them (batches.random_batches) with the recipe's whole-text loss. Our step
-is train.py's own (accumulate_gradients, gradient clipping, AdamW); the peer is LlamaForCausalLM +
-peft's get_peft_model on the same batches, each padded to its longest with an attention mask, under
-the same precision. Each row: real (non-pad) tokens/s, peak memory (CUDA), ours over peft's same
-method, an Echo row's step time over our own base method's, and the fraction of the LoRA ceiling:
-4N FLOP per real token (forward 2N, input gradients 2N; frozen weights need no weight gradient),
-N the block linears plus the output head, at the matmul rate of the run's precision measured in the same
-run (a CPU without bf16 instructions runs bf16 matmuls tens of times slower than fp32). A square
-matmul overstates what a small model's shapes reach, so each row also gives its fraction of the
-real-shape limit: the same frozen matmuls timed at the rows the step really computes.
-Evaluation: eval.py's greedy decoding of real test prompts beside transformers' `generate` on the
-same prompts (same batches, same max_new_tokens, stopping at EOS), in questions/s; with --cloze, eval.py
---scoring cloze beside the same ranking by one transformers forward over each question's choices.
-Prints one table; writes bench.json after every row, so a run cut short keeps its rows, and bench.md
-(the table) at the end.
+Training: the recipe's random batches of real records; our step is train.py's (accumulate_gradients,
+clipping, AdamW), the peer LlamaForCausalLM + peft on the same batches under the same precision.
+Each row: real tokens/s, peak memory (CUDA), ours over peft's, an Echo row over its base method,
+and the fraction of the LoRA ceiling: 4N FLOP per real token (N the block linears and the head) at
+the matmul rate measured in the same run, and of the real-shape limit (the same frozen matmuls at
+the step's own rows). Evaluation: eval.py's greedy decoding beside transformers' `generate` (with
+--cloze: cloze scoring beside one transformers forward per question), in questions/s. Writes
+bench.json after every row, and bench.md (the table) at the end.
 """
 
 import argparse
@@ -90,12 +82,9 @@ def ceiling_tokens_per_s(args: llama.ModelArgs, tflops: float) -> float:
 
 def real_shape_limit(args: llama.ModelArgs, step_batches: list[list], device, dtype, answer_only: bool,
                      reps: int = 3) -> float:
-    """Real tokens/s if a step were nothing but the model's frozen matmuls at the shapes the step
-    really runs: for every length-sorted part of every batch (train.py's `padded_parts`, padding
-    included), each block linear's forward x W^T and input gradient g W on the part's B x T rows,
-    and the output head on the rows the loss is taken at (each record's tokens but its last; with
-    `answer_only`, its answer tokens). The frozen weights need no weight gradient; everything else a step does (attention,
-    norms, the adapters, dropout, the optimizer) is what a row's fraction of this limit leaves out."""
+    """Real tokens/s if a step were only its frozen matmuls at the shapes it runs: per length-sorted
+    part (padding included) each block linear's x W^T and g W, and the head on the rows a loss is
+    taken at. What a row's fraction of this leaves out: attention, norms, adapters, the optimizer."""
     shapes = [(args.dim, args.n_heads * args.head_dim), (args.dim, args.kv_heads * args.head_dim),
               (args.dim, args.kv_heads * args.head_dim), (args.n_heads * args.head_dim, args.dim),
               (args.dim, args.hidden_dim), (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
@@ -143,10 +132,8 @@ def reset_peak(device):
 
 
 def model_folders(a, scratch: Path) -> tuple[Path, Path | None]:
-    """The Meta-layout folder we load and the HF-layout folder of the same weights the peer loads
-    (None with --no-peft): --ckpt and --hf (default: --ckpt's hf/, as data/prepare_smollm2.py
-    writes it), or random weights of --shape saved to `scratch` in fp32 and converted by
-    scripts/convert_hf.py (each side loads them in the run's dtype)."""
+    """The Meta-layout folder we load and the HF-layout folder the peer loads (None with --no-peft):
+    --ckpt and --hf (default: --ckpt's hf/), or random weights of --shape converted in `scratch`."""
     if a.ckpt:
         ours = checkpoints.resolve_checkpoint(a.ckpt)
         peer = a.hf or ours / "hf"

@@ -2,10 +2,9 @@
 
     "Echo-LoRA: Parameter-Efficient Fine-Tuning via Cross-Layer Representation Injection",
     arXiv 2605.08177 (2026). Only its abstract is public: METHOD.md defines what this file
-    computes, item by item, and the code cites it as "METHOD.md item N".
+    computes, and the code cites it as "METHOD.md item N".
 
-One training step (LLaMA-7B, a batch of 16 samples of 256 tokens, rank r 32, route p 0.5 so
-about 8 samples routed):
+One training step (LLaMA-7B, 16 samples of 256 tokens, rank r 32, route p 0.5: about 8 routed):
 
   tokens (16, 256)
     |
@@ -29,19 +28,13 @@ about 8 samples routed):
   loss = CE(z_plain) + [routed] ( CE(z_echo) + lambda tau^2 KL(z_echo.detach() || z_plain) )   (item 7)
 
 After training the Echo path is discarded (item 8): the saved adapter is a plain LoRA/DoRA adapter.
+Reading order: the adapter, the Echo path item by item ending in `loss_terms`, the adapter as
+saved and loaded, then two speed kernels (nn.Dropout's and the output layer's cross-entropy).
 
-The file in reading order: the adapter (a frozen linear layer plus a trainable low-rank update,
-attached to the model and merged into its weights); the Echo path, item by item, ending in
-`loss_terms`; then the adapter as saved and loaded (its files' format: data/adapters.py); last,
-two speed kernels that compute what nn.Dropout and the output layer's cross-entropy compute.
-
-    Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1:
-        h = W0 x + (alpha / r) B A x, B zero at the start so training begins at the base model.
-    Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", section 4.1, eq. (5):
-        W' = m (W0 + B A) / ||W0 + B A||_c, the magnitude m initialised to ||W0||_c;
-        section 4.3: the norm is treated as a constant (detached from the gradient graph).
-    The column norm ||.||_c is, in PyTorch's (out, in) layout, each output row's norm
-    (`LoRALinear.weight_norm`: from r-sized products only, so DoRA's memory stays close to LoRA's).
+    Hu et al. 2021, "LoRA", section 4.1: h = W0 x + (alpha / r) B A x, B zero at the start.
+    Liu et al. 2024, "DoRA", section 4.1, eq. (5): W' = m (W0 + B A) / ||W0 + B A||_c, m starting
+    at ||W0||_c; section 4.3: the norm detached. ||.||_c is, in PyTorch's (out, in) layout, each
+    output row's norm.
 """
 
 import math
@@ -61,35 +54,27 @@ from data.batches import Batch
 from data.commonsense import IGNORE_INDEX
 from llama import KVCache
 
-# The block linears an adapter can wrap: Meta's short name -> its path inside a block.
+# The block linears an adapter can wrap: Meta's name -> its path inside a block
 BLOCK_LINEARS = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
                  "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
 # q, k, v, up, down: the commonsense recipe of LLM-Adapters and the DoRA paper.
 DEFAULT_TARGETS = ("wq", "wk", "wv", "w3", "w2")
-# A row of W + s B A whose norm is zero has a zero direction, so its output is 0 whatever it is
-# divided by; the floor only keeps that 0 / 0 from becoming NaN.
-NORM_FLOOR = 1e-12
+NORM_FLOOR = 1e-12  # a zero row's output is 0 whatever it is divided by: the floor keeps 0 / 0 from NaN
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (LoRA), optionally weight-decomposed
-    (DoRA).
+    """A frozen nn.Linear plus a trainable low-rank update (LoRA), optionally weight-decomposed (DoRA).
 
-    Adapter parameters are fp32 whatever the base weight's dtype: updates of size lr * grad
-    vanish in bf16, and the DoRA magnitude especially must stay fp32. Dropout acts on the adapter
-    input; the frozen path W x never sees it. In training, DoRA with dropout computes what peft
-    (and DoRA's own fork) compute,
+    Adapter parameters are fp32 whatever the base weight's dtype (lr * grad vanishes in bf16).
+    In training, DoRA with dropout computes what peft computes,
 
         W x + (m / ||V|| - 1) W drop(x) + (m / ||V||) s B A drop(x),    V = W + s B A,
 
-    which costs one more product with W than LoRA does. `adapter_only_dropout` (a departure from
-    the recipe, train.py --adapter-only-dropout) computes (m / ||V||)(W x + s B A drop(x)) instead,
-    reusing W x. With dropout off, and so at inference, the two are the same function.
+    one more product with W than LoRA; `adapter_only_dropout` (--adapter-only-dropout, a departure)
+    computes (m / ||V||)(W x + s B A drop(x)), reusing W x. Without dropout the two are the same.
 
-    `injection` and `up_injection` are the Echo path's hooks (METHOD.md item 4): None, or a
-    callable of the low-rank activation u (..., r) whose term is added to u (then goes through B),
-    or to B u (--echo-up own: through the Echo path's own up-projection). Neither enters the weight
-    norm, merge or the saved adapter.
+    `injection` and `up_injection`: the Echo path's hooks (METHOD.md item 4), None or a callable of
+    u (..., r) whose term is added to u, or to B u (--echo-up own). Never in the norm, merge or file.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False,
@@ -97,14 +82,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linears (LLaMA has no biases)")
-        if r < 1:
-            raise ValueError(f"rank r must be >= 1, got {r}")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.dora = r, alpha, dora
         self.scale = alpha / r  # LoRA section 4.1
         weight = base.weight
-        # A: kaiming-uniform like loralib/peft (the paper says Gaussian; only its scale matters).
-        # B: zeros, so the adapted layer starts as the base layer.
+        # A: kaiming-uniform like loralib/peft (the paper: Gaussian); B: zeros, so training starts at the base
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=weight.device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=torch.float32))
@@ -112,11 +94,10 @@ class LoRALinear(nn.Module):
         self.adapter_only_dropout = adapter_only_dropout
         self.injection = self.up_injection = None
         if dora:
-            # ||W_o||^2 per row: W is frozen, so this part of the weight norm is computed once.
-            # Not persistent: it is derived from W, and refreshed whenever W is loaded.
+            # ||W_o||^2 per row, computed once (W is frozen); derived, so not saved, and refreshed on load
             self.register_buffer("base_norm_sq", torch.empty(0), persistent=False)
             self.refresh_base_norm()
-            self.register_load_state_dict_post_hook(refresh_base_norm_after_load)
+            self.register_load_state_dict_post_hook(lambda module, _: module.refresh_base_norm())
             # DoRA section 4.1: m starts at ||W0||_c, so the layer starts as the base layer.
             self.magnitude = nn.Parameter(self.base_norm_sq.sqrt())
 
@@ -126,8 +107,7 @@ class LoRALinear(nn.Module):
         self.base_norm_sq = self.base.weight.float().pow(2).sum(1)  # (out,)
 
     def low_rank(self, dropped: torch.Tensor) -> torch.Tensor:
-        """u = A dropout(x) (+ the Echo path's injection): the r-dimensional activation of the
-        already dropped-out input, (..., in) -> (..., r), e.g. (16, 256, 4096) -> (16, 256, 32)."""
+        """u = A drop(x) (+ the Echo path's injection): (16, 256, 4096) -> (16, 256, 32)."""
         if not torch.is_autocast_enabled(dropped.device.type):
             dropped = dropped.to(self.lora_A.dtype)  # the adapter computes in fp32 even on bf16 activations
         u = F.linear(dropped, self.lora_A)  # (..., r)
@@ -155,15 +135,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """||W_o + s (B A)_o|| for every output row o, (out,), fp32, without gradient (DoRA
-        section 4.3), and without forming the (out, in) matrix W + s B A:
+        """||W_o + s (B A)_o|| for every output row o, (out,), fp32, detached (DoRA section 4.3),
+        without forming the (out, in) matrix W + s B A:
 
-            ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s W_o . (BA)_o + s^2 ||(BA)_o||^2
-            W_o . (BA)_o  = sum_k B_ok (W A^T)_ok    W A^T: (out, r), one pass over W
-            ||(BA)_o||^2  = B_o (A A^T) B_o^T        A A^T: (r, r)
+            ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s sum_k B_ok (W A^T)_ok + s^2 B_o (A A^T) B_o^T
 
-        The expansion loses relative precision only when W_o + s (BA)_o is much shorter than
-        W_o (an update that nearly cancels the weight row), which fine-tuning never comes near.
+        (precise unless the update nearly cancels a weight row, which fine-tuning never comes near).
         """
         with torch.autocast(self.lora_A.device.type, enabled=False):  # the norm stays fp32
             A, B, s = self.lora_A, self.lora_B, self.scale
@@ -176,8 +153,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The plain weight that computes what this layer computes (without the injection):
-        W + s B A (LoRA), m / ||W + s B A|| * (W + s B A) (DoRA eq. 5). Formed in fp32, returned
+        """W + s B A (LoRA), m / ||W + s B A|| * (W + s B A) (DoRA eq. 5): formed in fp32, returned
         in the base weight's dtype."""
         weight = self.base.weight.float() + self.scale * (self.lora_B @ self.lora_A)  # (out, in)
         if self.dora:
@@ -188,23 +164,14 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout.p}, dora={self.dora}"
 
 
-def refresh_base_norm_after_load(module: LoRALinear, incompatible_keys):
-    """load_state_dict hook: a newly loaded base weight makes the cached ||W_o||^2 stale."""
-    module.refresh_base_norm()
-
-
 # --------------------------------------------------------------------------------------------
 # Attaching adapters to a model
 
 
 def add_adapters(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 32, alpha: float = 64, dropout: float = 0.05,
                  dora: bool = False, layers=None, adapter_only_dropout: bool = False) -> nn.Module:
-    """Wrap the `targets` linears (Meta names: wq, wk, wv, wo, w1, w2, w3) of the blocks `layers`
-    (0-based; None = every block) in LoRALinear, and freeze every other parameter.
-
-    LoRA section 4.2 adapts only attention weights; the commonsense recipe (the default) adds the
-    MLP's up and down projections.
-    """
+    """Wrap the `targets` linears (wq, wk, wv, wo, w1, w2, w3) of the blocks `layers` (0-based; None:
+    all) in LoRALinear, and freeze every other parameter."""
     if adapted_linears(model):
         raise ValueError("the model already has adapters; merge(model) or build a fresh model first")
     targets = list(dict.fromkeys(targets))  # a repeated name must not wrap a layer twice
@@ -232,17 +199,14 @@ def adapted_linears(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter of the model that requires grad: the adapters' (the rest is frozen)."""
+    """The adapters' parameters (the rest is frozen)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put the plain nn.Linear back, in place.
-
-    The merged model computes what the adapted one computes (LoRA section 4.1: no inference
-    latency); the Echo path, attached to the adapters, is discarded with them (METHOD.md item 8).
-    """
+    """Fold every adapter into its base weight and put the plain nn.Linear back, in place (LoRA
+    section 4.1: no inference latency)."""
     for path, module in adapted_linears(model).items():
         module.base.weight.copy_(module.merged_weight())
         parent_name, _, name = path.rpartition(".")
@@ -251,28 +215,20 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
-# The Echo path (METHOD.md items 1-8, in the method's order)
-#
-# Training-only. The model never holds an Echo parameter: the projections and gates live in an
-# `EchoPath` beside it, and are plugged into the target LoRALinear modules' `injection` hook only
-# for the duration of the Echo pass (`EchoPath.injecting`). Dropping the EchoPath object is
-# therefore the whole of the discard (METHOD.md item 8).
-#
-# Shape comments follow one real case: LLaMA-7B (d 4096, 32 blocks, 32 heads of 128, vocab
-# 32000), rank r 32, a batch of 16 samples of 256 tokens of which 8 are routed (R = 8, about
-# what route p 0.5 draws), and, for example, a 24-position answer suffix after a prefix of up to
-# 232 positions.
+# The Echo path (METHOD.md items 1-8, in the method's order). The model never holds an Echo
+# parameter: they live in an `EchoPath` beside it, plugged into the targets' `injection` hook only
+# during the Echo pass, so dropping the EchoPath is the discard (item 8). Shapes: LLaMA-7B, r 32,
+# 16 samples of 256 tokens, 8 routed, a 24-position answer suffix after a prefix of up to 232.
 
 
-# The values each of EchoConfig's choice fields may take: the choices of train.py's --echo-* flags.
+# The values of EchoConfig's choice fields: train.py's --echo-* choices
 ECHO_CHOICES = {"pool": ("mean", "last"), "mask": ("answer", "none"), "echo_pass": ("suffix", "full"),
                 "inject": ("echo", "zero"), "up": ("lora", "own")}
 
 
 @dataclass
 class EchoConfig:
-    """METHOD.md's flags. Block numbers are 1-based, as in METHOD.md (h_l leaves block l). The
-    values are checked where they are given: train.py's --echo-* flags."""
+    """METHOD.md's flags, checked where they are given (train.py's --echo-*). Blocks 1-based."""
 
     source_layers: tuple[int, ...] | None = None  # item 1; default: the deepest quarter of blocks
     target_layers: tuple[int, ...] | None = None  # item 3; default: the shallowest quarter of blocks
@@ -280,16 +236,15 @@ class EchoConfig:
     route_p: float = 0.5  # item 5
     distill: float = 1.0  # lambda, item 7
     tau: float = 1.0  # distillation temperature, item 7
-    mask: str = "answer"  # answer | none (items 2, 4; none leaks the answer: an ablation; needs echo_pass full)
+    mask: str = "answer"  # answer | none: the leaking ablation, needs echo_pass full (items 2, 4)
     echo_pass: str = "suffix"  # suffix | full (item 6)
-    inject: str = "echo"  # echo | zero: the control, the Echo path without the deep signal (item 4)
-    up: str = "lora"  # lora | own: the injected term reaches the output through the adapter's B, or its own U (item 4)
-    lr_scale: float = 1.0  # the projections, gates and U train at this multiple of the adapters' learning rate (item 4)
+    inject: str = "echo"  # echo | zero: the control, without the deep signal (item 4)
+    up: str = "lora"  # lora | own: through the adapter's B, or its own U (item 4)
+    lr_scale: float = 1.0  # the Echo path's multiple of the adapters' learning rate (item 4)
 
 
 def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
-    """The deepest or the shallowest quarter of the blocks, 1-based (32 blocks: 25..32, 1..8): the
-    default source layers (METHOD.md item 1) and target layers (item 3)."""
+    """The deepest or the shallowest quarter of the blocks, 1-based (32 blocks: 25..32, 1..8)."""
     quarter = max(1, n_layers // 4)
     return tuple(range(n_layers - quarter + 1, n_layers + 1)) if which == "deep" else tuple(range(1, quarter + 1))
 
@@ -298,9 +253,8 @@ def default_layers(n_layers: int, which: str) -> tuple[int, ...]:
 
 
 def source_states(states: dict[int, torch.Tensor], source_layers, rows: torch.Tensor) -> list[torch.Tensor]:
-    """METHOD.md item 1: the routed samples' residual streams h_l leaving the source layers, as
-    the plain pass collected them (`model.trunk(collect=source_layers)`), each (8, 256, 4096), fp32
-    and detached: the Echo path reads the plain pass and never trains through it."""
+    """METHOD.md item 1: the routed samples' h_l as the plain pass collected them, each (8, 256, 4096),
+    fp32 and detached: the Echo path never trains through the plain pass."""
     return [states[layer][rows].detach().float() for layer in source_layers]
 
 
@@ -309,8 +263,8 @@ def source_states(states: dict[int, torch.Tensor], source_layers, rows: torch.Te
 
 @dataclass
 class AnswerOnlyMasks:
-    """Where the Echo path reads and where it writes, for the R routed samples (METHOD.md items 2
-    and 4). b-1 is both the last prompt position and the first answer position."""
+    """Where the Echo path reads and writes (METHOD.md items 2, 4). b-1: the last prompt position
+    and the first answer position."""
 
     answer: torch.Tensor  # (8, 256) bool: the answer positions A = b-1..T-2
     answer_start: torch.Tensor  # (8,): b-1
@@ -320,10 +274,8 @@ class AnswerOnlyMasks:
 
 
 def answer_only_masks(answer_targets: torch.Tensor, valid: torch.Tensor, mask: str = "answer") -> AnswerOnlyMasks:
-    """METHOD.md items 2 and 4: e is pooled over the prompt only and injected at the answer
-    positions only, so the signal never carries the tokens it helps predict. `answer_targets`,
-    `valid`: (8, 256), the routed samples' rows of the Batch. mask "none" (--echo-mask none) is the
-    leaking ablation: it pools over and injects at every real position."""
+    """METHOD.md items 2 and 4: pooled over the prompt, injected at the answer. `answer_targets`,
+    `valid`: (8, 256). mask "none" (the leaking ablation): every real position for both."""
     answer = answer_targets != IGNORE_INDEX  # (8, 256)
     answer_start = answer.float().argmax(1)  # (8,): the first answer position, b-1
     if mask == "answer":
@@ -337,12 +289,8 @@ def answer_only_masks(answer_targets: torch.Tensor, valid: torch.Tensor, mask: s
 
 
 def echo_representation(source: list[torch.Tensor], masks: AnswerOnlyMasks, pool: str = "mean") -> torch.Tensor:
-    """METHOD.md item 2: e (8, 4096), one vector per routed sample,
-
-        e = rms_norm( (1/b) sum_{t<b} (1/|S|) sum_{l in S} h_l[t] ),
-
-    the mean of the source states over the layers, then over the pooled positions (pool "mean")
-    or taken at one position (pool "last"), RMS-normalised without a learned scale."""
+    """METHOD.md item 2: e = rms_norm( (1/b) sum_{t<b} (1/|S|) sum_{l in S} h_l[t] ), (8, 4096);
+    pool "last" takes position b-1 instead of the mean."""
     h = sum(source) / len(source)  # (8, 256, 4096): the mean over l in S
     if pool == "mean":
         weight = masks.pool_at[..., None].float()  # (8, 256, 1)
@@ -356,8 +304,7 @@ def echo_representation(source: list[torch.Tensor], masks: AnswerOnlyMasks, pool
 
 
 def echo_targets(model: nn.Module, target_layers: tuple[int, ...]) -> dict[str, LoRALinear]:
-    """METHOD.md item 3: every adapted linear (LoRA or DoRA) of the target blocks (1-based), by
-    model path; by default the shallowest quarter (LLaMA-7B: 8 blocks x q, k, v, up, down = 40)."""
+    """METHOD.md item 3: every adapted linear of the target blocks (1-based), by model path."""
     targets = {f"layers.{layer - 1}.{name}": m for layer in sorted(set(target_layers))  # in the model's order
                for name, m in model.layers[layer - 1].named_modules() if isinstance(m, LoRALinear)}
     if not targets:
@@ -369,16 +316,14 @@ def echo_targets(model: nn.Module, target_layers: tuple[int, ...]) -> dict[str, 
 
 
 class Injector(nn.Module):
-    """METHOD.md item 4, one target module's projection and gate: the projection P (d -> r, no
-    bias, initialised like lora_A) and the scalar gate g(e) = sigmoid(w . e + c). It computes the
-    term m_t g(e) P e that the target adds to its low-rank activation A x (LoRALinear.injection)."""
+    """METHOD.md item 4, one target's projection P (d -> r) and gate g(e) = sigmoid(w . e + c): the
+    term m_t g(e) P e the target adds to A x."""
 
     def __init__(self, dim: int, r: int, out_features: int | None = None):
         super().__init__()
         self.proj = nn.Linear(dim, r, bias=False)  # P, (32, 4096)
-        # --echo-up own: U, the term's own way to the output, (4096, 32); zeros like lora_B, so
-        # training starts at the plain function, but trained by the Echo terms from the first step
-        # (a term inside B u reaches the output only as fast as B grows from zero)
+        # --echo-up own: U (4096, 32), zeros like lora_B, but trained from the first step (a term
+        # inside B u reaches the output only as fast as B grows from zero)
         self.up = None if out_features is None else nn.Linear(r, out_features, bias=False)
         if self.up is not None:
             nn.init.zeros_(self.up.weight)
@@ -391,8 +336,7 @@ class Injector(nn.Module):
         return torch.sigmoid(e @ self.gate_weight + self.gate_bias)
 
     def forward(self, u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """u: the low-rank activation A x, (8, 24, 32) on the suffix pass (only its dtype is
-        used); e: (8, 4096); inject_at: m_t, (8, 24) bool; gate: g(e), (8,)."""
+        """u: A x, (8, 24, 32) (only its dtype is used); e: (8, 4096); inject_at: m_t, (8, 24)."""
         projected = gate[:, None] * self.proj(e)  # g(e) P e, (8, 32)
         return (inject_at[..., None] * projected[:, None, :]).to(u.dtype)  # m_t g(e) P e, (8, 24, 32)
 
@@ -418,8 +362,7 @@ class Diagnostics:
 
 
 class EchoPath(nn.Module):
-    """The Echo path's trainable part, held beside the model: the source and target layers (items
-    1, 3) and an Injector per target (item 4). Training-only: dropping it discards it (item 8)."""
+    """The Echo path, held beside the model: source and target layers (items 1, 3), an Injector per target."""
 
     def __init__(self, model, config: EchoConfig):
         super().__init__()
@@ -438,8 +381,7 @@ class EchoPath(nn.Module):
 
     @contextmanager
     def injecting(self, e: torch.Tensor, inject_at: torch.Tensor):
-        """Within this block every target module adds its injection m_t g(e) P e (item 4); under
-        the control (--echo-inject zero) none does, and the Echo pass computes the plain function."""
+        """Within this block every target adds m_t g(e) P e (item 4); under --echo-inject zero none does."""
         if self.config.inject == "echo":
             for path, module in self.targets.items():
                 injector = self.injectors[path.replace(".", "_")]
@@ -471,9 +413,8 @@ class EchoPath(nn.Module):
 
 
 def route(n_samples: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """METHOD.md item 5, stochastic routing: which samples of a step take the Echo pass, (16,)
-    bool, each with probability p, drawn afresh every step (by the caller's CPU `generator`, so
-    every device and every data-parallel rank draws the same)."""
+    """METHOD.md item 5: which samples take the Echo pass, (16,) bool, each with probability p (a CPU
+    `generator`: every device and rank draws the same)."""
     return torch.rand(n_samples, generator=generator) < p
 
 
@@ -482,9 +423,8 @@ def route(n_samples: int, p: float, generator: torch.Generator) -> torch.Tensor:
 
 @dataclass
 class PlainPass:
-    """What the Echo pass needs of one plain pass (one length-sorted part of a micro-batch): the
-    part, its routed samples `rows` (8,), the source states it collected and, for the suffix
-    form, the keys and values it kept."""
+    """What the Echo pass needs of one plain pass (a part of a micro-batch): its routed `rows`, the
+    source states and, for the suffix form, the keys and values."""
 
     batch: Batch
     rows: torch.Tensor
@@ -493,12 +433,9 @@ class PlainPass:
 
 
 def echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass]) -> torch.Tensor:
-    """METHOD.md item 6: z_echo (N_echo, 32000), the logits of the Echo pass at the routed samples'
-    answer positions, in the order of `h[rows][answer[rows]]` of the plain passes, one after another.
-
-    The routed samples of every part run as one Echo pass: a part's few routed samples alone make
-    matmuls too small to run at speed. Each part's rows are right-padded to the longest part; the
-    padding is no answer position and, under causal attention, changes no real position."""
+    """METHOD.md item 6: z_echo (N_echo, 32000) at the routed answer positions, in the order of
+    `h[rows][answer[rows]]` part by part. Every part's routed samples run as one pass (a part's few
+    alone make matmuls too small), right-padded to the longest part: causal, so padding changes nothing."""
     config = echo_path.config
     e = torch.cat([echo_representation(source_states(p.states, echo_path.source_layers, p.rows),
                                        answer_only_masks(p.batch.answer_targets[p.rows], p.batch.valid[p.rows],
@@ -523,11 +460,8 @@ def echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass]) -> torc
 
 
 def full_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMasks) -> torch.Tensor:
-    """The reference: recompute every position of the routed samples with the injection.
-
-    Never under activation checkpointing: its recomputation would run in backward, after
-    the injection is switched off, and compute a different function.
-    """
+    """The reference: every position recomputed. Never under activation checkpointing: its
+    recomputation would run in backward, after the injection is off."""
     checkpointing, model.gradient_checkpointing = model.gradient_checkpointing, False
     try:
         with echo_path.injecting(e, masks.inject_at):
@@ -538,14 +472,9 @@ def full_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMasks
 
 
 def suffix_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMasks, prefix_caches) -> torch.Tensor:
-    """METHOD.md item 6: only the answer positions b-1..T-2 are computed, attending to the plain
-    pass's keys and values of positions 0..b-2 (kept in the autograd graph, not detached).
-
-    Those prefix states are the same in a full Echo pass, because the injection is zero
-    before b-1 and attention is causal; so logits and gradients equal the full pass's. One
-    difference in training mode: the prefix carries the plain pass's adapter-dropout draws,
-    where a full pass would draw new ones (with dropout 0 the two are the same function).
-    """
+    """METHOD.md item 6: only positions b-1..T-2 are computed, attending to the plain pass's keys and
+    values of 0..b-2 (not detached); equal to the full pass, as the injection is zero before b-1,
+    except that the prefix keeps the plain pass's dropout draws."""
     answer_start = masks.answer_start  # (8,): b-1
     n_answer = masks.answer.sum(1)  # (8,)
     suffix_len, prefix_len = int(n_answer.max()), int(answer_start.max())  # e.g. 24, 232
@@ -562,9 +491,8 @@ def suffix_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMas
 
 
 def suffix_attention_mask(answer_start: torch.Tensor, prefix_len: int, suffix_len: int) -> torch.Tensor:
-    """What each suffix query attends to, (R, 1, suffix_len, prefix_len + suffix_len) bool: the
-    prefix keys before its own b-1 (past it a sample's prefix cache holds positions the suffix
-    recomputes, or padding), then the suffix keys causally."""
+    """(R, 1, suffix_len, prefix_len + suffix_len) bool: the prefix keys before the sample's own b-1,
+    then the suffix keys causally."""
     n_rows = answer_start.shape[0]
     sees_prefix = torch.arange(prefix_len, device=answer_start.device) < answer_start[:, None]  # (8, 232)
     causal = torch.ones(suffix_len, suffix_len, dtype=torch.bool, device=answer_start.device).tril()  # (24, 24)
@@ -576,23 +504,14 @@ def suffix_attention_mask(answer_start: torch.Tensor, prefix_len: int, suffix_le
 
 
 def loss_terms(model, parts: list[Batch], echo_path: EchoPath | None = None, routed: list[torch.Tensor] | None = None):
-    """METHOD.md item 7, the loss of a micro-batch given as length-sorted parts (one plain pass
-    each, one Echo pass for all), as two sums over tokens (not averages):
+    """METHOD.md item 7, the loss of a micro-batch given as length-sorted parts (one plain pass each,
+    one Echo pass for all), as sums over tokens, which train.accumulate_gradients divides by counts
+    of the whole step (loss = ce_sum / N_ce + routed_sum / N_A):
 
-        ce_sum     = sum CE(z_plain)                                  over the parts' ce_targets
-        routed_sum = sum CE(z_echo) + lambda tau^2 sum KL             over the routed samples' answer tokens
+        ce_sum     = sum CE(z_plain)                     over the parts' ce_targets
+        routed_sum = sum CE(z_echo) + lambda tau^2 KL    over the routed samples' answer tokens
 
-    and the step's loss divides them by counts of the whole step (train.accumulate_gradients):
-
-        loss = ce_sum / N_ce + routed_sum / N_A
-
-    N_A: the answer tokens of all the step's samples, routed or not, so a routed sample's tokens
-    weigh what they would in a mean over the whole step. N_ce, the recipe's: the micro-batch's own
-    ce target tokens x the step's number of micro-batches (--token-mean-loss: the step's ce target
-    tokens). Sums let gradient accumulation and data-parallel ranks add up to exactly one big
-    batch. `routed`: each part's (4,) bool rows of `route`'s draw. Logits are made only where a
-    loss is taken: never a (16, 256, 32000) fp32 tensor.
-    """
+    `routed`: each part's rows of `route`'s draw. Logits only where a loss is taken."""
     ce_sum, plain_passes, routed_states, targets = 0, [], [], []
     for batch, routed_rows in zip(parts, routed or [None] * len(parts)):
         answer = batch.answer_targets != IGNORE_INDEX  # (4, 256): the answer positions A
@@ -622,18 +541,13 @@ def loss_terms(model, parts: list[Batch], echo_path: EchoPath | None = None, rou
 
 
 def masked_distillation(z_plain: torch.Tensor, z_echo: torch.Tensor, tau: float) -> torch.Tensor:
-    """METHOD.md item 7: KL( softmax(z_echo / tau).detach() || softmax(z_plain / tau) ), summed
-    over the rows given, the routed answer positions only (the mask). The teacher, the Echo pass,
-    is detached: the term pulls the deployed plain path towards it and trains nothing else."""
+    """METHOD.md item 7: KL( softmax(z_echo / tau).detach() || softmax(z_plain / tau) ), summed over
+    the routed answer positions: the detached teacher pulls the deployed plain path alone."""
     return F.kl_div(F.log_softmax(z_plain / tau, -1), F.log_softmax(z_echo.detach() / tau, -1),
                     log_target=True, reduction="sum")
 
 
-# ---- 8. Discard
-#
-# Nothing to run: the model never holds the Echo path (EchoPath.injecting plugs it in only for
-# the Echo pass), so save_adapter, merge and eval.py see exactly a LoRA/DoRA model, and
-# adapter_parameters (the saved tensors) has no projection or gate.
+# ---- 8. Discard: nothing to run, the model never holds the Echo path (EchoPath.injecting).
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,8 +555,7 @@ def masked_distillation(z_plain: torch.Tensor, z_echo: torch.Tensor, tau: float)
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """lora_A, lora_B (and magnitude for DoRA) of every adapted linear, keyed by model path.
-    The Echo path's parameters are not adapter parameters (METHOD.md item 8)."""
+    """lora_A, lora_B (and DoRA's magnitude) of every adapted linear, keyed by model path."""
     return {f"{path}.{name}": getattr(module, name) for path, module in adapted_linears(model).items()
             for name in (("lora_A", "lora_B", "magnitude") if module.dora else ("lora_A", "lora_B"))}
 
@@ -679,8 +592,7 @@ def adapter_config(model: nn.Module) -> dict:
 
 
 def base_model_record(model: nn.Module) -> dict:
-    """What an adapter records of the base model it was trained on: its shape, and the cheap
-    fingerprint of its weights (checkpoints.weights_fingerprint; None for a model not read by llama.load)."""
+    """The base model's shape and weights' fingerprint (None for a model not read by llama.load)."""
     a = model.args
     shape = dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab_size,
                  hidden_dim=a.hidden_dim)
@@ -688,16 +600,14 @@ def base_model_record(model: nn.Module) -> dict:
 
 
 def save_adapter(path, model: nn.Module, config: dict | None = None):
-    """Write `path/adapter.safetensors` (adapter_state) and `path/adapter_config.json`
-    (adapter_config and the base model's record, plus the entries of `config`)."""
+    """Write `path/adapter.safetensors` and `path/adapter_config.json` (plus the entries of `config`)."""
     settings = {**adapter_config(model), "base_model": base_model_record(model)}
     write_adapter(Path(path), adapter_state(model), settings, config or {})
 
 
 def load_adapter(path, model: nn.Module) -> dict:
-    """Load an adapter written by save_adapter into `model`, adding the adapters first if the
-    model has none; returns the saved config. The files' own checks come after the fit checks,
-    so a tensor file that does not fit the model says how."""
+    """Load save_adapter's files into `model` (adding the adapters if it has none); the saved config.
+    The fit is checked before the files' own checks, so a file that does not fit says how."""
     folder = Path(path)
     config = read_adapter_config(folder)
     fit_adapters(model, config, folder / CONFIG_FILE)
@@ -726,10 +636,8 @@ def fit_adapters(model: nn.Module, config: dict, file: Path):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout's function (each element zeroed with probability p, the rest scaled by 1 / (1 - p)),
-    its mask drawn on a CPU as uniform floats >= p: one 32-bit random number per element, where
-    torch's CPU Bernoulli draws 64 bits. Dropout on every adapter's input was a sixth of a CPU
-    training step; this mask costs a third less. Elsewhere (CUDA) nn.Dropout's fused kernel."""
+    """nn.Dropout, its CPU mask drawn as uniform floats >= p (32 random bits per element where torch's
+    Bernoulli draws 64): a third cheaper, and dropout was a sixth of a CPU step. CUDA: nn.Dropout's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
@@ -739,14 +647,9 @@ class Dropout(nn.Dropout):
 
 
 class OutputCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T, y_i) over rows i, computed in chunks of rows, the gradient with respect
-    to h made in the forward pass: d/dh_i = (softmax(h_i W^T) - onehot(y_i)) W.
-
-    Whole-text loss takes the head at every position: (16 x 256, 32000) fp32 logits are 0.5 GB
-    for LLaMA-7B, and its log-softmax and their gradient are as large again. Chunk by chunk they
-    never exist at once, which on a CPU (memory-bound) halves the head's cost. The head W is frozen
-    in every method here, so it needs no gradient. Each chunk computes what `F.linear` then
-    `F.cross_entropy` compute: logits in the activations' dtype, the softmax in fp32."""
+    """sum_i CE(h_i W^T, y_i) in chunks of rows, the gradient d/dh_i = (softmax(h_i W^T) - onehot(y_i)) W
+    made in the forward pass: the (16 x 256, 32000) fp32 logits (0.5 GB for LLaMA-7B) and their
+    gradient never exist at once, which halves the head's CPU cost. W is frozen in every method."""
 
     CHUNK = 256  # rows per chunk: (256, 49152) fp32 is 50 MB
 
@@ -772,9 +675,8 @@ class OutputCrossEntropy(torch.autograd.Function):
 
 
 def output_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """CE of the output layer's logits, summed over the rows: `F.cross_entropy(F.linear(h, weight)
-    .float(), targets, reduction="sum")` without the (rows, vocab) logits held for backward.
-    h: (N, 4096), targets: (N,). Under autocast h and the head meet in bf16, as `model.output` would."""
+    """`F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")` without the logits held
+    for backward; h: (N, 4096), under autocast in its dtype, as `model.output` would."""
     if weight.requires_grad:
         raise ValueError("output_cross_entropy: the output layer is frozen in every method here")
     if torch.is_autocast_enabled(h.device.type):

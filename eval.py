@@ -4,20 +4,14 @@
     python eval.py --ckpt llama-7b --adapter out/echo-lora --num-beams 1   # greedy: fast, not the protocol
     python eval.py --ckpt llama-7b --datasets boolq piqa --limit 100      # the base model, a quick look
 
-The protocol is LLM-Adapters' commonsense_evaluate.py (Hu et al., 2023, "LLM-Adapters"), which
-DoRA (Liu et al., 2024, section 5.1) reuses for every number of its commonsense table: each test
-question is put in the evaluation prompt (data.commonsense.eval_prompt) and tokenised with BOS
-and no EOS, the adapted model writes up to 32 new tokens with 4-beam search (transformers
-4.36.0's, the version DoRA pins), and the answer is the first match of the benchmark's label set
-in what it wrote; a reply that names no label is wrong.
-
-One difference, on purpose: upstream pads batches on the left but passes no attention mask, so
-its answers are right only at batch size 1 (LLM-Adapters issue 61). Here the padding is masked
-and positions count only real tokens, so every batch size gives the answers of batch size 1.
-The protocol's 4 beams are the default; `--num-beams 1` (greedy, one row per question instead of
-four) is the fast departure. `--scoring likelihood` ranks the labels by log-likelihood instead of
-generating, and `--scoring cloze` each choice's text (with train.py --cloze): different
-measurements, each written to its own files.
+The protocol is LLM-Adapters' commonsense_evaluate.py, which DoRA (section 5.1) reuses: the
+question in the evaluation prompt (data.commonsense.eval_prompt), BOS and no EOS, up to 32 new
+tokens by 4-beam search (transformers 4.36.0's), the answer the first label of the benchmark's set
+in what was written; a reply naming none is wrong. One difference, on purpose: upstream pads on
+the left without an attention mask, so only batch size 1 is right (LLM-Adapters issue 61); here
+every batch size gives batch size 1's answers. `--scoring likelihood` ranks the labels by
+log-likelihood, `--scoring cloze` each choice's text (with train.py --cloze): other measurements,
+each written to its own files.
 """
 
 import argparse
@@ -77,27 +71,20 @@ ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the tex
 
 
 def extract_answer(dataset: str, generated: str) -> str:
-    """The label upstream's extract_answer finds in `generated`, or "" (counted wrong).
+    """The label upstream's extract_answer finds in `generated` (the new tokens alone), or "" (wrong).
 
-    `generated` is the decoded new tokens alone. Upstream decodes prompt + new tokens, splits on
-    "### Response:" and keeps part [1], then strips it. The prompt holds exactly one "### Response:",
-    at its end (no test question contains the string), so part [1] is the prompt's trailing
-    whitespace plus the new text up to any "### Response:" the model writes itself: part [0] of
-    the new text, whitespace aside (which cannot change a regex search). NVlabs/DoRA's copy
-    keeps the last part, [-1]; the two differ only when the model writes "### Response:".
-
-    The first match wins, case-sensitive, with no word boundaries: "answer12" gives "answer1"
-    and "True" gives "", as upstream's regex does.
-    """
+    Upstream splits prompt + new text on "### Response:" and keeps part [1]: the prompt ends with the
+    one marker, so that is the new text up to any marker the model writes itself (NVlabs/DoRA's copy
+    keeps [-1]; they differ only then). The first match wins, case-sensitive, without word
+    boundaries: "answer12" gives "answer1" and "True" gives "", as upstream's regex does."""
     response = generated.split(RESPONSE_MARKER)[0]
     match = re.search(BENCHMARKS[dataset].labels, response)
     return match.group(0) if match else ""
 
 
 def candidate_labels(dataset: str, record: dict) -> list[str]:
-    """The labels a question offers: those its "Answer format: answer1/answer2/..." line lists
-    (every test file ends its instructions so; some ARC questions have 3 or 5 choices), else the
-    benchmark's whole label set."""
+    """The labels its "Answer format: answer1/answer2/..." line lists (some ARC questions have 3 or 5
+    choices), else the benchmark's whole label set."""
     _, marker, answer_format = record["instruction"].rpartition("Answer format:")
     pattern = BENCHMARKS[dataset].labels
     return (marker and re.findall(pattern, answer_format)) or pattern.split("|")
@@ -128,9 +115,8 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
 
 
 class DecodingCache(KVCache):
-    """A KVCache that decoding appends to in place, in buffers reserved once after the prompt:
-    appending by concatenation copies the whole cache at every step, at 7B, batch 32 and 200
-    positions gigabytes of memory traffic per new token. Under no_grad only."""
+    """A KVCache that decoding appends to in place, in buffers reserved once after the prompt
+    (concatenating copies the whole cache at every new token). Under no_grad only."""
 
     buffers = None  # preallocated (k, v) with room to grow, see `reserve`
 
@@ -165,16 +151,12 @@ class DecodingCache(KVCache):
 
 @torch.no_grad()
 def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0):
-    """Run left-padded prompts through the model once, filling fresh KV caches with room for
-    `max_new_tokens` more positions.
+    """Run left-padded prompts through the model once, filling fresh caches with room for `max_new_tokens`.
 
-    The ids every prompt starts with (the template's first lines, a third of an evaluation prompt)
-    are computed once, as a batch of one, and their keys and values shared by every row; the rest
-    of each prompt follows, left-padded after that shared prefix. Positions count only real tokens
-    and the mask hides the padding, so a batch decodes exactly like one prompt at a time.
-    Returns the last position's logits (B, vocab) (never the (B, T, vocab) of every position),
-    the caches, the key mask (B, T) and each sample's next position (B,).
-    """
+    The ids every prompt starts with (a third of an evaluation prompt) are computed once and shared
+    by every row. Positions count only real tokens and the mask hides the padding, so a batch decodes
+    exactly like one prompt at a time. Returns the last position's logits (B, vocab), the caches, the
+    key mask (B, T) and each row's next position (B,)."""
     device = model.output.weight.device
     n_shared = shared_prefix_length(prompts)
     caches = [DecodingCache() for _ in model.layers]
@@ -235,10 +217,8 @@ BEAM_RULES = ("transformers-4.36", "transformers-5")
 
 
 def can_improve(finished: list, best: float, n_generated: int, num_beams: int, length_penalty: float) -> bool:
-    """transformers' stopping rule for early_stopping=False: a question searches on while it has
-    fewer than num_beams finished hypotheses, or while `best` (see BEAM_RULES), normalised by
-    the generated length, beats the worst of them (a heuristic: it assumes a beam's normalised
-    score does not rise later)."""
+    """transformers' stopping rule (early_stopping=False): search on while fewer than num_beams
+    hypotheses are finished, or while `best` (BEAM_RULES), normalised by length, beats the worst."""
     return len(finished) < num_beams or best / n_generated**length_penalty > finished[-1][0]
 
 
@@ -247,23 +227,14 @@ def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, ma
                 pad_id: int = 0, length_penalty: float = 1.0, rule: str = BEAM_RULES[0]) -> list[list[int]]:
     """Each prompt's best beam-search continuation, up to (not including) a stop id.
 
-    The semantics are transformers' beam search with do_sample=False and early_stopping=False,
-    under `rule` (BEAM_RULES: 4.36.0's, the protocol's, by default; checked against transformers
-    5's generate and against 4.36's rule written out, in the tests). Per question and step:
-    - the candidates are the best (1 + number of stop ids, at least 2) x num_beams extensions
-      of its beams by summed log-probability, so num_beams of them never end;
-    - a candidate among the best num_beams that ends in a stop id becomes a finished hypothesis,
-      scored sum / generated_length ** length_penalty (the stop token counted);
-    - the best num_beams candidates that do not end go on as the beams;
-    - at max_new_tokens the best num_beams candidates are finished as they stand;
-    - the question is done when `can_improve` says so, and leaves the batch.
-    The answer is the best finished hypothesis. The length normalisation (by generated tokens) is
-    4.36.0's and today's; transformers before 4.36 divided by the whole sequence length, prompt
-    included (LLM-Adapters installed transformers from git in 2023; DoRA pins v4.36.0).
-
-    Questions are batched, num_beams rows each, with masked left padding as in `generate`;
-    the cache rows follow their beams through DecodingCache.select.
-    """
+    transformers' beam search (do_sample=False, early_stopping=False) under `rule` (BEAM_RULES; the
+    tests check it against transformers' generate). Per question and step the candidates are the best
+    (1 + number of stop ids, at least 2) x num_beams extensions by summed log-probability; those among
+    the best num_beams that end become finished hypotheses, scored sum / generated_length **
+    length_penalty (4.36.0's normalisation, the stop token counted); the best num_beams that do not end
+    go on; at max_new_tokens the best num_beams are finished as they stand; a question leaves the
+    batch when `can_improve` says so. Questions are batched, num_beams rows each, with masked left
+    padding as in `generate`; the cache rows follow their beams through DecodingCache.select."""
     device = model.output.weight.device
     stop = torch.tensor(sorted(stop_ids), device=device)
     n_candidates = max(2, 1 + len(stop)) * num_beams
@@ -323,8 +294,7 @@ def decode_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
 
 
 def check_fits(model: Transformer, dataset: str, lengths: list[int], what: str):
-    """Every sequence within the model's rotary table, else a ValueError naming the first item
-    that is not (positions past the table have no rotation)."""
+    """Every sequence within the model's rotary table, else a ValueError naming the first that is not."""
     too_long = [i for i, n in enumerate(lengths) if n > model.max_positions]
     if too_long:
         i = too_long[0]
@@ -514,9 +484,7 @@ def dataset_names(requested: list[str]) -> list[str]:
 
 
 def read_test_sets(data_dir: Path, datasets: list[str], limit: int | None) -> tuple[dict, dict, dict]:
-    """({name: records}, {name: why it is missing}, {name: the test file's SHA-256}: results.json
-    records what was scored, so runs are compared only on the same questions); a malformed file
-    is an error."""
+    """({name: records}, {name: why it is missing}, {name: the test file's SHA-256})."""
     test_sets, missing, digests = {}, {}, {}
     for name in datasets:
         path = data_dir / name / "test.json"
@@ -604,8 +572,7 @@ def load_model(args) -> tuple[Transformer, Tokenizer]:
 
 
 def read_train_config(adapter: Path | None) -> dict | None:
-    """train.py's flags for the adapter (its run record, config.json), or None when there is none
-    (another program's config.json, an HF model's, is none)."""
+    """train.py's flags for the adapter (its run record), or None (another program's config.json)."""
     record = read_run_record(adapter) if adapter is not None else None
     return record.get("config") if record is not None else None
 
@@ -626,8 +593,8 @@ def write_text(path: Path, text: str):
 
 def report(args, trained: dict | None, predictions: dict[str, list[dict]], missing: dict[str, str],
            seconds: dict[str, float], tests: dict[str, str]) -> str:
-    """Write results.md, results.json and predictions.jsonl under args.out (for --scoring likelihood
-    or cloze with a -likelihood or -cloze suffix; generate has none); return the markdown."""
+    """Write results.md, results.json and predictions.jsonl under args.out (with the scoring's suffix);
+    return the markdown."""
     results = {name: score(preds) for name, preds in predictions.items()}
     published, notes = published_rows(args, trained)
     # paths relative to the repository (recorded_path): committed results name no machine's folders
@@ -693,9 +660,7 @@ def evaluate_all(args) -> str:
 
 
 def check_questions(model: Transformer, tokenizer: Tokenizer, test_sets: dict[str, list[dict]], args):
-    """Every question of every test set, before any is scored: its cloze form (for --scoring
-    cloze) and its length with what is scored after it, within the model's positions. A question
-    found wrong only when reached would leave the sets before it scored and nothing written."""
+    """Every question checked before any is scored, so a bad one found late leaves nothing half-written."""
     def length(text):
         return len(tokenizer.encode(text, bos=True, eos=False))
 
@@ -719,9 +684,7 @@ def check_questions(model: Transformer, tokenizer: Tokenizer, test_sets: dict[st
 
 @torch.no_grad()
 def check_logits(model: Transformer, tokenizer: Tokenizer, test_sets: dict[str, list[dict]], args):
-    """One forward of the first question before any is scored: a model that computes NaN or
-    infinity (a NaN weight, fp16 overflow) stops the evaluation, rather than scoring 0% and
-    exiting 0."""
+    """One forward of the first question before any is scored: a model computing NaN stops here."""
     name, records = next(iter(test_sets.items()))
     prompt = tokenizer.encode(eval_prompt(records[0]), bos=True, eos=False)[-model.max_positions:]
     logits = model(torch.tensor([prompt], device=model.output.weight.device))

@@ -1,7 +1,7 @@
 """LLaMA 1, 2 and 3 in plain PyTorch: the model (with a key/value cache) and checkpoint loading.
 
-One file, nothing about fine-tuning. Parameter names are Meta's state-dict keys, so a Meta
-checkpoint (params.json + consolidated.*.pth) loads with a plain `load_state_dict`.
+Nothing about fine-tuning. Parameter names are Meta's state-dict keys, so a Meta checkpoint
+(params.json + consolidated.*.pth) loads with a plain `load_state_dict`.
 
     Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (section 2.2:
         pre-normalisation with RMSNorm, SwiGLU, rotary embeddings).
@@ -9,24 +9,10 @@ checkpoint (params.json + consolidated.*.pth) loads with a plain `load_state_dic
     Llama Team 2024, "The Llama 3 Herd of Models" (tiktoken BPE vocabulary, rope theta 500000,
         the 3.1 long-context rope scaling).
 
-The forward pass takes explicit positions, an attention mask and per-layer key/value caches, so
-one code path serves training (right-padded batches), left-padded batched decoding, and a
-training pass that continues another pass's keys and values (the echo suffix pass).
-
-Reading order: the model, then loading a Meta checkpoint folder (its checks are in
-data/checkpoints.py; scripts/convert_hf.py converts an HF one). Decoding is eval.py's; the
-tokenizers are data/tokenizer.py.
-
-The shapes, for LLaMA-7B (dim 4096, 32 blocks, 32 heads of 128, FFN 11008, vocabulary 32000) on
-a training batch of 16 samples of 256 tokens (B, T = 16, 256):
-
-    tokens                      (16, 256)            ids
-    h = embedding(tokens)       (16, 256, 4096)      the residual stream, in and out of every block
-    q, k, v per block           (16, 32, 256, 128)   heads first (Llama-3-8B: k, v have 8 heads)
-    attention mask              (16, 1, 256, 256)    bool, True = may attend; None = causal
-    SwiGLU inside               (16, 256, 11008)
-    final norm (`trunk`)        (16, 256, 4096)
-    logits (`forward`)          (16, 256, 32000)
+The forward pass takes explicit positions, an attention mask and per-layer key/value caches:
+one code path for training, eval.py's left-padded decoding, and the Echo suffix pass, which
+continues another pass's keys and values. Loading's checks: data/checkpoints.py. Shapes in
+comments: LLaMA-7B (dim 4096, 32 heads of 128, FFN 11008, vocabulary 32000), 16 samples of 256 tokens.
 """
 
 import math
@@ -71,10 +57,7 @@ class ModelArgs:
 
     @property
     def hidden_dim(self) -> int:
-        """SwiGLU width by Meta's rule: 2/3 of 4*dim, scaled, rounded up to `multiple_of`.
-
-        LLaMA-7B: 11008; Llama-3-8B (multiplier 1.3, multiple_of 1024): 14336; 70B: 28672.
-        """
+        """SwiGLU width by Meta's rule: 2/3 of 4*dim, scaled, rounded up (LLaMA-7B 11008, Llama-3-8B 14336)."""
         if self.ffn_hidden_dim is not None:
             return self.ffn_hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
@@ -114,8 +97,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
-    """Complex rotations e^{i * pos * theta_k}: (2 * max_seq_len, head_dim / 2), complex64
-    (LLaMA-7B: (4096, 64))."""
+    """Complex rotations e^{i * pos * theta_k}: (2 * max_seq_len, head_dim / 2), (4096, 64) complex64."""
     half = args.head_dim // 2
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, half, device=device, dtype=torch.float64) * 2 / args.head_dim))
     if args.use_scaled_rope:
@@ -139,22 +121,15 @@ def llama31_scaled_frequencies(freqs: torch.Tensor, factor: float = 8.0, low_fre
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of each head: Meta's convention.
-
-    x: (B, T, H, head_dim); rotations: (B, T, head_dim / 2) complex.
-    """
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of each head (Meta's convention). x: (B, T, H, head_dim)."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (16, 256, 32, 64) complex
     rotated = pairs * rotations[:, :, None, :]
     return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
 class KVCache:
-    """The keys and values one attention layer has seen so far, (B, n_kv_heads, T, head_dim).
-
-    An empty cache handed to a pass *records* its keys and values (still in the autograd graph),
-    and a cache built from such a record lets a later pass attend to them as its prefix: the
-    echo suffix pass, and decoding (eval.py's DecodingCache, which appends in place).
-    """
+    """One attention layer's keys and values so far, (B, n_kv_heads, T, head_dim). An empty cache records
+    a pass's (in the autograd graph); a later pass attends to them as its prefix (Echo suffix, decoding)."""
 
     def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
         self.k, self.v = k, v
@@ -189,8 +164,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # heads first: (16, 32, 256, 128)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv_heads, T_past + T, head_dim)
-        # No mask means a plain causal batch (right padding never reaches a real token), which
-        # lets SDPA pick its fastest kernel.
+        # no mask: plain causal (right padding never reaches a real token), SDPA's fastest kernel
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # heads joined again: (16, 256, 4096)
@@ -233,8 +207,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # never tied (LLaMA is not)
         self.gradient_checkpointing = False
-        # A plain attribute, not a buffer: `model.to(torch.bfloat16)` would cast a complex buffer
-        # to real and silently drop the imaginary half. `rotations` moves it to the input's device.
+        # not a buffer: `model.to(torch.bfloat16)` would drop a complex buffer's imaginary half
         self.rope = rope_frequencies(args)
         self.fingerprint = None  # set by load(): which base weights these are (weights_fingerprint)
 
@@ -249,22 +222,12 @@ class Transformer(nn.Module):
         return self.rope[positions]  # (B, T, head_dim / 2) complex64: (16, 256, 64)
 
     def trunk(self, tokens, positions=None, mask=None, caches=None, collect=()):
-        """The model without its output layer: returns (hidden, collected).
+        """The model without its output layer: (the final normed states (16, 256, 4096), {l: h_l} for
+        each 1-based block l in `collect`, the residual stream leaving block l). Training applies the
+        output layer only where a loss is taken, and the Echo path reads h_l off the same pass.
 
-        hidden: the final normed hidden states (B, T, dim), (16, 256, 4096) for LLaMA-7B.
-        collected: {l: h_l} for each 1-based block number l in `collect`, h_l being the residual
-        stream leaving block l (the state between blocks l and l + 1), (B, T, dim) each.
-
-        `forward` is trunk + output layer. Training calls the trunk instead for two reasons: the
-        output layer is applied only at the positions a loss is taken (the logits of every
-        position, (16, 256, 32000) in fp32, are 0.5 GB for LLaMA-7B and 2 GB for Llama 3's
-        vocabulary of 128256), and the Echo path (echo_lora.py) reads the deep source layers'
-        states h_l off the same plain pass, through `collect`, to build its echo representation
-        (METHOD.md items 1 and 2), so no second pass is run for them.
-
-        tokens: (B, T). positions: (B, T) absolute positions (default 0..T-1, or after the
-        cache's length). mask: (B, 1, T, T_past + T) bool, True = may attend; None = causal.
-        caches: one KVCache per block, or None.
+        positions: (B, T) (default 0..T-1 after the cache's length); mask: (B, 1, T, T_past + T) bool,
+        True = may attend, None = causal; caches: one KVCache per block, or None.
         """
         if positions is None:
             start = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
@@ -292,11 +255,8 @@ class Transformer(nn.Module):
 
 
 def checkpointed_block(layer, h, rotations, mask, cache: KVCache | None):
-    """A block under activation checkpointing: its activations are recomputed in backward.
-
-    An empty cache that records the block's keys and values is filled from the checkpointed
-    function's outputs rather than inside it, so the recomputation has no side effect.
-    """
+    """A block whose activations are recomputed in backward; a recording cache is filled from the
+    checkpointed function's outputs, so the recomputation has no side effect."""
     def run(h):
         local = KVCache()
         return layer(h, rotations, mask, local), local.k, local.v
@@ -308,12 +268,8 @@ def checkpointed_block(layer, h, rotations, mask, cache: KVCache | None):
 
 
 def attention_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:
-    """(B, 1, n_queries, T_k) bool: causal over the last `n_queries` keys, no padded keys.
-
-    key_valid: (B, T_k) bool, False at padding. The queries are the last n_queries keys. Every
-    query may see itself, so a padded query never has an empty row (an all-masked row gives NaN,
-    and a NaN value vector poisons later layers even where its weight is zero).
-    """
+    """(B, 1, n_queries, T_k) bool: the last n_queries keys' queries, causal, no padded key (key_valid
+    False), but each sees itself: an all-masked row would give NaN, which poisons later layers."""
     T_k = key_valid.shape[1]
     query_pos = torch.arange(T_k - n_queries, T_k, device=key_valid.device)[:, None]
     key_pos = torch.arange(T_k, device=key_valid.device)[None, :]
@@ -327,12 +283,8 @@ def attention_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:
 
 
 def load(ckpt_dir, device="cpu", dtype=torch.bfloat16) -> tuple[Transformer, Tokenizer | None]:
-    """A Meta checkpoint folder (params.json + consolidated.NN.pth), as (model in eval mode,
-    tokenizer or None). An HF folder is converted once by scripts/convert_hf.py.
-
-    The model is built on the meta device and takes the loaded tensors as its parameters, so no
-    randomly initialised or fp32 copy of the whole model is ever made.
-    """
+    """A Meta checkpoint folder as (model in eval mode, tokenizer or None), built on the meta device so
+    no random or fp32 copy of the whole model is ever made."""
     ckpt_dir = checkpoints.meta_folder(ckpt_dir)
     tokenizer = checkpoints.find_tokenizer(ckpt_dir)
     args = ModelArgs.from_params_json(ckpt_dir / "params.json")

@@ -5,14 +5,9 @@
     torchrun --nproc_per_node 8 train.py --ckpt llama-7b --method echo-dora
 
 Reads top to bottom: configuration, model, training machinery, the run folder, then `run`: the
-loop. The data and its batches are data/batches.py. Defaults are the published
-commonsense recipe (LLM-Adapters / DoRA): r 32, alpha 64, dropout 0.05 on q, k, v, up, down;
-batch 16, 3 epochs, cutoff 256, 120 validation records, 100 warmup steps then linear decay,
-AdamW without weight decay, random batches, the loss on the whole text (prompt and answer), each
-micro-batch's loss its own mean, the same 120 validation records as upstream's `datasets` split,
-DoRA's dropout as peft computes it. Every departure is an opt-in flag (docs/recipe.md,
-"Departures from the recipe"). Every run writes, beside its adapter, config.json (every flag,
-library versions, the checkpoint's params) and metrics.jsonl.
+loop (the data and its batches: data/batches.py). The defaults are the commonsense recipe of
+LLM-Adapters and DoRA (docs/recipe.md); every departure is an opt-in flag. A run writes, beside
+its adapter, config.json (every flag, library versions, the model's params) and metrics.jsonl.
 """
 
 import argparse
@@ -52,7 +47,7 @@ ECHO_DEFAULTS = EchoConfig()  # the Echo path's defaults live in echo_lora.EchoC
 
 
 def echo_flag(name: str, help: str, **kw):
-    """A flag of the Echo path (METHOD.md): its default and choices are EchoConfig's for `name`."""
+    """A flag of the Echo path: its default and choices are EchoConfig's."""
     default = getattr(ECHO_DEFAULTS, name)
     if isinstance(default, tuple) or default is None:  # block numbers, as a comma-separated flag
         return flag(",".join(map(str, default or ())), help, **kw)
@@ -60,14 +55,14 @@ def echo_flag(name: str, help: str, **kw):
 
 
 def echo_flag_name(name: str) -> str:
-    """Config's flag for EchoConfig's field `name`: pool -> echo_pool, echo_pass -> echo_pass."""
+    """pool -> echo_pool, echo_pass -> echo_pass."""
     return name if name.startswith("echo_") else "echo_" + name
 
 
 @dataclass
 class Config:
-    ckpt: str = flag(EMBEDDED, "checkpoints/NAME or a path to a Meta-layout LLaMA folder (an HF folder: "
-                               "scripts/convert_hf.py first); tiny is built on first use")
+    ckpt: str = flag(EMBEDDED, "checkpoints/NAME or a Meta-layout LLaMA folder (HF: scripts/convert_hf.py "
+                               "first); tiny is built on first use")
     method: str = flag("echo-lora", "lora and dora: the baselines; echo-: the same adapter trained with the Echo path",
                        choices=METHODS)
     data: str = flag("data/commonsense_170k.json", "one or more commonsense JSON files, comma-separated", items=NAMES)
@@ -78,21 +73,19 @@ class Config:
     alpha: float = flag(64, "adapter scale: the update is alpha / r x B A",
                         allowed=(lambda v: 0 < v < math.inf, "> 0 and finite"))
     dropout: float = flag(0.05, "dropout on the adapters' input", allowed=(lambda v: 0 <= v < 1, "in [0, 1)"))
-    targets: str = flag(",".join(DEFAULT_TARGETS), "adapted linears of every block, comma-separated Meta names "
-                        "(wq, wk, wv, wo: attention; w1, w3, w2: gate, up, down)", items=NAMES)
+    targets: str = flag(",".join(DEFAULT_TARGETS), "adapted linears of every block: wq, wk, wv, wo, w1 (gate), "
+                        "w3 (up), w2 (down)", items=NAMES)
     # optimisation (the recipe)
     lr: float = flag(0.0, "peak learning rate",
                      allowed=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0: the recipe's rate)"),
                      default_text="by method and model: 3e-4 for LoRA; DoRA 1e-4 on LLaMA-7B and Llama-3-8B, else 2e-4")
     batch_size: int = flag(16, "records per optimizer step, over all processes", allowed=POSITIVE)
-    micro_batch_size: int = flag(16, "records per forward pass and process; accumulation makes up --batch-size",
-                                 allowed=POSITIVE)
+    micro_batch_size: int = flag(16, "records per forward pass and process (accumulated)", allowed=POSITIVE)
     epochs: int = flag(3, "passes over the training records", allowed=POSITIVE)
-    cutoff: int = flag(256, "tokens kept of each record",
-                       allowed=(lambda v: v >= 2, ">= 2 (BOS and at least one more token)"))
+    cutoff: int = flag(256, "tokens kept of each record", allowed=(lambda v: v >= 2, ">= 2 (BOS and one more)"))
     warmup_steps: int = flag(100, "steps of linear warm-up, then linear decay to 0", allowed=NOT_NEGATIVE)
-    grad_clip: float = flag(1.0, "largest gradient norm",
-                            allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"), infinite=True)
+    grad_clip: float = flag(1.0, "largest gradient norm", allowed=(lambda v: v > 0, "> 0 (inf: no clipping)"),
+                            infinite=True)
     # departures from the recipe, all off by default (docs/recipe.md)
     answer_only_loss: bool = flag(False, "departure: the plain cross-entropy on answer tokens only")
     token_mean_loss: bool = flag(False, "departure: one mean over the step's tokens, not a mean of micro-batch means")
@@ -100,17 +93,13 @@ class Config:
     adapter_only_dropout: bool = flag(False, "departure (speed, DoRA): dropout on the adapter path only")
     cloze: bool = flag(False, "departure (small models): train on 'Question: q / Answer: <the correct choice's "
                        "text>'; evaluate with eval.py --scoring cloze")
-    val_size: int = flag(120, "validation records held out (0: none, the last adapter is kept)",
-                         allowed=NOT_NEGATIVE)
-    val_seed: int = flag(42, "seed of the validation split, apart from --seed: every run validates on the same records",
-                         allowed=SEED)
-    eval_every: int = flag(80, "steps between validation losses; the best adapter is kept (the recipe's eval_steps)",
-                           allowed=POSITIVE)
+    val_size: int = flag(120, "validation records held out (0: none, the last adapter is kept)", allowed=NOT_NEGATIVE)
+    val_seed: int = flag(42, "seed of the validation split (every run validates on the same records)", allowed=SEED)
+    eval_every: int = flag(80, "steps between validation losses; the best adapter is kept", allowed=POSITIVE)
     save_every: int = flag(200, "steps between resumable checkpoints", allowed=POSITIVE)
     max_steps: int = flag(0, "stop after this many steps (the schedule spans them)",
                           allowed=(lambda v: v >= 0, ">= 0 (0: all epochs)"))
-    seed: int = flag(42, "seed of the adapters' initialisation, the batch order, dropout and routing",
-                     allowed=SEED)
+    seed: int = flag(42, "seed of the adapters' initialisation, the batch order, dropout and routing", allowed=SEED)
     # the Echo path (METHOD.md items 1-7; defaults and choices from EchoConfig); block numbers 1-based, comma-separated
     echo_source_layers: str = echo_flag("source_layers", "blocks whose states make the echo representation (item 1)",
                                         default_text="the deepest quarter of blocks", items=BLOCK_NUMBERS)
@@ -122,14 +111,10 @@ class Config:
     echo_distill: float = echo_flag("distill", "lambda, the masked distillation weight (item 7)", allowed=NOT_NEGATIVE)
     echo_tau: float = echo_flag("tau", "tau, the masked distillation temperature (item 7)",
                                 allowed=(lambda v: v > 0, "> 0"))
-    echo_mask: str = echo_flag("mask", "answer-only masks; none leaks the answer (an ablation, needs --echo-pass full) "
-                               "(item 4)")
-    echo_pass: str = echo_flag("echo_pass", "suffix: recompute only the answer suffix; full: every position, the "
-                               "reference (item 6)")
-    echo_inject: str = echo_flag("inject", "echo: inject the deep signal; zero: the control, every Echo term "
-                                 "run without it (item 4)")
-    echo_up: str = echo_flag("up", "lora: the injected term goes through the adapter's B; own: through its own "
-                             "zero-initialised up-projection U, added to B u (item 4)")
+    echo_mask: str = echo_flag("mask", "answer-only masks; none leaks the answer (needs --echo-pass full) (item 4)")
+    echo_pass: str = echo_flag("echo_pass", "suffix: only the answer suffix; full: every position (item 6)")
+    echo_inject: str = echo_flag("inject", "echo: inject the deep signal; zero: the control, without it (item 4)")
+    echo_up: str = echo_flag("up", "the injected term goes through the adapter's B (lora), or its own U (item 4)")
     echo_lr_scale: float = echo_flag("lr_scale", "the Echo path's parameters train at this multiple of --lr (item 4)",
                                      allowed=(lambda v: v > 0, "> 0"))
     # machinery
@@ -139,13 +124,11 @@ class Config:
     device: str = flag("", "cpu, cuda or cuda:N", default_text="cuda when available")
     precision: str = flag("", "bf16: the recipe's autocast; fp32: everything in fp32", choices=tuple(checkpoints.PRECISIONS),
                           default_text="bf16 on cuda, fp32 elsewhere")
-    log_every: int = flag(1, "steps between tokens/s readings (progress line and metrics.jsonl)",
-                          allowed=POSITIVE)
+    log_every: int = flag(1, "steps between tokens/s readings (progress line and metrics.jsonl)", allowed=POSITIVE)
 
 
-# Per-checkpoint defaults for fields left unset on the command line. The embedded tiny model
-# trains on our own small sample for a one-minute CPU demo; its lr is higher because its base
-# model is random, so the adapters carry everything.
+# Per-checkpoint defaults of unset flags: the embedded tiny model's one-minute CPU demo on our
+# sample (a higher lr: its base model is random, the adapters carry everything).
 PRESETS = {
     EMBEDDED: dict(data=str(SAMPLE / "train.json"), val_size=40, warmup_steps=10, eval_every=20, save_every=50,
                    epochs=2, lr=2e-3),
@@ -153,9 +136,7 @@ PRESETS = {
 
 
 def embedded_name(ckpt: str) -> str | None:
-    """EMBEDDED when --ckpt is the embedded default itself (its name, or the folder it is built
-    in), else None: a folder elsewhere that happens to be named tiny is another model, and gets
-    no preset of the embedded one."""
+    """EMBEDDED when --ckpt is the embedded model (its name or its folder; another folder named tiny is not)."""
     built = Path("checkpoints") / EMBEDDED
     return EMBEDDED if ckpt == EMBEDDED or Path(ckpt).resolve() == built.resolve() else None
 
@@ -181,8 +162,10 @@ def parse_config(argv=None) -> Config:
         _, cfg.precision = checkpoints.device_and_precision(cfg.device, cfg.precision)
     except ValueError as e:
         parser.error(str(e))
-    if cfg.batch_size % cfg.micro_batch_size:
-        parser.error(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        parser.error(f"--batch-size {cfg.batch_size} is not a multiple of {f'{world} processes x ' if world > 1 else ''}"
+                     f"--micro-batch-size {cfg.micro_batch_size}")
     cfg.lr = cfg.lr or default_lr(cfg.method, cfg.ckpt)
     cfg.out = cfg.out or default_out(f"out/{cfg.method}-{Path(cfg.ckpt).name}", cfg.resume)
     return cfg
@@ -201,10 +184,9 @@ def echo_config(cfg: Config) -> EchoConfig | None:
 # Device and model
 
 
-def start_device(cfg: Config, world: int) -> tuple[torch.device, bool]:
-    """The run's device; under torchrun, its process group, joined
-    even as its only process, so one GPU runs the multi-GPU code path (NCCL included). Returns
-    (device, whether distributed)."""
+def start_device(cfg: Config) -> tuple[torch.device, bool]:
+    """(device, whether distributed): under torchrun the process group is joined even by one process,
+    so one GPU runs the multi-GPU code path."""
     device = checkpoints.resolve_device(cfg.device)
     distributed = "LOCAL_RANK" in os.environ
     if distributed:
@@ -212,9 +194,6 @@ def start_device(cfg: Config, world: int) -> tuple[torch.device, bool]:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.batch_size % (world * cfg.micro_batch_size):
-        raise ValueError(f"--batch-size {cfg.batch_size} must split into {world} processes x "
-                         f"--micro-batch-size {cfg.micro_batch_size}")
     return device, distributed
 
 
@@ -235,17 +214,14 @@ def load_model(cfg: Config, device, rank: int, world: int):
 
 
 def build_embedded_checkpoint(folder: Path, sample: Path):
-    """The embedded default: a tiny random LLaMA and a SentencePiece tokenizer trained on our sample
-    records, written as an ordinary Meta-layout folder that eval.py and the rest load like a real one."""
+    """A tiny random LLaMA and a SentencePiece tokenizer trained on our sample, as a Meta-layout folder."""
     import sentencepiece
 
     model_file = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter([train_prompt(r) for r in load_records(sample)]), model_writer=model_file,
         vocab_size=800, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        # As LLaMA's own SentencePiece model: whitespace kept as it is (identity normalisation,
-        # whitespace-only pieces), so the prompt's 16-space indent is one piece, the answer-only
-        # labels start exactly at the output, and the evaluation prompt ends as training saw it.
+        # whitespace kept as LLaMA's model keeps it: the answer-only labels start exactly at the output
         remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
         split_digits=True,
     )
@@ -258,43 +234,24 @@ def build_embedded_checkpoint(folder: Path, sample: Path):
     write_atomically(folder / "params.json", lambda tmp: tmp.write_text(json.dumps(params, indent=2)))
 
 
-def add_adapters_and_echo_path(model, cfg: Config, echo_cfg: EchoConfig | None, device) -> EchoPath | None:
-    """Freeze the model, add the LoRA or DoRA adapters and, for echo- methods, the Echo path."""
-    torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
-    # a target name or an echo layer the model does not have is a ValueError: train.main's one line
-    add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                 dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
-    return EchoPath(model, echo_cfg).to(device) if echo_cfg else None
-
-
 # --------------------------------------------------------------------------------------------
 # Training machinery (the data, its batches and their parts: data/batches.py)
 
 
-# Routing's seed is drawn from --seed and the step alone (the batch order's from --seed and the
-# epoch, data/batches.py), never from a running generator, so a resumed run draws exactly what the
-# uninterrupted one drew; the stride keeps the seeds of nearby --seed values apart.
-ROUTING_SEED_STRIDE = 100003  # a prime above 10^5 steps (the recipe is 32k at batch 16)
+ROUTING_SEED_STRIDE = 100003  # a prime above 10^5 steps: nearby --seed values draw apart
 
 
 def routed_samples(n: int, route_p: float, seed: int, step: int) -> torch.Tensor:
-    """Stochastic routing (METHOD.md item 5) for this step: seeded by (seed, step), so every
-    process, and a resumed run, draws the same samples."""
+    """Routing (METHOD.md item 5) seeded by (seed, step) alone: every process, and a resumed run, draws the same."""
     return route(n, route_p, torch.Generator().manual_seed(seed * ROUTING_SEED_STRIDE + step))
 
 
 def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int, device, world: int, rank: int):
-    """Forward, loss and backward of this process's slice of the step's examples, micro-batch by
-    micro-batch. Every process sees the whole step's batch and divides its sums by the step's token
-    counts, so the gradients summed over processes are those of one big batch. Returns this
-    process's (ce, echo) losses of the step, summed on the device (reading them per micro-batch
-    would stall the GPU on every one), and the number of real tokens it computed.
-
-    A micro-batch is computed as length-sorted parts (`padded_parts`): its loss is a sum over its
-    tokens divided by counts of the whole micro-batch, so how its rows are grouped for the forward
-    pass changes nothing but the padding computed. Without the Echo path each part runs its
-    backward at once (only one part's activations are held); with it, the micro-batch's parts
-    share one Echo pass, so their backward runs together."""
+    """Forward, loss and backward of this process's slice of the step, micro-batch by micro-batch,
+    each as length-sorted parts (`padded_parts`; their sums are divided by counts of the whole step,
+    so the gradients summed over processes are one big batch's). Without the Echo path each part's
+    backward runs at once; with it the parts share one Echo pass. Returns this process's (ce, echo)
+    losses, summed on the device, and the number of real tokens computed."""
     step_batch = collate(examples, not cfg.answer_only_loss, pad_id)
     n_ce_step = micro_batch_targets(step_batch)
     n_answer = max(int((step_batch.answer_targets != IGNORE_INDEX).sum()), 1)
@@ -302,8 +259,7 @@ def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int
     losses, tokens = torch.zeros(2, device=device), 0
     for start, end in micro_batch_slices(len(examples), world, rank, cfg.micro_batch_size, micros_per_step // world):
         micro = collate(examples[start:end], not cfg.answer_only_loss, pad_id)
-        # the recipe: each micro-batch's mean over its own target tokens, divided by the step's
-        # number of micro-batches (HF Trainer's gradient accumulation; DDP averages the processes)
+        # the recipe: each micro-batch's own mean, over the step's micro-batches (HF Trainer's accumulation)
         ce_divisor = n_ce_step if cfg.token_mean_loss else micro_batch_targets(micro) * micros_per_step
         parts = padded_parts([len(ids) for ids, _ in examples[start:end]])
         batches = [collate([examples[start + i] for i in part], not cfg.answer_only_loss, pad_id) for part in parts]
@@ -328,8 +284,7 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
 
 
 def micro_batch_targets(batch: Batch) -> int:
-    """The number of tokens the plain cross-entropy is taken on in `batch` (at least 1): a
-    micro-batch's, or the whole step's for --token-mean-loss."""
+    """The tokens the plain cross-entropy is taken on in `batch` (at least 1)."""
     return max(int((batch.ce_targets != IGNORE_INDEX).sum()), 1)
 
 
@@ -360,9 +315,8 @@ def all_reduce_gradients(params):
 
 
 def parameter_groups(model, echo: EchoPath | None) -> list[dict]:
-    """The optimizer's parameter groups: the adapters and, while training, the Echo path, each with
-    the multiple of the schedule's learning rate it trains at. One group unless --echo-lr-scale
-    sets the Echo path apart, so an unscaled run's optimizer state is what it always was."""
+    """The optimizer's groups, each with the multiple of the schedule's lr it trains at: one group unless
+    --echo-lr-scale sets the Echo path apart, so an unscaled run's optimizer state is what it always was."""
     adapters = {"params": trainable_parameters(model), "lr_scale": 1.0}
     if echo is None:
         return [adapters]
@@ -372,8 +326,7 @@ def parameter_groups(model, echo: EchoPath | None) -> list[dict]:
 
 
 def check_examples(cfg: Config, data: TrainingData, max_positions: int):
-    """Records that leave nothing to train on, no answer to learn, or do not fit the model: one
-    error line naming the flag to change."""
+    """Records that leave nothing to train on, no answer to learn, or do not fit the model."""
     if not data.train:
         raise ValueError(f"{cfg.data}: {len(data.val)} records and --val-size {cfg.val_size} leave none to train on")
     for name, part in (("training", data.train), ("validation", data.val)):
@@ -386,31 +339,8 @@ def check_examples(cfg: Config, data: TrainingData, max_positions: int):
                          f"positions of {cfg.ckpt}'s rotary table; lower --cutoff")
 
 
-class Progress:
-    """The progress bar (rank 0's): loss, lr and real tokens/s over the last --log-every steps."""
-
-    def __init__(self, log_every: int, step: int, total_steps: int, rank: int, world: int):
-        self.bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-        self.log_every, self.world = log_every, world
-        self.tokens, self.t_last = 0, time.perf_counter()
-
-    def step(self, step: int, tokens: int, losses: torch.Tensor, lr: float, grad_norm: float, routed) -> dict:
-        """Advance by one step of this process's `tokens`; the step's metrics.jsonl entry."""
-        self.bar.update(1)
-        self.tokens += tokens
-        ce, echo_loss = losses.tolist()
-        entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss,
-                 "lr": lr, "grad_norm": grad_norm, "routed": int(routed.sum())}
-        if step % self.log_every == 0:
-            entry["tokens_per_s"] = self.tokens * self.world / (time.perf_counter() - self.t_last)
-            self.tokens, self.t_last = 0, time.perf_counter()
-            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
-        return entry
-
-
 def stop_if_not_finite(step: int, cfg: Config, **values: float):
-    """NaN or inf stops training at once, with one line naming the step. Checked before each
-    update and each save, so nothing non-finite is saved: the adapter in --out stays the last finite one."""
+    """NaN or inf stops training, checked before each update and save: nothing non-finite is saved."""
     if not all(math.isfinite(v) for v in values.values()):
         raise ValueError(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items())
                          + f": not finite, training stopped (--lr {cfg.lr:g} too high?); {cfg.out} keeps the last "
@@ -418,21 +348,17 @@ def stop_if_not_finite(step: int, cfg: Config, **values: float):
 
 
 # --------------------------------------------------------------------------------------------
-# The run folder: config.json (train.py's record: RUN_MARKER, every flag, the versions, the git
-# commit), metrics.jsonl, checkpoint.pt, the adapter, and eval.py's files (data.files.EVAL_FILES).
-# A folder holding a run is continued (--resume) or replaced (--overwrite), never silently
-# written over; a second train.py into the same folder is refused while the first holds it.
+# The run folder: config.json (RUN_MARKER, every flag, versions, commit), metrics.jsonl,
+# checkpoint.pt, the adapter and eval.py's files. A run there is continued (--resume) or replaced
+# (--overwrite), never written over; a second train.py into it is refused while the first runs.
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors", "adapter_config.json")
-# Flags a resumed run may change, because they cannot change what it computes (--out: the run
-# folder was moved; a larger --max-steps is checked apart: it continues the run further).
+# Flags that cannot change what a resumed run computes (a larger --max-steps is checked apart)
 RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "log_every", "save_every", "gradient_checkpointing", "max_steps"}
-# A metrics.jsonl line's shape (data.files.check_shape): its step, then numbers.
 METRICS_ENTRY = {"step": Rule(int, lambda v: v >= 0, "a step >= 0"), str: float | None}
 
 
 def holds_run(folder: Path) -> bool:
-    """Whether `folder` holds a run: train.py's record (config.json with RUN_MARKER) is there."""
     try:
         return read_run_record(folder) is not None
     except ValueError:  # unreadable: no run to continue or replace (check_out_folder says why)
@@ -440,13 +366,11 @@ def holds_run(folder: Path) -> bool:
 
 
 def taken(folder: Path) -> list[str]:
-    """The names of the files train.py would write that `folder` holds already."""
     return [name for name in RUN_FILES if (folder / name).exists()]
 
 
 def default_out(base: str, resume: bool) -> str:
-    """`--out` not given: `base`, or when files a run writes are already there (and this is no
-    --resume) the first free `base`-2, -3, ...: running the same command twice never overwrites a run."""
+    """`base`, or (no --resume) when a run's files are there the first free `base`-2, -3, ..."""
     n = 1
     while not resume and taken(Path(base if n == 1 else f"{base}-{n}")):
         n += 1
@@ -455,8 +379,7 @@ def default_out(base: str, resume: bool) -> str:
 
 @contextlib.contextmanager
 def run_folder(cfg: Config, rank: int):
-    """--out for the run's life: checked before anything is loaded, and (rank 0's, which alone
-    writes there) held by this process alone, so a second train.py into it fails at once."""
+    """--out for the run's life: checked before anything loads, and locked by rank 0 (which alone writes)."""
     out = Path(cfg.out)
     with contextlib.ExitStack() as held:
         try:
@@ -470,9 +393,8 @@ def run_folder(cfg: Config, rank: int):
 
 
 def check_out_folder(cfg: Config):
-    """A resumed run must not change what the run computes, and needs the run's record to tell.
-    A folder holding files of train.py's names but no run record (an HF model folder's
-    config.json, a run whose config.json is gone) is never written into."""
+    """A resumed run must not change what it computes; files of a run's names without a run record
+    (an HF folder's config.json) are never written over."""
     out = Path(cfg.out)
     record, names = read_run_record(out), taken(out)
     if record is None and names:
@@ -497,8 +419,8 @@ def check_out_folder(cfg: Config):
 
 
 def prepare_run_folder(cfg: Config, step: int, record: dict):
-    """--overwrite's old run removed (and eval.py's results of its adapter: the user's own files
-    stay), config.json written, metrics.jsonl started or, on --resume, cut back to the checkpoint's step."""
+    """--overwrite's old run (and eval.py's files) removed, config.json written, metrics.jsonl started or,
+    on --resume, cut back to the checkpoint's step."""
     out = Path(cfg.out)
     if cfg.overwrite:
         for name in RUN_FILES + EVAL_FILES:
@@ -510,9 +432,7 @@ def prepare_run_folder(cfg: Config, step: int, record: dict):
 
 
 def metrics_lines(path: Path, up_to_step: float) -> list[str]:
-    """The lines of metrics.jsonl up to `up_to_step`. A partial last line (the run was killed
-    during its append) is dropped; a malformed line before it, or an entry of the wrong shape,
-    is a ValueError naming the file and line."""
+    """metrics.jsonl's lines up to `up_to_step`; a partial last line (killed mid-append) is dropped."""
     try:
         lines = read_bytes(path).decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -540,7 +460,7 @@ def run_record(cfg: Config, args, n_train: int, n_echo_params: int) -> dict:
     import sentencepiece
     import tiktoken
 
-    # the folder and the command relative to the repository: a committed run names no machine's folders
+    # paths relative to the repository: a committed run names no machine's folders
     return {RUN_MARKER: 1, "config": dataclasses.asdict(cfg) | {"out": recorded_path(cfg.out)},
             "model_args": dataclasses.asdict(args), "train_records": n_train, "echo_parameters": n_echo_params,
             "command": recorded_command(sys.argv), "code": code_version(),
@@ -579,9 +499,7 @@ def restore_checkpoint(path: Path, model, echo, optimizer) -> tuple[int, float]:
 
 
 def save_run(cfg: Config, step: int, total_steps: int, keep_last: bool, model, echo, optimizer, params, best_val: float):
-    """After a step: the adapter, when the last one is the one kept (no validation records) and
-    this is the last step; a resumable checkpoint every --save-every steps and at the end. Nothing
-    non-finite is saved. `params`: what the optimizer updates."""
+    """Without validation the last step's adapter; a checkpoint every --save-every steps and at the end."""
     out, last = Path(cfg.out), step == total_steps
     if keep_last and last or step % cfg.save_every == 0:
         flat = torch.cat([p.detach().flatten() for p in params])
@@ -593,7 +511,7 @@ def save_run(cfg: Config, step: int, total_steps: int, keep_last: bool, model, e
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, with the one line that says what is left (the command line prints it)."""
+    """Ctrl-C, with the one line that says what is left."""
 
 
 def main(argv=None):
@@ -610,7 +528,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """The command line: main, with Ctrl-C as one line (exit status 130, as a shell reports it)."""
+    """main, with Ctrl-C as one line (exit status 130, as a shell reports it)."""
     try:
         main(argv)
     except Interrupted as e:
@@ -622,7 +540,7 @@ def run(cfg: Config):
     # ---- config: flags, device, process group (the run folder is checked and held by main)
     echo_cfg = echo_config(cfg)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device, distributed = start_device(cfg, world)
+    device, distributed = start_device(cfg)
     if rank == 0 and (slow := checkpoints.slow_precision_warning(device, cfg.precision,
                                                                  checkpoints.PRECISIONS[cfg.precision])):
         print(slow, file=sys.stderr)
@@ -634,7 +552,10 @@ def run(cfg: Config):
 
     # ---- model, adapters and the Echo path
     model, tokenizer = load_model(cfg, device, rank, world)
-    echo = add_adapters_and_echo_path(model, cfg, echo_cfg, device)
+    torch.manual_seed(cfg.seed)  # the adapter initialisation depends on the seed alone
+    add_adapters(model, targets=tuple(cfg.targets.split(",")), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                 dora="dora" in cfg.method, adapter_only_dropout=cfg.adapter_only_dropout)
+    echo = EchoPath(model, echo_cfg).to(device) if echo_cfg else None
     model.train()
     groups = parameter_groups(model, echo)
     params = [p for group in groups for p in group["params"]]
@@ -660,7 +581,8 @@ def run(cfg: Config):
             append_metrics(out, {"step": 0, "val_loss": val_loss})
 
     # ---- the loop
-    progress = Progress(cfg.log_every, step, total_steps, rank, world)
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    n_tokens, t_last = 0, time.perf_counter()  # this process's real tokens since the last tokens/s reading
     while step < total_steps:
         # batch: the step's examples (every process sees them all) and those routed to the Echo pass
         examples = data.batch(step)
@@ -682,8 +604,17 @@ def run(cfg: Config):
         diagnostics = echo.diagnostics.read() if echo else {}  # this process's Echo passes of the step
         if rank != 0:
             continue
-        # log
-        entry = progress.step(step, tokens, losses, lr, grad_norm.item(), routed) | diagnostics
+        # log: loss, lr and real tokens/s over the last --log-every steps
+        bar.update(1)
+        n_tokens += tokens
+        ce, echo_loss = losses.tolist()
+        entry = {"step": step, "loss": ce + echo_loss, "ce": ce, "echo": echo_loss, "lr": lr,
+                 "grad_norm": grad_norm.item(), "routed": int(routed.sum())}
+        if step % cfg.log_every == 0:
+            entry["tokens_per_s"] = n_tokens * world / (time.perf_counter() - t_last)
+            n_tokens, t_last = 0, time.perf_counter()
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+        entry |= diagnostics
         # validate: the adapter with the best validation loss is the one kept (the recipe's choice)
         if data.val and (step % cfg.eval_every == 0 or step == total_steps):
             entry["val_loss"] = validation_loss(model, data.val, cfg, tokenizer.pad_id, device)
@@ -691,11 +622,11 @@ def run(cfg: Config):
             if entry["val_loss"] < best_val:
                 best_val = entry["val_loss"]
                 save_adapter(out, model, {"method": cfg.method, "ckpt": cfg.ckpt, "step": step, "val_loss": best_val})
-            progress.bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
+            bar.write(f"step {step}: val_loss {entry['val_loss']:.4f} (best {best_val:.4f})")
         append_metrics(out, entry)
         # save: without validation the last adapter is kept; a resumable checkpoint every --save-every steps
         save_run(cfg, step, total_steps, not data.val, model, echo, optimizer, params, best_val)
-    progress.bar.close()
+    bar.close()
     if rank == 0:
         print(f"adapter (the Echo path discarded): {out}/adapter.safetensors")
         data_dir = f" --data-dir {SAMPLE} --datasets boolq ARC-Easy" if embedded_name(cfg.ckpt) else ""

@@ -1,11 +1,6 @@
-"""The adapter's files: adapter.safetensors (the tensors) and adapter_config.json (how to rebuild
-the adapters, the base model they were trained on, the tensor file's SHA-256), as plain tensors
-and dicts.
-
-Written and read back with every check of the files: settings of the wrong type, a tensor file
-from another save, a config edited after the save, tensors that do not fit the adapters or hold
-NaN, an adapter put on another base model. Which tensors make an adapter, and building the
-adapters on a model, are echo_lora.py's (save_adapter, load_adapter); peft's format:
+"""The adapter's files as plain tensors and dicts: adapter.safetensors and adapter_config.json (the
+settings that rebuild the adapters, the base model, the tensor file's SHA-256), written and read
+back with every check of the files. Which tensors make an adapter: echo_lora.py; peft's format:
 scripts/convert_peft.py.
 """
 
@@ -35,11 +30,9 @@ ADAPTER_CONFIG = {
 
 
 def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], settings: dict, config: dict):
-    """Write `folder`/adapter.safetensors and adapter_config.json (`config`, then `settings`,
-    which win). The two files are one unit: the config holds the SHA-256 of the tensor file, so a
-    save interrupted between the two renames (tensors of one step, config of another) is caught
-    when read; the settings go into the tensor file's header too, under its SHA-256, so an edit
-    of the config's copy is caught (check_adapter_files)."""
+    """Write `folder`/adapter.safetensors and adapter_config.json (`config`, then `settings`, which win).
+    The config holds the tensor file's SHA-256 and the tensor file's header the settings, so an
+    interrupted save or an edited config is caught when read (check_adapter_files)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
                              metadata={RECORDED_SETTINGS: json.dumps(settings)})

@@ -14,13 +14,10 @@ from data.commonsense import IGNORE_INDEX, encode_cloze_record, encode_record, l
 
 @dataclass
 class Batch:
-    """A right-padded training batch.
-
-    tokens: (B, T) ids; valid: (B, T) bool, False at padding. At position t the targets are
-    token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens only (the Echo terms'
-    positions A), `ce_targets` on what the plain cross-entropy trains on (every next token, the
-    recipe's default; the answer tokens alone with train.py --answer-only-loss).
-    """
+    """A right-padded training batch. tokens: (B, T) ids; valid: (B, T) bool, False at padding. At
+    position t the targets are token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens
+    only (the Echo terms' positions A), `ce_targets` where the plain cross-entropy trains (every next
+    token; the answer alone with --answer-only-loss)."""
 
     tokens: torch.Tensor
     valid: torch.Tensor
@@ -75,11 +72,8 @@ def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Shuffled batches of similar-length examples, so little compute goes to padding.
-
-    Shuffle, cut into chunks of 64 batches, sort each chunk by length, cut it into batches,
-    shuffle the batches: the order stays random but each batch's lengths are close.
-    """
+    """Shuffled batches of similar-length examples: shuffle, sort chunks of 64 batches by length, cut
+    into batches, shuffle the batches."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(lengths), generator=g).tolist()
     chunk = 64 * batch_size

@@ -1,10 +1,6 @@
-"""Reading a Meta checkpoint folder, checked at the boundary: params.json, the consolidated.NN.pth
-shards (merged when model-parallel), the tokenizer beside them; and the --ckpt, --device and
---precision flags of train.py, eval.py and bench.py.
-
-llama.load builds the model from what these functions return. Every check names the file and
-what is wrong in one line: a value that builds no model or computes NaN, a shard that is
-missing, misnumbered or of another shape, a weight that is not floating point. Nothing is
+"""Reading a Meta checkpoint folder, checked at the boundary (params.json, the consolidated.NN.pth
+shards, the tokenizer beside them), and the --ckpt, --device and --precision flags of train.py,
+eval.py and bench.py. Every check names the file and what is wrong in one line; nothing is
 unpickled that could run code (torch.load with weights_only).
 """
 
@@ -127,13 +123,9 @@ def read_weights(ckpt_dir: Path, expected: dict[str, torch.Size]) -> dict[str, t
 
 
 def read_meta_weights(ckpt_dir: Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Every shard of `meta_shards`, model-parallel shards merged per weight.
-
-    Meta splits wq, wk, wv, w1, w3 and output along dim 0, wo and w2 along dim 1, the embedding
-    along dim 1 (LLaMA 1/2) or dim 0 (Llama 3), and replicates the norms. The split dimension is
-    therefore the one dimension where a shard is smaller than the full weight, which is how it
-    is found here; anything else is a shard count or shape that does not fit params.json.
-    """
+    """Every shard of `meta_shards`, model-parallel shards merged per weight along the one dimension
+    where a shard is smaller than the full weight (Meta splits by weight and by version); any other
+    difference is a shard count or shape that does not fit params.json."""
     shards = meta_shards(ckpt_dir)
     parts = [read_tensor_file(s) for s in shards]
     state = {}

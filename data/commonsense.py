@@ -1,15 +1,10 @@
 """Commonsense records and the prompt protocol of the published commonsense recipe.
 
-The recipe is LLM-Adapters' (Hu et al., 2023, "LLM-Adapters: An Adapter Family for
-Parameter-Efficient Fine-Tuning of Large Language Models"), reused unchanged by DoRA (Liu et al.,
-2024, section 5.1): fine-tune on commonsense_170k, evaluate on eight test sets. A record is a
-JSON object with four strings: `instruction` (the question, choices and answer format), `input`
-(always "" in these files), `output` ("the correct answer is <answer>") and `answer` (the label).
-
-The two templates are upstream's byte for byte. They are Python f-strings indented inside a
-function, so every line after the first starts with 16 spaces, and the training and evaluation
-copies drifted apart in their whitespace: see `_train_text` and `eval_prompt`. Published
-numbers were produced with exactly these bytes, so they are reproduced, quirks included.
+The recipe is LLM-Adapters' (Hu et al., 2023), reused by DoRA (section 5.1): fine-tune on
+commonsense_170k, evaluate on eight test sets. A record holds four strings: `instruction` (question,
+choices, answer format), `input` (always ""), `output` ("the correct answer is <answer>") and
+`answer` (the label). The two templates are upstream's byte for byte, whitespace quirks included
+(`_train_text`, `eval_prompt`): the published numbers were made with exactly these bytes.
 """
 
 import json
@@ -30,12 +25,8 @@ INDENT = " " * 16  # upstream's f-string sits 16 columns deep; the indentation i
 
 
 def _train_text(record: dict, output: str) -> str:
-    """Training template: LLM-Adapters finetune.py `generate_prompt(data_point)`.
-
-    Identical in NVlabs/DoRA commonsense_reasoning/finetune.py. Whitespace, line by line:
-    the first line ends in 2 spaces (1 in the with-input branch), the line after it is empty,
-    and the "blank" separator lines after the instruction and the input are 16 spaces, not empty.
-    """
+    """Training template: LLM-Adapters finetune.py `generate_prompt(data_point)` (as NVlabs/DoRA's).
+    Its first line ends in 2 spaces (1 with input), then an empty line; the separators are 16 spaces."""
     if record["input"]:
         lines = [
             TASK_WITH_INPUT + " ",
@@ -73,12 +64,9 @@ def train_prompt_without_output(record: dict) -> str:
 
 
 def eval_prompt(record: dict) -> str:
-    """Evaluation template: LLM-Adapters commonsense_evaluate.py `generate_prompt(instruction, input)`.
-
-    Identical in NVlabs/DoRA commonsense_reasoning/commonsense_evaluate.py. Unlike training, the
-    first line ends in 1 space (none in the with-input branch), the separator lines are empty,
-    and the prompt ends with "### Response:", a newline and 16 spaces.
-    """
+    """Evaluation template: LLM-Adapters commonsense_evaluate.py `generate_prompt` (as NVlabs/DoRA's).
+    Unlike training: the first line ends in 1 space (none with input), the separators are empty, and
+    it ends with "### Response:", a newline and 16 spaces."""
     if record["input"]:
         lines = [
             TASK_WITH_INPUT,
@@ -148,15 +136,11 @@ def load_records(path) -> list[dict]:
 
 
 def encode_record(tokenizer, record: dict, cutoff: int = 256) -> tuple[list[int], list[int]]:
-    """Token ids and answer-only labels of one training record, as LLM-Adapters' finetune.py
-    makes them (train.py trains the plain loss on every token, as upstream's default does, unless
-    --answer-only-loss; the Echo terms always use these labels).
-
-    The ids are BOS + the training text, truncated to `cutoff`, plus EOS when there is room.
-    The first len(tokens of the prompt without its output) labels are IGNORE_INDEX. That count is upstream's rule, and it is exact for LLaMA's tokenizers:
-    the prompt ends in 16 spaces, which tokenise as one 16-space piece alone, and as a 15-space
-    piece then " the" in front of the output, so the same number of pieces precede the output.
-    """
+    """Token ids and answer-only labels of one training record, as LLM-Adapters' finetune.py makes them:
+    BOS + the training text, truncated to `cutoff`, plus EOS when there is room; the first
+    len(tokens of the prompt without its output) labels IGNORE_INDEX (upstream's rule, exact for
+    LLaMA's tokenizers: the prompt's closing 16 spaces tokenise as one piece alone and as 15 spaces
+    then " the" before the output, the same number of pieces)."""
     ids = tokenizer.encode(train_prompt(record), bos=True, eos=False)[:cutoff]
     if len(ids) < cutoff and ids[-1] != tokenizer.eos_id:
         ids.append(tokenizer.eos_id)

@@ -2,13 +2,10 @@
 
     python data/download.py                      # everything, into data/
     python data/download.py --only ARC-Easy-train ARC-Easy   # one benchmark's training split and test set
-    python data/download.py --only boolq piqa    # some of it
     python data/download.py --base-url URL       # a mirror laid out like the upstream repo
 
-The files are AGI-Edgerunners/LLM-Adapters' (data licence ODC-By), read at a pinned commit and
-checked against their git blob ids (and sha256 where known), so a download is either exactly the
-file the published LoRA / DoRA numbers used, or an error. Nothing is written until a file is
-verified, and then atomically, so an interrupted run never leaves a partial file.
+LLM-Adapters' files (ODC-By) at a pinned commit, checked against their git blob ids (and sha256
+where known) before anything is written, then written atomically.
 """
 
 import argparse

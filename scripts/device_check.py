@@ -3,15 +3,11 @@
     python scripts/device_check.py --shape llama-7b     # on a CUDA machine: -> results/<device>-<date>/
     python scripts/device_check.py --shape tiny         # the same on a CPU, in seconds (tested)
 
-Writes into --out, each file as soon as its part is done:
-  1. parity.json: on a 2-block model of the shape with random weights, in fp32 and bf16: our logits
-     against transformers' LlamaForCausalLM (our side loads the HF model's saved folder with
-     scripts/convert_hf.py then llama.load, the q/k row conversion included), and our LoRA and DoRA logits and adapter
-     gradients against peft's (the adapters cross over with export_peft). A mismatch stops here.
-  2. torchrun.json: `torchrun --nproc_per_node 1 train.py` for 3 steps of the embedded tiny model:
-     train.py joins the process group (NCCL on CUDA, gloo on a CPU) and all-reduces every step.
-Speed and memory are bench.py's. transformers and peft (requirements-dev.txt) are the reference,
-never a dependency of the library.
+Writes into --out, each file as its part is done:
+  1. parity.json: a 2-block model of the shape, random weights, fp32 and bf16: our logits against
+     LlamaForCausalLM's (through scripts/convert_hf.py and llama.load), our LoRA and DoRA logits and
+     adapter gradients against peft's. A mismatch stops here.
+  2. torchrun.json: `torchrun --nproc_per_node 1 train.py`, 3 steps of the embedded tiny model.
 """
 
 import argparse

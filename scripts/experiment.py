@@ -5,22 +5,14 @@
     python scripts/experiment.py --table-only --out results/smollm2-cpu/experiment --readme README.md   # and README's tables
     python scripts/figure.py results/smollm2-cpu/experiment                          # figure.png
 
-The arms, in priority order: the untouched model ("none"); for seed 1, 2, 3 LoRA, Echo-LoRA and
-the control ("echo-lora-control": Echo-LoRA with the injection forced to zero, `train.py
---echo-inject zero`, every Echo term run without the deep signal); then for seed 1, 2, 3 DoRA and
-Echo-DoRA. Each run is `python train.py` then `python eval.py`, run as a user types them, into
-<out>/<arm>-s<seed>/ (<out>/none/ for the untouched model): trained on <data-dir>/<name>/train.json
-of every --train-sets name together, evaluated on <data-dir>/<name>/test.json of each --test-sets.
+The arms, in order: the untouched model ("none"); for each seed LoRA, Echo-LoRA and the control
+("echo-lora-control": train.py --echo-inject zero); then for each seed DoRA and Echo-DoRA. Each run
+is `python train.py` then `python eval.py` as a user types them, into <out>/<arm>-s<seed>/. The
+same command continues the experiment: evaluated runs are kept, a run cut short resumes.
 
-The same command continues the experiment: evaluated runs are kept, a run cut short resumes from
-its checkpoint (train.py --resume, which refuses flags that change the run).
-
-It ends by writing <out>/results.md from the run folders' own files alone (train.py's
-config.json, eval.py's results.json and predictions.jsonl; `--table-only` writes it again from
-them): per arm the accuracy mean ± std over seeds per test set and averaged, then Echo-LoRA
-paired with LoRA and with the control, the control with LoRA, and Echo-DoRA with DoRA, seed by
-seed: the questions that flip each way and the exact McNemar test of those flips; then the Echo
-runs' diagnostics (metrics.jsonl's echo_diag_*, first step -> the mean of the last 20).
+results.md is made from the run folders' own files alone: per arm the accuracy mean ± std over
+seeds, the paired arms seed by seed with the questions that flip each way and the exact McNemar
+test, and the Echo runs' diagnostics (first step -> the mean of the last 20).
 """
 
 import argparse
@@ -50,30 +42,26 @@ ARMS = {"none": None,
         "dora": ("dora", ()), "echo-dora": ("echo-dora", ())}
 GROUPS = (("lora", "echo-lora", "echo-lora-control"), ("dora", "echo-dora"))  # each run seed by seed, in this order
 CONTROL = "-control"  # an Echo arm trained with --echo-inject zero: its name is the Echo arm's + this
-# The lines of a README between which `--table-only --readme` puts results.md's tables.
 README_BEGIN, README_END = "<!-- results.md: begin -->", "<!-- results.md: end -->"
 DEFAULT_SETS = ["ARC-Easy", "ARC-Challenge"]
 # The experiment's departures from the recipe, before --train-flags and --eval-flags (which can undo them).
 EXPERIMENT_TRAIN_FLAGS = ("--epochs", "1")  # the recipe trains 3 epochs
 EXPERIMENT_EVAL_FLAGS = ("--num-beams", "1",  # greedy: a quarter of the protocol's 4-beam rows
                          "--batch-size", "128")  # eval.py's answers do not depend on it
-# What the runner gives each run itself (the parsers' destinations): not for the passed-through flags.
+# What the runner gives each run itself: not for the passed-through flags
 RUNNER_TRAIN_FLAGS = {"ckpt", "method", "seed", "data", "out", "resume", "overwrite", "echo_inject"}
 RUNNER_EVAL_FLAGS = {"ckpt", "adapter", "datasets", "data_dir", "out", "overwrite"}
-# The evaluation settings runs must share to be compared: they change what the accuracy measures.
 COMPARED_SETTINGS = ("scoring", "num_beams", "max_new_tokens", "limit")
-# train.py fields that say where or how a run ran, not what it trained: left out of the table's settings.
+# train.py fields that say where or how a run ran, not what it trained
 NOT_SETTINGS = {"ckpt", "method", "seed", "data", "out", "resume", "overwrite", "device", "log_every", "save_every",
                 "gradient_checkpointing"}
 
 
 def arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out", type=Path, required=True,
-                   help="the experiment's folder: a folder per run and results.md; the same command continues it "
-                        "(required)")
-    p.add_argument("--ckpt", default="smollm2-135m",
-                   help="the base model: checkpoints/NAME or a path (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="the experiment's folder: a folder per run, results.md "
+                                                           "(required)")
+    p.add_argument("--ckpt", default="smollm2-135m", help="the base model: checkpoints/NAME or a path (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="folder of <name>/train.json and <name>/test.json (default: %(default)s)")
     p.add_argument("--train-sets", nargs="+", default=DEFAULT_SETS, metavar="NAME",
@@ -84,9 +72,7 @@ def arg_parser() -> argparse.ArgumentParser:
                         f"(default: {' '.join(DEFAULT_SETS)})")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                    help="only these arms (default: all, in this order)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
-                   help="one run per arm and seed: the seed sets the initialisation, batch order, dropout and "
-                        "routing (default: 1 2 3)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per arm and seed (default: 1 2 3)")
     p.add_argument("--train-flags", default="",
                    help='more train.py flags for every run, one string: --train-flags="--lr 1e-3 --precision bf16" '
                         "(the same in every call into one --out; default: none)")
@@ -96,22 +82,19 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-flags", default="",
                    help='more eval.py flags for every evaluation: --eval-flags="--limit 100" (default: none)')
     p.add_argument("--table-only", action="store_true",
-                   help="run nothing: write <out>/results.md again from the run folders there (default: run, then "
-                        "write it)")
+                   help="run nothing: write <out>/results.md from the run folders there (default: run, then write it)")
     p.add_argument("--runs", nargs="+", type=Path, metavar="RUN",
                    help="with --table-only: tabulate these evaluated run folders instead of those in --out "
                         "(default: --out's)")
     p.add_argument("--readme", type=Path, metavar="FILE",
                    help=f"with --table-only: also put results.md's tables into FILE, between its {README_BEGIN} "
                         f"and {README_END} lines (default: none)")
-    p.add_argument("--scoring", help="with --table-only: which evaluation's files to read, a value of eval.py "
-                                     "--scoring (default: the one scoring the runs hold results of)")
+    p.add_argument("--scoring", help="with --table-only: eval.py --scoring's files to read (default: the runs' one)")
     return p
 
 
 def main(argv=None) -> str:
-    """Run the experiment (or, --table-only, only its table); returns results.md's text. An error
-    is one line (exit status 1); a bad flag, argparse's usage line (exit status 2)."""
+    """Run the experiment (or, --table-only, only its table); returns results.md's text."""
     p = arg_parser()
     a = p.parse_args(argv)
     if not a.table_only and (a.runs or a.scoring or a.readme):
@@ -157,10 +140,9 @@ def given_destinations(parser: argparse.ArgumentParser, args: list[str]) -> set[
 
 
 def passed_flags(a, p) -> dict[str, list[str]]:
-    """The train.py flags of every run, those of the Echo runs alone, and the eval.py flags: the
-    experiment's own, then --train-flags, --echo-flags and --eval-flags. Read by train.py's and
-    eval.py's own parsers, which must find none of the flags the runner gives each run; then
-    every arm's whole command is checked by them, before anything runs."""
+    """The train.py flags of every run, of the Echo runs alone, and the eval.py flags (the experiment's,
+    then --train-flags, --echo-flags, --eval-flags), checked by train.py's and eval.py's own parsers
+    before anything runs; none may be one the runner gives each run."""
     flags = {}
     for name, parser, fixed, reserved in (("train", train.config_parser(), EXPERIMENT_TRAIN_FLAGS, RUNNER_TRAIN_FLAGS),
                                           ("echo", train.config_parser(), (), RUNNER_TRAIN_FLAGS),
@@ -209,8 +191,7 @@ def run_name(arm: str, seed: int | None) -> str:
 
 
 def evaluated(folder: Path, suffix: str = "") -> bool:
-    """Whether eval.py has finished in `folder` (its results.json, written last, is there); `suffix`:
-    its files' for a --scoring other than generate."""
+    """Whether eval.py has finished in `folder` (`suffix`: its files' for a --scoring)."""
     predictions, _, results = output_files(suffix)
     return (folder / results).is_file() and (folder / predictions).is_file()
 
@@ -237,9 +218,8 @@ def eval_command(a, arm: str, folder: Path, flags: dict) -> list[str]:
 
 
 def train_and_evaluate(a, folder: Path, arm: str, seed: int | None, flags: dict, suffix: str):
-    """One run: train.py (the untouched model has nothing to train), then eval.py, into `folder`.
-    A run cut short in an earlier call continues from its checkpoint; one cut short before its
-    first checkpoint holds nothing finished and starts again."""
+    """One run: train.py (not for the untouched model), then eval.py, into `folder`; a run cut short
+    resumes from its checkpoint, or starts again without one."""
     commands = []
     if arm != "none":
         again = ["--resume"] if (folder / "checkpoint.pt").is_file() else ["--overwrite"] if train.holds_run(folder) else []
@@ -268,8 +248,7 @@ def run_folders(out: Path, suffix: str = "") -> list[Path]:
 
 
 def table_suffix(folders: list[Path], scoring: str | None) -> str:
-    """The evaluation files' suffix of --scoring (checked by eval.py's own parser); without it, of
-    the one scoring whose results.json the folders hold (generate's when they hold none)."""
+    """The evaluation files' suffix of --scoring; without it, of the one scoring the folders hold."""
     if scoring is not None:
         return evaluator.results_suffix(evaluator.arg_parser().parse_args(["--scoring", scoring]))
     held = sorted({name for folder in folders for name in EVAL_FILES
@@ -279,7 +258,6 @@ def table_suffix(folders: list[Path], scoring: str | None) -> str:
     return held[0].removeprefix("results").removesuffix(".json") if held else ""
 
 
-# The shapes (data.files.check_shape) of eval.py's results.json and of a predictions.jsonl line.
 RESULTS = {"args?": {"scoring?": str, "num_beams?": int, "max_new_tokens?": int, "limit?": int | None, "ckpt?": str,
                      "precision?": str | None},
            "predictions_sha256?": str, "adapter_sha256?": str | None, "test_sha256?": {str: str}}
@@ -288,9 +266,8 @@ PREDICTION = {"dataset": Rule(str, lambda v: v in evaluator.BENCHMARKS, "a bench
 
 
 def read_predictions(file: Path, data: bytes) -> dict[tuple[str, int], bool]:
-    """{(dataset, index): correct} of a predictions.jsonl; a malformed or repeated line is an error.
-    Correctness is recomputed from the answer and the gold label, never taken on trust: a line
-    whose `correct` says otherwise, or whose gold is no label of its benchmark, is an error."""
+    """{(dataset, index): correct} of a predictions.jsonl; `correct` is checked against the answer and
+    the gold label, never taken on trust."""
     correct = {}
     try:
         lines = data.decode("utf-8").splitlines()
@@ -315,10 +292,8 @@ def read_predictions(file: Path, data: bytes) -> dict[tuple[str, int], bool]:
 
 
 def read_run(folder: Path, suffix: str = "") -> dict:
-    """An evaluated run: its predictions.jsonl, the one source of its accuracies and flips;
-    results.json for the settings it was evaluated with (and the SHA-256 of the predictions written
-    with it, which must match); train.py's run record beside them for the arm and seed (none: the
-    untouched model)."""
+    """An evaluated run: predictions.jsonl (the one source of its accuracies, matching results.json's
+    SHA-256), results.json's settings, and train.py's run record for the arm and seed."""
     predictions_name, _, results_name = output_files(suffix)
     summary_file, predictions_file = folder / results_name, folder / predictions_name
     if not predictions_file.is_file():  # a seed fewer, silently, otherwise
@@ -346,9 +321,8 @@ def arm_rank(arm: str) -> tuple:
 
 
 def load_runs(folders, suffix: str = "") -> tuple[list[dict], list[str]]:
-    """The runs of these folders in arm and seed order, after checking that they can be compared
-    (the same evaluation settings, one run per arm and seed: a copy would count twice); and a note
-    for each folder given again (by its real path, so also through a link), which counts once."""
+    """The runs in arm and seed order, checked to be comparable (the same test files and settings, one
+    run per arm and seed); and a note for each folder given again (counted once)."""
     runs, first, notes = [], {}, []
     for folder in map(Path, folders):
         real = folder.resolve()
@@ -392,27 +366,21 @@ def accuracy(run: dict, dataset: str) -> float:
 
 
 def run_average(run: dict, sets: list[str]) -> float:
-    """The published tables' average: the mean of the per-set accuracies."""
     return statistics.mean(accuracy(run, d) for d in sets)
 
 
 def mean_std(values: list[float]) -> str:
-    """`mean ± sample std`, or the value alone for one run."""
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return f"{values[0]:.1f}" if len(values) == 1 else f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def mcnemar_exact_p(gained: int, lost: int) -> float:
-    """Two-sided exact McNemar test: the chance, if both arms were equally good, of a split of the
-    gained + lost flips at least as uneven as this one (each flip a fair coin)."""
+    """Two-sided exact McNemar test of gained vs lost flips (each flip a fair coin)."""
     n, k = gained + lost, min(gained, lost)
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def pairs(arms: list[str]) -> list[tuple[str, str]]:
-    """Each Echo arm against its base method and against its control, and the control against the
-    base method (what the extra training terms do without the deep signal), where both were run."""
+    """Each Echo arm against its base and its control, and the control against the base, where run."""
     found = []
     for arm in arms:
         if arm.startswith("echo-") and not arm.endswith(CONTROL):
@@ -427,8 +395,8 @@ def as_flags(items: dict) -> str:
 
 
 def settings_lines(runs: list[dict], sets: list[str]) -> list[str]:
-    """How the runs were made, read from their own files: train.py's fields that differ from its
-    defaults (those all trained runs share, then each arm's own), and eval.py's settings."""
+    """How the runs were made, from their own files: train.py's non-default fields (shared, then each
+    arm's own), and eval.py's settings."""
     ckpts = sorted({Path(str(r["eval"].get("ckpt"))).name for r in runs})
     lines = [f"- base model: {', '.join(ckpts)}; runs: {', '.join(r['folder'].name for r in runs)}"]
     trained = [r for r in runs if r["record"]]
@@ -457,14 +425,13 @@ def settings_lines(runs: list[dict], sets: list[str]) -> list[str]:
     return lines
 
 
-# The Echo path's diagnostics results.md tabulates per Echo run: metrics.jsonl's key, its column, its digits.
+# metrics.jsonl's key, its column in results.md, its digits
 DIAGNOSTICS = (("echo_diag_gate", "gate g(e)", 3), ("echo_diag_injection_rel", "injection / ‖A x‖", 2),
                ("echo_diag_ce_plain", "CE(plain)", 3), ("echo_diag_ce_echo", "CE(echo)", 3), ("echo_diag_kl", "KL", 4))
 LAST_STEPS = 20  # a diagnostic's end value: the mean of its last 20 steps (one step's is over a few dozen tokens)
 
 
 def metrics_entries(folder: Path) -> list[dict]:
-    """The entries of the run's metrics.jsonl ([] without one)."""
     path = folder / "metrics.jsonl"
     return [json.loads(line) for line in train.metrics_lines(path, math.inf)] if path.is_file() else []
 
@@ -476,8 +443,7 @@ def curve(folder: Path, key: str) -> tuple[list[int], list[float]]:
 
 
 def diagnostics_lines(runs: list[dict]) -> list[str]:
-    """results.md's diagnostics section: per Echo run, each diagnostic at its first step -> the mean
-    of its last LAST_STEPS steps."""
+    """results.md's diagnostics: per Echo run, each at its first step -> the mean of the last LAST_STEPS."""
     rows = []
     for run in runs:
         entries, cells = metrics_entries(run["folder"]), []  # read once for every diagnostic
@@ -496,9 +462,8 @@ def diagnostics_lines(runs: list[dict]) -> list[str]:
 
 
 def results_markdown(folders, suffix: str = "") -> str:
-    """results.md: how the runs were made; per arm the accuracy (%) mean ± std over seeds per test
-    set and averaged; each pair of arms seed by seed, with the questions that flip each way and
-    the exact McNemar p of those flips (and the seeds pooled); the Echo runs' diagnostics."""
+    """results.md: how the runs were made, accuracy per arm, each pair seed by seed with its flips and
+    McNemar p, the Echo runs' diagnostics."""
     runs, given_again = load_runs(folders, suffix)
     sets = shared_sets(runs)
     arms = {}
@@ -560,8 +525,7 @@ def results_markdown(folders, suffix: str = "") -> str:
 
 
 def results_block(text: str) -> str:
-    """results.md's tables as a README shows them: its sections from the first table on, each
-    '## heading' in bold (a README's own headings stay its outline)."""
+    """results.md's tables as a README shows them: from the first table on, '## heading' in bold."""
     return re.sub(r"^## (.+)$", r"**\1**", text[text.index("\n## ") + 1:], flags=re.M)
 
 

@@ -2,12 +2,10 @@
 
     python scripts/figure.py results/smollm2-cpu/experiment
 
-Left: the accuracy per arm (the mean over the test sets every run has), every seed's run a point,
-the mean ± std over seeds a bar beside them. Right: the Echo path's diagnostics over training
-steps, from metrics.jsonl, for every Echo run (the control's among them): CE(plain) and CE(echo)
-on the routed samples' answer tokens, their difference (below zero: the deep signal lowers the
-loss), and the mean gate g(e); each run's values per step faint, their running mean over
-SMOOTHING steps on top. A step without an Echo pass has no such values; its points are left out. matplotlib is imported here only (requirements-dev.txt).
+Left: accuracy per arm (mean over the shared test sets), each seed a point, mean ± std a bar.
+Right: the Echo runs' diagnostics per step from metrics.jsonl: CE(plain), CE(echo), their
+difference and the gate g(e), faint per step, a running mean over SMOOTHING steps on top.
+matplotlib is imported here only (requirements-dev.txt).
 """
 
 import argparse
