@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.checkpoints import PRECISIONS, device_and_precision, resolve_checkpoint, slow_precision_warning
+from data.checkpoints import (PRECISIONS, device_and_precision, device_description, resolve_checkpoint, resolve_device,
+                              slow_precision_warning)
 from data.commonsense import cloze_choices, cloze_prompt, eval_prompt, load_records
 from data.files import (code_version, locked_folder, output_files, output_folder, read_bytes, read_run_record,
                         recorded_path, write_atomically)
@@ -614,7 +615,7 @@ def report(args, trained: dict | None, predictions: dict[str, list[dict]], missi
                    published={args.published: published} if published else {},
                    args={k: recorded_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                          if k != "adapter_sha256"},
-                   code=code_version(), test_sha256=tests, adapter_sha256=getattr(args, "adapter_sha256", None),
+                   code=code_version(), device=device_description(resolve_device(args.device)), test_sha256=tests, adapter_sha256=getattr(args, "adapter_sha256", None),
                    predictions_sha256=hashlib.sha256(lines.encode("utf-8")).hexdigest())
     write_text(results_file, json.dumps(summary, indent=2) + "\n")
     return markdown

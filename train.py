@@ -455,7 +455,7 @@ def append_metrics(out: Path, entry: dict):
         f.write(json.dumps(entry) + "\n")
 
 
-def run_record(cfg: Config, args, n_train: int, n_echo_params: int) -> dict:
+def run_record(cfg: Config, args, n_train: int, n_echo_params: int, device) -> dict:
     import safetensors
     import sentencepiece
     import tiktoken
@@ -464,6 +464,7 @@ def run_record(cfg: Config, args, n_train: int, n_echo_params: int) -> dict:
     return {RUN_MARKER: 1, "config": dataclasses.asdict(cfg) | {"out": recorded_path(cfg.out)},
             "model_args": dataclasses.asdict(args), "train_records": n_train, "echo_parameters": n_echo_params,
             "command": recorded_command(sys.argv), "code": code_version(),
+            "device": checkpoints.device_description(device),
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
                          "sentencepiece": sentencepiece.__version__, "tiktoken": tiktoken.__version__,
                          "safetensors": safetensors.__version__}}
@@ -572,7 +573,8 @@ def run(cfg: Config):
     if cfg.resume:
         step, best_val = restore_checkpoint(out / "checkpoint.pt", model, echo, optimizer)
     if rank == 0:
-        prepare_run_folder(cfg, step, run_record(cfg, model.args, len(data.train), echo.n_parameters() if echo else 0))
+        prepare_run_folder(cfg, step, run_record(cfg, model.args, len(data.train), echo.n_parameters() if echo else 0,
+                                                  device))
         print(f"{cfg.method}: {sum(p.numel() for p in trainable_parameters(model)):,} adapter parameters"
               + (f" + {echo.n_parameters():,} echo parameters (training only)" if echo else "")
               + f"; {len(data.train)} training records, {total_steps} steps, lr {cfg.lr:g}, on {device}")

@@ -7,6 +7,8 @@ unpickled that could run code (torch.load with weights_only).
 import contextlib
 import hashlib
 import math
+import os
+import platform
 import re
 import time
 from dataclasses import fields
@@ -225,6 +227,22 @@ def device_and_precision(device: str | None, precision: str | None, cuda_precisi
     recipe's bf16; eval.py's is the protocol's fp16) and fp32 elsewhere."""
     device = resolve_device(device)
     return device, precision or (cuda_precision if device.type == "cuda" else "fp32")
+
+
+def device_description(device) -> str:
+    """What a run's record names its machine by: the GPU, or the CPU model, its cores and its bf16
+    instructions (seeded runs are bit-identical on one CPU model, not across them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return f"cpu: {platform.processor() or 'unknown'}, {os.cpu_count()} cores"
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    bf16 = " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "no bf16 instructions"
+    return f"cpu: {model}, {os.cpu_count()} cores, {bf16}"
 
 
 # A half-precision matmul this many times slower than fp32 is emulated: a CPU with bf16

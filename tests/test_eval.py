@@ -233,6 +233,7 @@ def test_end_to_end_writes_results_and_reports_a_missing_set(tiny_checkpoint, tm
     summary = json.loads((out / "results.json").read_text())
     assert list(summary["results"]) == ["boolq", "winogrande", "ARC-Challenge"]
     assert all(r["n"] == 10 for r in summary["results"].values()) and list(summary["missing"]) == ["hellaswag"]
+    assert summary["device"].startswith("cpu: ")  # the machine that scored it
     predictions = read_jsonl(out / "predictions.jsonl")
     assert len(predictions) == 30
     assert set(predictions[0]) == {"dataset", "index", "generated", "answer", "gold", "correct"}

@@ -68,6 +68,7 @@ def test_real_records_validation_loss_goes_down(tmp_path, tiny_ckpt, arc_records
     assert not any("echo" in k or "proj" in k or "gate" in k for k in saved)
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["method"] == method and record["echo_parameters"] > 0
+    assert record["device"].startswith("cpu: ") and " cores, " in record["device"]  # the machine the run was made on
     assert len(record["code"]["git_commit"] or "0" * 40) == 40
     # the Echo path's diagnostics, on every step that routed a sample
     diagnosed = [m for m in steps if m["routed"]]
