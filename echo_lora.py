@@ -323,8 +323,9 @@ class Injector(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, r, bias=False)  # P, (32, 4096)
         # --echo-up own: U (4096, 32), zeros like lora_B, but trained from the first step (a term
-        # inside B u reaches the output only as fast as B grows from zero)
-        self.up = None if out_features is None else nn.Linear(r, out_features, bias=False)
+        # inside B u reaches the output only as fast as B grows from zero). Built without drawing
+        # random numbers, so a seed draws the same P, dropout and routing as under --echo-up lora.
+        self.up = None if out_features is None else nn.utils.skip_init(nn.Linear, r, out_features, bias=False)
         if self.up is not None:
             nn.init.zeros_(self.up.weight)
         nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))  # initialised like lora_A

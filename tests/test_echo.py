@@ -313,3 +313,19 @@ def test_echo_up_own_adds_its_own_up_projection_to_the_output():
         reaches = [inj.up.weight.grad.abs().max() > 0 if up == "own" else inj.proj.weight.grad.abs().max() > 0
                    for inj in echo.injectors.values()]
         assert all(reaches) if up == "own" else not any(reaches)
+
+
+def test_echo_up_own_draws_the_same_random_numbers_as_lora():
+    """U is built without drawing random numbers: under the same seed --echo-up own starts with the
+    same projections P and leaves the generator where --echo-up lora leaves it (the same dropout
+    and routing afterwards), so the two channels differ in nothing else."""
+    paths, after = {}, {}
+    for up in ("lora", "own"):
+        model = adapted_model(seed=1)
+        torch.manual_seed(5)
+        echo = EchoPath(model, EchoConfig(up=up))
+        paths[up] = {k: v for k, v in echo.state_dict().items() if not k.endswith("up.weight")}
+        after[up] = torch.rand(8)
+    assert paths["lora"].keys() == paths["own"].keys()
+    assert all(torch.equal(paths["lora"][k], paths["own"][k]) for k in paths["lora"])
+    assert torch.equal(after["lora"], after["own"])
