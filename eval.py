@@ -171,14 +171,19 @@ def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, p
     hidden, _ = model.trunk(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
     for cache in caches:
         cache.reserve(max_new_tokens)
-    logits = model.output(hidden[:, -1])
-    if not torch.isfinite(logits).all():  # every batch, not the first question only: nothing non-finite is scored
-        raise NonFiniteLogits("the model's logits are not finite (NaN or inf)")
-    return logits, caches, valid, positions[:, -1] + 1
+    return finite(model.output(hidden[:, -1])), caches, valid, positions[:, -1] + 1
 
 
 class NonFiniteLogits(ValueError):
     """A model that computes NaN or infinity on a question: stops the evaluation, nothing written."""
+
+
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """`logits`, checked at every decoding step of every batch (not the first question's prompt
+    only): an argmax over NaN picks a token all the same, so nothing non-finite may be decoded."""
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogits("the model's logits are not finite (NaN or inf)")
+    return logits
 
 
 @torch.no_grad()
@@ -197,7 +202,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if done.all():
             break
         valid = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=device)], dim=1)
-        logits = model(token[:, None], next_pos[:, None], valid[:, None, None, :], caches)[:, -1]
+        logits = finite(model(token[:, None], next_pos[:, None], valid[:, None, None, :], caches)[:, -1])
         next_pos = next_pos + 1
     out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
     return [[t for t in row if t >= 0] for row in out]
@@ -279,7 +284,7 @@ def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, ma
         beams, beam_scores = beams[keep], beam_scores[keep]
         valid = torch.cat([valid[rows], torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
         next_pos = next_pos[rows]
-        logits = model(beams[:, :, -1].reshape(-1, 1), next_pos[:, None], valid[:, None, None, :], caches)[:, -1]
+        logits = finite(model(beams[:, :, -1].reshape(-1, 1), next_pos[:, None], valid[:, None, None, :], caches)[:, -1])
         next_pos = next_pos + 1
     best = [hypotheses[0][1] for hypotheses in finished]
     return [ids[:-1] if ids[-1] in stop_ids else ids for ids in best]

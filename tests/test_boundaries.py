@@ -1014,6 +1014,26 @@ def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys,
     assert not (tmp_path / "eval" / "results.json").exists()
 
 
+@pytest.mark.parametrize("extra", [("--num-beams", "1"), ("--num-beams", "2")])
+def test_a_nan_first_seen_at_a_later_generated_token_stops_eval(ckpt, tmp_path, capsys, monkeypatch, extra):
+    """Prompts finite, the third decoding step NaN: greedy and beam search stop there, nothing written."""
+    trunk = llama.Transformer.trunk
+    steps = []
+
+    def nan_at_the_third_decoding_step(self, tokens, *a, **kw):
+        hidden, states = trunk(self, tokens, *a, **kw)
+        steps.append(tokens.shape[1] == 1)
+        return (hidden * float("nan") if sum(steps) == 3 and steps[-1] else hidden), states
+
+    monkeypatch.setattr(llama.Transformer, "trunk", nan_at_the_third_decoding_step)
+    argv = eval_args(ckpt, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "2", "--max-new-tokens", "8", *extra)
+    assert evaluator.main(argv) == 1
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("eval.py:")]
+    assert "not finite" in line and "nothing written" in line and "Traceback" not in err
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
 # ---- class 8: converters read like loaders: a weight comes only from the file the index names for it
 
 
