@@ -15,6 +15,7 @@ bench.json after every row, and bench.md (the table) at the end.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -219,16 +220,22 @@ def peft_step(model, device, precision: str, answer_only: bool):
     return run
 
 
-def time_training(step, batches, warmup: int, device) -> dict:
-    """Real tokens/s over the batches after `warmup` of them, and the median step time."""
+def time_training(step, batches, warmup: int, device, profile: bool = False) -> dict:
+    """Real tokens/s over the batches after `warmup` of them, and the median step time; with `profile`
+    the operators that took the most of those steps' time (torch.profiler's self time, seconds)."""
     for examples in batches[:warmup]:
         step(examples)
     reset_peak(device)
     seconds, tokens = [], 0
-    for examples in batches[warmup:]:
-        with timed(device, seconds):
-            tokens += step(examples)
-    return {"tokens_per_s": tokens / sum(seconds), "step_s": statistics.median(seconds), "peak_gib": peak_gib(device)}
+    with torch.profiler.profile() if profile else contextlib.nullcontext() as profiler:
+        for examples in batches[warmup:]:
+            with timed(device, seconds):
+                tokens += step(examples)
+    row = {"tokens_per_s": tokens / sum(seconds), "step_s": statistics.median(seconds), "peak_gib": peak_gib(device)}
+    if profile:
+        ops = sorted(profiler.key_averages(), key=lambda op: -op.self_device_time_total - op.self_cpu_time_total)
+        row["profile_s"] = {op.key: (op.self_cpu_time_total + op.self_device_time_total) / 1e6 for op in ops[:8]}
+    return row
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +347,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-sets", nargs="+", default=["ARC-Easy"], metavar="NAME",
                    help="benchmarks whose prompts are timed (default: ARC-Easy)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="the longest reply (default: 32, the protocol's)")
+    p.add_argument("--profile", action="store_true", help="list each training row's 8 costliest operators "
+                   "(torch.profiler; the rows' speeds then include its overhead) (default: off)")
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + peft peer (default: time it)")
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="the JSON written (default: bench.json)")
     a = p.parse_args(argv)
@@ -388,12 +397,13 @@ def main(argv=None) -> dict:
 
         for method in a.method:
             model, _ = our_model(folder, device, dtype, a.tokenizer)
-            write({"impl": "ours", "method": method} | time_training(
-                our_step(model, tokenizer, method, device, precision, a.batch_size, a.cloze), step_batches, a.warmup, device))
-            del model
+            step = our_step(model, tokenizer, method, device, precision, a.batch_size, a.cloze)
+            write({"impl": "ours", "method": method} | time_training(step, step_batches, a.warmup, device, a.profile))
+            del model, step  # the step holds the model: freed before the next is measured
             if not a.no_peft and method in ("lora", "dora"):
-                write({"impl": "peft", "method": method} | time_training(
-                    peft_step(peft_model(peer, method, device, dtype), device, precision, a.cloze), step_batches, a.warmup, device))
+                step = peft_step(peft_model(peer, method, device, dtype), device, precision, a.cloze)
+                write({"impl": "peft", "method": method} | time_training(step, step_batches, a.warmup, device, a.profile))
+                del step
 
         test_sets = {k: v for k, v in test_prompts(a.test_sets, a.questions).items() if k in a.eval_sets}
         evaluation = result["evaluation"]
@@ -449,6 +459,10 @@ def format_table(result: dict) -> str:
                      f"{r['of_real_shape_limit']:.1%} | "
                      f"{cell(r.get('vs_peft'), '.2f', 'x')} | {cell(r.get('step_vs_base'), '.2f', 'x')} | "
                      f"{r['step_s']:.2f} | {cell(r['peak_gib'], '.1f')} |")
+    for r in result["train"]:
+        if "profile_s" in r:
+            lines.append(f"profile, {r['impl']} {r['method']}: " + ", ".join(
+                f"{op} {s:.1f} s" for op, s in r["profile_s"].items()))
     e = result["evaluation"]
     for impl in ("ours", "transformers"):
         if impl in e:

@@ -336,10 +336,12 @@ class Injector(nn.Module):
         """g(e) = sigmoid(w . e + c), one per sample: (8, 4096) -> (8,)."""
         return torch.sigmoid(e @ self.gate_weight + self.gate_bias)
 
-    def forward(self, u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """u: A x, (8, 24, 32) (only its dtype is used); e: (8, 4096); inject_at: m_t, (8, 24)."""
+    def forward(self, u: torch.Tensor, e: torch.Tensor, sample_at: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """u: A x, (1, 192, 32) (only its dtype is used); e: (8, 4096); sample_at: (1, 192), the routed
+        sample whose term each position takes, -1 where m_t = 0."""
         projected = gate[:, None] * self.proj(e)  # g(e) P e, (8, 32)
-        return (inject_at[..., None] * projected[:, None, :]).to(u.dtype)  # m_t g(e) P e, (8, 24, 32)
+        term = projected[sample_at.clamp(min=0)] * (sample_at >= 0)[..., None]  # m_t g(e) P e, (1, 192, 32)
+        return term.to(u.dtype)
 
 
 class Diagnostics:
@@ -381,12 +383,13 @@ class EchoPath(nn.Module):
         self.diagnostics = Diagnostics()
 
     @contextmanager
-    def injecting(self, e: torch.Tensor, inject_at: torch.Tensor):
-        """Within this block every target adds m_t g(e) P e (item 4); under --echo-inject zero none does."""
+    def injecting(self, e: torch.Tensor, sample_at: torch.Tensor):
+        """Within this block every target adds m_t g(e) P e (item 4), e the row of `e` that `sample_at`
+        names at each position (-1: m_t = 0); under --echo-inject zero none does."""
         if self.config.inject == "echo":
             for path, module in self.targets.items():
                 injector = self.injectors[path.replace(".", "_")]
-                hook = partial(self.inject, injector, e=e, inject_at=inject_at)
+                hook = partial(self.inject, injector, e=e, sample_at=sample_at)
                 if injector.up is None:
                     module.injection = hook
                 else:
@@ -397,11 +400,12 @@ class EchoPath(nn.Module):
             for module in self.targets.values():  # the discard (item 8): the plain model again
                 module.injection = module.up_injection = None
 
-    def inject(self, injector: "Injector", u: torch.Tensor, e: torch.Tensor, inject_at: torch.Tensor) -> torch.Tensor:
+    def inject(self, injector: "Injector", u: torch.Tensor, e: torch.Tensor, sample_at: torch.Tensor) -> torch.Tensor:
         """One target's injection, its gate and its size beside u = A x noted for the diagnostics."""
         gate = injector.gate(e)
-        term = injector(u, e, inject_at, gate)
+        term = injector(u, e, sample_at, gate)
         with torch.no_grad():
+            inject_at = sample_at >= 0
             self.diagnostics.add(gate=gate.float().mean(),
                                  injection_rel=term[inject_at].float().norm() / u[inject_at].float().norm().clamp_min(1e-12))
         return term
@@ -435,13 +439,22 @@ class PlainPass:
 
 def echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass]) -> torch.Tensor:
     """METHOD.md item 6: z_echo (N_echo, 32000) at the routed answer positions, in the order of
-    `h[rows][answer[rows]]` part by part. Every part's routed samples run as one pass (a part's few
-    alone make matmuls too small), right-padded to the longest part: causal, so padding changes nothing."""
+    `h[rows][answer[rows]]` part by part: every part's routed samples in one pass (a part's few
+    alone make matmuls too small)."""
     config = echo_path.config
-    e = torch.cat([echo_representation(source_states(p.states, echo_path.source_layers, p.rows),
-                                       answer_only_masks(p.batch.answer_targets[p.rows], p.batch.valid[p.rows],
-                                                         config.mask), config.pool)
-                   for p in plain_passes])  # (8, 4096)
+    masks = [answer_only_masks(p.batch.answer_targets[p.rows], p.batch.valid[p.rows], config.mask)
+             for p in plain_passes]
+    e = torch.cat([echo_representation(source_states(p.states, echo_path.source_layers, p.rows), m, config.pool)
+                   for p, m in zip(plain_passes, masks)])  # (8, 4096)
+    if config.echo_pass == "full":
+        return full_echo_pass(echo_path, model, plain_passes, e)
+    return suffix_echo_pass(echo_path, model, plain_passes, masks, e)
+
+
+def full_echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass], e: torch.Tensor) -> torch.Tensor:
+    """The reference: every position recomputed, the parts' routed samples right-padded to the
+    longest part (causal: padding changes nothing). Never under activation checkpointing: its
+    recomputation would run in backward, after the injection is off."""
     length = max(p.batch.tokens.shape[1] for p in plain_passes)
 
     def rows(p: PlainPass, tensor: torch.Tensor, fill) -> torch.Tensor:
@@ -449,56 +462,42 @@ def echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass]) -> torc
 
     tokens = torch.cat([rows(p, p.batch.tokens, 0) for p in plain_passes])  # (8, 256)
     masks = answer_only_masks(torch.cat([rows(p, p.batch.answer_targets, IGNORE_INDEX) for p in plain_passes]),
-                              torch.cat([rows(p, p.batch.valid, False) for p in plain_passes]), config.mask)
-    if config.echo_pass == "full":
-        return full_echo_pass(echo_path, model, tokens, e, masks)
-
-    def prefix(layer: int, name: str) -> torch.Tensor:  # (8, 32, 256, 128): every part's, padded past its end
-        return torch.cat([F.pad(getattr(p.caches[layer], name)[p.rows], (0, 0, 0, length - p.batch.tokens.shape[1]))
-                          for p in plain_passes])
-    caches = [KVCache(prefix(layer, "k"), prefix(layer, "v")) for layer in range(len(model.layers))]
-    return suffix_echo_pass(echo_path, model, tokens, e, masks, caches)
-
-
-def full_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMasks) -> torch.Tensor:
-    """The reference: every position recomputed. Never under activation checkpointing: its
-    recomputation would run in backward, after the injection is off."""
+                              torch.cat([rows(p, p.batch.valid, False) for p in plain_passes]), echo_path.config.mask)
+    sample_at = torch.where(masks.inject_at, torch.arange(len(tokens), device=tokens.device)[:, None], -1)
     checkpointing, model.gradient_checkpointing = model.gradient_checkpointing, False
     try:
-        with echo_path.injecting(e, masks.inject_at):
+        with echo_path.injecting(e, sample_at):
             h, _ = model.trunk(tokens)  # (8, 256, 4096)
     finally:
         model.gradient_checkpointing = checkpointing
     return model.output(h[masks.answer]).float()
 
 
-def suffix_echo_pass(echo_path: EchoPath, model, tokens, e, masks: AnswerOnlyMasks, prefix_caches) -> torch.Tensor:
-    """METHOD.md item 6: only positions b-1..T-2 are computed, attending to the plain pass's keys and
-    values of 0..b-2 (not detached); equal to the full pass, as the injection is zero before b-1,
-    except that the prefix keeps the plain pass's dropout draws."""
-    answer_start = masks.answer_start  # (8,): b-1
-    n_answer = masks.answer.sum(1)  # (8,)
-    suffix_len, prefix_len = int(n_answer.max()), int(answer_start.max())  # e.g. 24, 232
-    offsets = torch.arange(suffix_len, device=tokens.device)
-    in_suffix = offsets < n_answer[:, None]  # (8, 24): the answer positions (m_t), False at padding
-    positions = answer_start[:, None] + offsets  # (8, 24): absolute positions b-1, b, ...
-    suffix_tokens = tokens.gather(1, positions.clamp(max=tokens.shape[1] - 1))  # (8, 24)
-    # the plain pass's keys and values of the prefix, (8, 32, 232, 128) per block
-    prefix = [KVCache(c.k[:, :, :prefix_len], c.v[:, :, :prefix_len]) for c in prefix_caches]
-    mask = suffix_attention_mask(answer_start, prefix_len, suffix_len)  # (8, 1, 24, 232 + 24)
-    with echo_path.injecting(e, in_suffix):
-        h, _ = model.trunk(suffix_tokens, positions, mask, prefix)  # (8, 24, 4096)
-    return model.output(h[in_suffix]).float()
+def suffix_echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass], masks: list[AnswerOnlyMasks],
+                     e: torch.Tensor) -> torch.Tensor:
+    """METHOD.md item 6: only the answer positions b-1..T-2 are computed, every routed sample's packed
+    into one row of 8 x 24 = 192, each at its own positions, attending to its own plain-pass keys and
+    values of 0..b-2 (not detached) and causally to its own suffix. Equal to the full pass, as the
+    injection is zero before b-1, except that the prefix keeps the plain pass's dropout draws."""
+    device = e.device
+    answers = [m.answer for m in masks]  # per part (2, 256) bool: b-1..T-2
+    prefixes = [torch.arange(a.shape[1], device=device) < m.answer_start[:, None] for a, m in zip(answers, masks)]
+    tokens = torch.cat([p.batch.tokens[p.rows][a] for p, a in zip(plain_passes, answers)])  # (192,)
+    positions = torch.cat([a.nonzero()[:, 1] for a in answers])  # (192,): each token's own position
+    samples = torch.arange(len(e), device=device)
+    sample = samples.repeat_interleave(torch.cat([a.sum(1) for a in answers]))  # (192,): whose token
+    prefix_sample = samples.repeat_interleave(torch.cat([b.sum(1) for b in prefixes]))  # (1856,): whose key
 
+    def prefix(layer: int, name: str) -> torch.Tensor:  # (1, 32, 1856, 128): the samples' prefixes in a row
+        keys = [getattr(p.caches[layer], name)[p.rows].transpose(1, 2)[b] for p, b in zip(plain_passes, prefixes)]
+        return torch.cat(keys).transpose(0, 1)[None]
 
-def suffix_attention_mask(answer_start: torch.Tensor, prefix_len: int, suffix_len: int) -> torch.Tensor:
-    """(R, 1, suffix_len, prefix_len + suffix_len) bool: the prefix keys before the sample's own b-1,
-    then the suffix keys causally."""
-    n_rows = answer_start.shape[0]
-    sees_prefix = torch.arange(prefix_len, device=answer_start.device) < answer_start[:, None]  # (8, 232)
-    causal = torch.ones(suffix_len, suffix_len, dtype=torch.bool, device=answer_start.device).tril()  # (24, 24)
-    return torch.cat([sees_prefix[:, None, None, :].expand(n_rows, 1, suffix_len, prefix_len),
-                      causal.expand(n_rows, 1, suffix_len, suffix_len)], dim=-1)
+    caches = [KVCache(prefix(layer, "k"), prefix(layer, "v")) for layer in range(len(model.layers))]
+    same = sample[:, None] == sample[None, :]  # (192, 192)
+    mask = torch.cat([sample[:, None] == prefix_sample[None, :], same.tril()], dim=1)  # (192, 1856 + 192)
+    with echo_path.injecting(e, sample[None]):
+        h, _ = model.trunk(tokens[None], positions[None], mask[None, None], caches)  # (1, 192, 4096)
+    return model.output(h[0]).float()
 
 
 # ---- 7. Loss, with masked distillation

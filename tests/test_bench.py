@@ -26,7 +26,10 @@ def test_bench_cloze_form_scores_as_transformers_does(tmp_path, capsys):
     and transformers' forward over each whole prompt + choice: every answer must agree."""
     out = tmp_path / "bench.json"
     bench.main(["--shape", "tiny", "--cloze", "--method", "lora", "--batch-size", "4", "--steps", "1", "--warmup", "1",
-                "--questions", "6", "--out", str(out)])
-    evaluation = json.loads(out.read_text())["evaluation"]
+                "--questions", "6", "--profile", "--out", str(out)])
+    result = json.loads(out.read_text())
+    evaluation = result["evaluation"]
     assert evaluation["scoring"] == "cloze" and evaluation["questions"] == 6 and evaluation["same_answers"] == 6
-    assert "cloze evaluation, 6 real test prompts: transformers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cloze evaluation, 6 real test prompts: transformers" in printed
+    assert "profile, ours lora: " in printed and len(result["train"][0]["profile_s"]) == 8

@@ -73,7 +73,7 @@ def test_echo_pass_leaves_prompt_positions_bit_identical():
     e = torch.randn(4, ARGS.dim)
     with torch.no_grad():
         plain = model(batch.tokens)
-        with echo.injecting(e, answer):
+        with echo.injecting(e, torch.where(answer, torch.arange(4)[:, None], -1)):  # row i: e[i]
             echoed = model(batch.tokens)
     answer_start = answer.float().argmax(1)  # b-1
     for i in range(3):  # samples with an answer
@@ -205,7 +205,7 @@ def test_suffix_echo_pass_equals_full_recomputation(dora, routed):
 @pytest.mark.parametrize("dora", [False, True])
 def test_parts_of_a_micro_batch_share_one_echo_pass_of_the_same_function(echo_pass, dora):
     """A micro-batch given as two length-sorted parts (two plain passes, one Echo pass over both
-    parts' routed samples, right-padded to the longer part) computes the loss and gradients of the
+    parts' routed samples) computes the loss and gradients of the
     same samples given as one batch."""
     examples = examples_of((9, 4, 13, 6, 22, 3), (4, 6, 3, 0, 5, 2), seed=3)
     routed = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)
@@ -290,7 +290,7 @@ def test_echo_up_own_adds_its_own_up_projection_to_the_output():
         target.lora_B.normal_(0, 0.1)
     x, e = torch.randn(2, 5, ARGS.dim), torch.randn(2, ARGS.dim)
     inject_at = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
-    with echo.injecting(e, inject_at):
+    with echo.injecting(e, torch.where(inject_at, torch.arange(2)[:, None], -1)):
         y = target(x)
     gate = torch.sigmoid(e @ injector.gate_weight + injector.gate_bias)
     term = inject_at[..., None] * (gate[:, None] * (e @ injector.proj.weight.T))[:, None, :]
