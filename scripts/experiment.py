@@ -87,9 +87,15 @@ def arg_parser() -> argparse.ArgumentParser:
                    help="with --table-only: tabulate these evaluated run folders instead of those in --out "
                         "(default: --out's)")
     p.add_argument("--readme", type=Path, metavar="FILE",
-                   help=f"with --table-only: also put results.md's tables into FILE, between its {README_BEGIN} "
+                   help=f"with --table-only: also put results.md's accuracy table into FILE, between its {README_BEGIN} "
                         f"and {README_END} lines (default: none)")
     p.add_argument("--scoring", help="with --table-only: eval.py --scoring's files to read (default: the runs' one)")
+    p.add_argument("--forms", nargs="+", metavar="NAME=FOLDER",
+                   help="with --table-only: one results.md in --out comparing experiments side by side, each an "
+                        "--out folder of its own under a name: --forms answer-only=A whole-text=B (default: none)")
+    p.add_argument("--diagnostics-runs", nargs="+", type=Path, default=[], metavar="RUN",
+                   help="with --forms: more Echo run folders (a positive control) whose diagnostics are listed "
+                        "beside the forms' (default: none)")
     return p
 
 
@@ -97,9 +103,14 @@ def main(argv=None) -> str:
     """Run the experiment (or, --table-only, only its table); returns results.md's text."""
     p = arg_parser()
     a = p.parse_args(argv)
-    if not a.table_only and (a.runs or a.scoring or a.readme):
-        p.error("--runs, --scoring and --readme go with --table-only (the runs' scoring is --eval-flags')")
+    if not a.table_only and (a.runs or a.scoring or a.readme or a.forms):
+        p.error("--runs, --scoring, --readme and --forms go with --table-only (the runs' scoring is --eval-flags')")
+    if a.diagnostics_runs and not a.forms:
+        p.error("--diagnostics-runs goes with --forms")
     try:
+        if a.forms:
+            return write_results(a.out, None, readme=a.readme, text=forms_markdown(
+                form_folders(a.forms, p), a.diagnostics_runs, a.scoring))
         if a.table_only:
             suffix = table_suffix(a.runs or subfolders(a.out), a.scoring)
             return write_results(a.out, a.runs or run_folders(a.out, suffix), suffix, a.readme)
@@ -461,14 +472,78 @@ def diagnostics_lines(runs: list[dict]) -> list[str]:
             *rows]
 
 
+GAP_STEPS, WINDOW = 50, 20  # the gap's end: the mean of its last 50 steps; its best: a 20-step mean
+
+
+def gap_row(name: str, folder: Path) -> str:
+    """One run's CE(echo) - CE(plain) per routed answer token (first step, last GAP_STEPS, best WINDOW
+    steps) and its gate, injection and KL over the last GAP_STEPS: what shows the deep signal carried."""
+    entries = [e for e in metrics_entries(folder) if "echo_diag_ce_echo" in e]
+    if not entries:
+        return ""
+    gaps = [e["echo_diag_ce_echo"] - e["echo_diag_ce_plain"] for e in entries]
+    best = min(statistics.mean(gaps[i:i + WINDOW]) for i in range(max(1, len(gaps) - WINDOW + 1)))
+
+    def last(key, digits):
+        values = [e[key] for e in entries[-GAP_STEPS:] if key in e]
+        return f"{statistics.mean(values):.{digits}f}" if values else "-"
+    return (f"| {name} | {gaps[0]:+.4f} | {statistics.mean(gaps[-GAP_STEPS:]):+.4f} | {best:+.4f} | "
+            f"{last('echo_diag_kl', 4)} | {last('echo_diag_gate', 3)} | {last('echo_diag_injection_rel', 2)} |")
+
+
+def form_folders(forms: list[str], p: argparse.ArgumentParser) -> dict[str, Path]:
+    named = dict(form.partition("=")[::2] for form in forms)
+    if len(named) < len(forms) or not all(name and folder for name, folder in named.items()):
+        p.error(f"--forms takes distinct NAME=FOLDER items, found {' '.join(forms)}")
+    return {name: Path(folder) for name, folder in named.items()}
+
+
+def forms_markdown(forms: dict[str, Path], diagnostics_runs: list[Path], scoring: str | None = None) -> str:
+    """results.md of experiments side by side: each form's settings, the arms' accuracy in one table,
+    each form's pairs, and every Echo run's CE(echo) - CE(plain) with the positive controls'."""
+    loaded = {}
+    for name, folder in forms.items():
+        suffix = table_suffix(subfolders(folder), scoring)
+        runs, _ = load_runs(run_folders(folder, suffix), suffix)
+        loaded[name] = runs, shared_sets(runs)
+    names = list(loaded)
+    lines = ["# Echo vs its base method and its control, in each form", "",
+             "Made by `python scripts/experiment.py --table-only --forms` from the run folders' own files; nothing "
+             "typed by hand. Each form is one experiment folder (its own results.md gives its settings in full):", ""]
+    for name, (runs, sets) in loaded.items():
+        lines += [f"**{name}** (`{forms[name]}`)", "", *settings_lines(runs, sets), ""]
+    arms = sorted({r["arm"] for runs, _ in loaded.values() for r in runs}, key=arm_rank)
+    header, rule = "| arm |", "|---|"
+    for name, (_, sets) in loaded.items():
+        header += f" {name}: seeds | " + " | ".join(evaluator.BENCHMARKS[d].column for d in sets) + " | Average |"
+        rule += "---|" + "---:|" * (len(sets) + 1)
+    lines += ["## Accuracy (%), mean ± std over seeds", "", header, rule]
+    for arm in arms:
+        cells = []
+        for runs, sets in loaded.values():
+            by_seed = by_arm(runs).get(arm)
+            cells += accuracy_cells(by_seed, sets) if by_seed else ["-"] * (len(sets) + 2)
+        lines.append(f"| {'none (untouched)' if arm == 'none' else arm} | " + " | ".join(cells) + " |")
+    for name, (runs, sets) in loaded.items():
+        lines += paired_lines(by_arm(runs), sets, f"## Paired, seed by seed: {name}")
+    rows = [gap_row(f"{name}: {r['folder'].name}", r["folder"]) for name in names for r in loaded[name][0]]
+    rows += [gap_row(f"{folder.parent.name}/{folder.name}", folder) for folder in diagnostics_runs]
+    lines += ["", "## Did the deep signal carry?", "",
+              "CE(echo) - CE(plain) in nats per routed answer token, from each run's metrics.jsonl: at the first "
+              f"step, the mean of the last {GAP_STEPS} steps, the best mean of {WINDOW} steps in a row; the KL, "
+              f"gate and injection / ‖A x‖ over the last {GAP_STEPS} steps. The control's gap is what the extra "
+              "terms give without the deep signal.", "",
+              "| run | first step | last 50 | best 20 | KL | gate | injection / ‖A x‖ |",
+              "|---|---:|---:|---:|---:|---:|---:|", *[row for row in rows if row]]
+    return "\n".join(lines) + "\n"
+
+
 def results_markdown(folders, suffix: str = "") -> str:
     """results.md: how the runs were made, accuracy per arm, each pair seed by seed with its flips and
     McNemar p, the Echo runs' diagnostics."""
     runs, given_again = load_runs(folders, suffix)
     sets = shared_sets(runs)
-    arms = {}
-    for run in runs:
-        arms.setdefault(run["arm"], {})[run["seed"]] = run
+    arms = by_arm(runs)
     lines = ["# Echo vs its base method and its control, over seeds", "",
              "Made by `python scripts/experiment.py --table-only` from the run folders' own files (train.py's "
              "config.json, eval.py's results.json and predictions.jsonl); nothing typed by hand.", "",
@@ -479,13 +554,34 @@ def results_markdown(folders, suffix: str = "") -> str:
              "| arm | seeds | " + " | ".join(evaluator.BENCHMARKS[d].column for d in sets) + " | Average |",
              "|---|---|" + "---:|" * (len(sets) + 1)]
     for arm, by_seed in arms.items():
-        group = list(by_seed.values())
-        cells = [mean_std([accuracy(r, d) for r in group]) for d in sets] + [mean_std([run_average(r, sets) for r in group])]
-        seeds = "-" if arm == "none" else ", ".join(str(s) for s in by_seed)
-        lines.append(f"| {'none (untouched)' if arm == 'none' else arm} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {'none (untouched)' if arm == 'none' else arm} | " + " | ".join(accuracy_cells(by_seed, sets)) + " |")
+    lines += paired_lines(arms, sets, "## Paired, seed by seed")
+    lines += diagnostics_lines(runs)
+    if given_again:
+        lines += [""] + [f"- {note}" for note in given_again]
+    return "\n".join(lines) + "\n"
+
+
+def by_arm(runs: list[dict]) -> dict[str, dict]:
+    arms = {}
+    for run in runs:
+        arms.setdefault(run["arm"], {})[run["seed"]] = run
+    return arms
+
+
+def accuracy_cells(by_seed: dict, sets: list[str]) -> list[str]:
+    """An arm's seeds, then per test set and the average the accuracy (%) mean ± std over them."""
+    group = list(by_seed.values())
+    seeds = "-" if None in by_seed else ", ".join(str(s) for s in by_seed)
+    return [seeds] + [mean_std([accuracy(r, d) for r in group]) for d in sets] + [mean_std([run_average(r, sets) for r in group])]
+
+
+def paired_lines(arms: dict[str, dict], sets: list[str], heading: str) -> list[str]:
+    """Each pair of arms seed by seed (and pooled): accuracies, the flips each way, exact McNemar p."""
+    lines = []
     found = pairs(list(arms))
     if found:
-        lines += ["", "## Paired, seed by seed", "",
+        lines += ["", heading, "",
                   "The same seed, the same questions: the average accuracy (%) of each arm, their difference, the "
                   "questions right with one arm only, and the two-sided exact McNemar test of those flips. The pooled "
                   "row counts a question once per seed, as if the seeds' flips were independent.", "",
@@ -518,15 +614,14 @@ def results_markdown(folders, suffix: str = "") -> str:
                              f"{statistics.stdev(diffs):.1f} | {gained} | {lost} | {mcnemar_exact_p(gained, lost):.3g} |")
         if notes:
             lines += [""] + notes
-    lines += diagnostics_lines(runs)
-    if given_again:
-        lines += [""] + [f"- {note}" for note in given_again]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def results_block(text: str) -> str:
-    """results.md's tables as a README shows them: from the first table on, '## heading' in bold."""
-    return re.sub(r"^## (.+)$", r"**\1**", text[text.index("\n## ") + 1:], flags=re.M)
+    """results.md's accuracy table as a README shows it (its heading in bold): its first section."""
+    section = text[text.index("\n## ") + 1:]
+    return re.sub(r"^## (.+)$", r"**\1**", section[:section.find("\n## ") + 1] if "\n## " in section else section,
+                  flags=re.M)
 
 
 def with_results_block(readme: Path, text: str) -> str:
@@ -538,9 +633,9 @@ def with_results_block(readme: Path, text: str) -> str:
     return head + README_BEGIN + "\n" + results_block(text) + README_END + tail
 
 
-def write_results(out: Path, folders, suffix: str = "", readme: Path | None = None) -> str:
-    """<out>/results.md from the run folders (and its tables into `readme`); printed, and returned."""
-    text = results_markdown(folders, suffix)
+def write_results(out: Path, folders, suffix: str = "", readme: Path | None = None, text: str | None = None) -> str:
+    """<out>/results.md from the run folders, or `text` (and its tables into `readme`); printed, and returned."""
+    text = text or results_markdown(folders, suffix)
     shown = readme and with_results_block(readme, text)
     write_atomically(out / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     if readme:

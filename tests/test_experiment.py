@@ -181,8 +181,8 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
            "(python data/download.py --only ARC-Easy ARC-Challenge ARC-Easy-train ARC-Challenge-train" in error(
                "--data-dir", str(tmp_path))
     assert "--seeds must be distinct" in error("--seeds", "1", "1")
-    assert "--runs, --scoring and --readme go with --table-only" in error("--runs", str(tmp_path))
-    assert "--runs, --scoring and --readme go with --table-only" in error("--readme", "README.md")
+    assert "--runs, --scoring, --readme and --forms go with --table-only" in error("--runs", str(tmp_path))
+    assert "--runs, --scoring, --readme and --forms go with --table-only" in error("--readme", "README.md")
     assert scripts.commands == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -389,6 +389,26 @@ def test_table_only_writes_the_functions_table_from_the_raw_files(fixture_runs, 
     assert "| echo-lora vs lora | 1 |" in (fixture_runs / "two" / "results.md").read_text()
 
 
+def test_forms_table_sets_experiments_side_by_side_with_each_ones_pairs_and_gaps(fixture_runs, tmp_path):
+    """Two experiment folders as two forms: one accuracy table, each form's pairs, every Echo run's
+    CE(echo) - CE(plain) (fixture: -0.1 at step 1, -0.2 at step 3) and a positive control's."""
+    other = tmp_path / "other"
+    for name in ("lora-s1", "echo-lora-s1"):
+        shutil.copytree(fixture_runs / name, other / name)
+    experiment.main(["--table-only", "--out", str(tmp_path / "both"), "--forms", f"first={fixture_runs}",
+                     f"second={other}", "--diagnostics-runs", str(fixture_runs / "echo-lora-s2")])
+    text = (tmp_path / "both" / "results.md").read_text()
+    assert "| lora | 1, 2 | 37.5 ± 17.7 | 50.0 ± 0.0 | 43.8 ± 8.8 | 1 | 25.0 | 50.0 | 37.5 |" in text
+    assert "| echo-lora-control | 1, 2 | 37.5 ± 17.7 | 37.5 ± 17.7 | 37.5 ± 17.7 | - | - | - | - |" in text
+    assert "## Paired, seed by seed: first" in text and "## Paired, seed by seed: second" in text
+    second = text.split("## Paired, seed by seed: second")[1]
+    assert "| echo-lora vs lora | 1 | 50.0 | 37.5 | +12.5 | 2 | 1 | 1 |" in second and "| pooled" not in second
+    assert "| first: echo-lora-s1 | -0.1000 | -0.1500 | -0.1500 | - | 0.160 | - |" in text
+    assert "| exp/echo-lora-s2 | -0.1000 | -0.1500 | -0.1500 | - | 0.160 | - |" in text
+    with pytest.raises(SystemExit):
+        experiment.main(["--table-only", "--out", str(tmp_path), "--forms", f"first={fixture_runs}", "second"])
+
+
 def test_table_refuses_runs_it_cannot_compare_and_counts_unpaired_questions(fixture_runs):
     write_run(fixture_runs / "other" / "lora-s1", "lora", 1, {"ARC-Easy": [T, T, T, T]})
     with pytest.raises(ValueError, match=r"two runs of lora-s1: .*exp/lora-s1 and .*other/lora-s1"):
@@ -464,13 +484,12 @@ def test_every_flag_states_its_default_and_no_abbreviations():
 
 
 def test_the_readme_shows_the_table_made_from_the_committed_runs():
-    """README's results table is the one `python scripts/experiment.py --table-only` makes from the
-    committed run folders (results/smollm2-cpu/experiment), line for line: no number typed by hand."""
-    out = ROOT / "results" / "smollm2-cpu" / "experiment"
+    """README's results table is the one `python scripts/experiment.py --table-only --forms` makes from
+    the committed run folders of the two loss forms, line for line: no number typed by hand."""
+    runs = ROOT / "results" / "smollm2-cpu"
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     shown = readme.split("<!-- results.md: begin -->")[1].split("<!-- results.md: end -->")[0].strip()
-    suffix = experiment.table_suffix(experiment.subfolders(out), None)
-    made = experiment.results_markdown(experiment.run_folders(out, suffix), suffix)
+    made = experiment.forms_markdown({"answer-only": runs / "experiment", "whole-text": runs / "whole-text"}, [])
     assert "| lora | 1, 2, 3 |" in shown and shown == experiment.results_block(made).strip()
 
 
@@ -482,7 +501,7 @@ def test_table_only_puts_the_tables_into_the_readme_between_its_markers_only(fix
     block, tail = rest.split("<!-- results.md: end -->")
     assert head == "# Title\n\nBefore.\n" and tail == "\n\nAfter.\n"
     assert block.startswith("**Accuracy (%), mean ± std over seeds**\n\n| arm |") and "## " not in block
-    assert block == experiment.results_block(text) and "**The Echo path's diagnostics**" in block
+    assert block == experiment.results_block(text) and "| echo-lora-control | 1, 2 |" in block and "**Paired" not in block
     unmarked = tmp_path / "other.md"
     unmarked.write_text("no markers\n")
     with pytest.raises(SystemExit, match=r"other.md: needs one <!-- results.md: begin --> line and one "
