@@ -1,11 +1,12 @@
-"""The experiment's figure, from its run folders' own files: DIR/figure.png.
+"""The experiments' figure, from their run folders' own files: one row per experiment folder.
 
-    python scripts/figure.py results/smollm2-cpu/experiment
+    python scripts/figure.py results/smollm2-cpu/experiment results/smollm2-cpu/whole-text \
+        --names answer-only whole-text --out results/smollm2-cpu/figure.png
 
-Left: accuracy per arm (mean over the shared test sets), each seed a point, mean ± std a bar.
-Right: the Echo runs' diagnostics per step from metrics.jsonl: CE(plain), CE(echo), their
-difference and the gate g(e), faint per step, a running mean over SMOOTHING steps on top.
-matplotlib is imported here only (requirements-dev.txt).
+Each row: accuracy per arm (mean over the shared test sets), each seed a point, mean ± std a bar;
+then the Echo runs' CE(echo) - CE(plain) and gate g(e) per step from metrics.jsonl, faint per
+step, a running mean over SMOOTHING steps on top. matplotlib is imported here only
+(requirements-dev.txt).
 """
 
 import argparse
@@ -17,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiment.py beside
 
 import experiment  # noqa: E402
 
-CURVES = (("echo_diag_ce_plain", "CE(plain), routed answer tokens"), ("echo_diag_ce_echo", "CE(echo), the same tokens"),
-          (("echo_diag_ce_echo", "echo_diag_ce_plain"), "CE(echo) - CE(plain)"), ("echo_diag_gate", "gate g(e), mean"))
+CURVES = ((("echo_diag_ce_echo", "echo_diag_ce_plain"), "CE(echo) - CE(plain), routed answer tokens"),
+          ("echo_diag_gate", "gate g(e), mean"))
 SMOOTHING = 20  # steps in the running mean: one step's CE is over a few dozen answer tokens, too noisy to read
 
 
@@ -34,18 +35,31 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
-def draw(folders, file: Path, suffix: str = ""):
+def draw(experiments: dict[str, tuple[list[Path], str]], file: Path):
+    """`experiments`: a row's name -> (its run folders, their evaluation files' suffix)."""
     import matplotlib
 
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
 
-    runs, _ = experiment.load_runs(folders, suffix)
+    fig, axes = plt.subplots(len(experiments), 1 + len(CURVES), figsize=(5 + 5 * len(CURVES), 4.2 * len(experiments)),
+                             squeeze=False)
+    for row, (name, (folders, suffix)) in zip(axes, experiments.items()):
+        runs, _ = experiment.load_runs(folders, suffix)
+        draw_row(plt, row, name, runs)
+    for ax in axes[1:, 0]:  # the forms' accuracies on one scale
+        ax.sharey(axes[0, 0])
+    fig.tight_layout()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+
+
+def draw_row(plt, axes, name: str, runs: list[dict]):
     sets = experiment.shared_sets(runs)
     arms = list(dict.fromkeys(r["arm"] for r in runs))
-    colors = {arm: plt.get_cmap("tab10")(i) for i, arm in enumerate(arms)}
-    fig, axes = plt.subplots(1, 1 + len(CURVES), figsize=(5 + 4 * len(CURVES), 4.2))
-
+    colors = {arm: plt.get_cmap("tab10")(i) for i, arm in enumerate(experiment.ARMS)} | {
+        arm: "gray" for arm in arms if arm not in experiment.ARMS}
     ax = axes[0]
     for x, arm in enumerate(arms):
         values = [experiment.run_average(r, sets) for r in runs if r["arm"] == arm]
@@ -56,47 +70,50 @@ def draw(folders, file: Path, suffix: str = ""):
         ax.errorbar([x + 0.15], [mean], yerr=[std], fmt="D", color=colors[arm], capsize=4, markersize=5)
     ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
     ax.set_ylabel(f"accuracy (%), mean of {', '.join(sets)}")
-    ax.set_title("per arm: each seed, and mean ± std")
+    ax.set_title(f"{name}: each seed, and mean ± std")
     ax.grid(axis="y", alpha=0.3)
 
-    axes[2].sharey(axes[1])  # CE(echo) below CE(plain) is the deep signal helping: one scale for both
     echo_runs = [r for r in runs if r["arm"].startswith("echo-")]
     for ax, (key, title) in zip(axes[1:], CURVES):
         labelled = set()
         for run in echo_runs:
             steps, values = difference(run["folder"], *key) if isinstance(key, tuple) else experiment.curve(run["folder"], key)
             if steps:
-                ax.plot(steps, values, color=colors[run["arm"]], alpha=0.25, linewidth=0.7,
+                ax.plot(steps, values, color=colors[run["arm"]], alpha=0.2, linewidth=0.7,
                         marker="." if len(steps) < 30 else None)
                 ax.plot(steps, running_mean(values, SMOOTHING), color=colors[run["arm"]], linewidth=1.5,
                         label=None if run["arm"] in labelled else run["arm"])
                 labelled.add(run["arm"])
         if isinstance(key, tuple):
             ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(title)
+        ax.set_title(f"{name}: {title}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if labelled:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no Echo run logged it", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("dir", type=Path, help="the experiment's folder, holding the run folders (required)")
-    p.add_argument("--out", type=Path, help="the PNG written (default: DIR/figure.png)")
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                   help="experiment folders holding run folders, one row each (required)")
+    p.add_argument("--out", type=Path, help="the PNG written (default: the first DIR's figure.png)")
+    p.add_argument("--names", nargs="+", help="the rows' names, one per DIR (default: the folders' names)")
     p.add_argument("--scoring", help="which evaluation's files to read, a value of eval.py --scoring (default: the "
                                      "one scoring the runs hold results of)")
     a = p.parse_args(argv)
-    out = a.out or a.dir / "figure.png"
+    out = a.out or a.dirs[0] / "figure.png"
+    names = a.names or [folder.name for folder in a.dirs]
+    if len(names) != len(a.dirs) or len(set(names)) < len(names):
+        p.error(f"--names needs one distinct name per DIR ({len(a.dirs)}), found {' '.join(names)}")
     try:
-        suffix = experiment.table_suffix(experiment.subfolders(a.dir), a.scoring)
-        draw(experiment.run_folders(a.dir, suffix), out, suffix)
+        experiments = {}
+        for name, folder in zip(names, a.dirs):
+            suffix = experiment.table_suffix(experiment.subfolders(folder), a.scoring)
+            experiments[name] = experiment.run_folders(folder, suffix), suffix
+        draw(experiments, out)
     except (OSError, ValueError) as e:
         raise SystemExit(f"figure.py: {e}") from None
     print(f"wrote {out}")
