@@ -273,16 +273,16 @@ class AnswerOnlyMasks:
     inject_at: torch.Tensor  # (8, 256) bool: m_t, where the injection is on (item 4): A
 
 
-def answer_only_masks(answer_targets: torch.Tensor, valid: torch.Tensor, mask: str = "answer") -> AnswerOnlyMasks:
+def answer_only_masks(answer_targets: torch.Tensor, real: torch.Tensor, mask: str = "answer") -> AnswerOnlyMasks:
     """METHOD.md items 2 and 4: pooled over the prompt, injected at the answer. `answer_targets`,
-    `valid`: (8, 256). mask "none" (the leaking ablation): every real position for both."""
+    `real`: (8, 256), False at padding. mask "none" (the leaking ablation): every real position for both."""
     answer = answer_targets != IGNORE_INDEX  # (8, 256)
     answer_start = answer.float().argmax(1)  # (8,): the first answer position, b-1
     if mask == "answer":
         positions = torch.arange(answer.shape[1], device=answer.device)
         prompt = positions <= answer_start[:, None]  # (8, 256): positions 0..b-1
         return AnswerOnlyMasks(answer, answer_start, pool_at=prompt, pool_last=answer_start, inject_at=answer)
-    return AnswerOnlyMasks(answer, answer_start, pool_at=valid, pool_last=valid.sum(1) - 1, inject_at=valid)
+    return AnswerOnlyMasks(answer, answer_start, pool_at=real, pool_last=real.sum(1) - 1, inject_at=real)
 
 
 # ---- 2. Echo representation
@@ -442,7 +442,7 @@ def echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass]) -> torc
     `h[rows][answer[rows]]` part by part: every part's routed samples in one pass (a part's few
     alone make matmuls too small)."""
     config = echo_path.config
-    masks = [answer_only_masks(p.batch.answer_targets[p.rows], p.batch.valid[p.rows], config.mask)
+    masks = [answer_only_masks(p.batch.answer_targets[p.rows], p.batch.real[p.rows], config.mask)
              for p in plain_passes]
     e = torch.cat([echo_representation(source_states(p.states, echo_path.source_layers, p.rows), m, config.pool)
                    for p, m in zip(plain_passes, masks)])  # (8, 4096)
@@ -462,12 +462,12 @@ def full_echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass], e:
 
     tokens = torch.cat([rows(p, p.batch.tokens, 0) for p in plain_passes])  # (8, 256)
     masks = answer_only_masks(torch.cat([rows(p, p.batch.answer_targets, IGNORE_INDEX) for p in plain_passes]),
-                              torch.cat([rows(p, p.batch.valid, False) for p in plain_passes]), echo_path.config.mask)
+                              torch.cat([rows(p, p.batch.real, False) for p in plain_passes]), echo_path.config.mask)
     sample_at = torch.where(masks.inject_at, torch.arange(len(tokens), device=tokens.device)[:, None], -1)
     checkpointing, model.gradient_checkpointing = model.gradient_checkpointing, False
     try:
         with echo_path.injecting(e, sample_at):
-            h, _ = model.trunk(tokens)  # (8, 256, 4096)
+            h, _ = model.hidden_states(tokens)  # (8, 256, 4096)
     finally:
         model.gradient_checkpointing = checkpointing
     return model.output(h[masks.answer]).float()
@@ -496,7 +496,7 @@ def suffix_echo_pass(echo_path: EchoPath, model, plain_passes: list[PlainPass], 
     same = sample[:, None] == sample[None, :]  # (192, 192)
     mask = torch.cat([sample[:, None] == prefix_sample[None, :], same.tril()], dim=1)  # (192, 1856 + 192)
     with echo_path.injecting(e, sample[None]):
-        h, _ = model.trunk(tokens[None], positions[None], mask[None, None], caches)  # (1, 192, 4096)
+        h, _ = model.hidden_states(tokens[None], positions[None], mask[None, None], caches)  # (1, 192, 4096)
     return model.output(h[0]).float()
 
 
@@ -521,7 +521,7 @@ def loss_terms(model, parts: list[Batch], echo_path: EchoPath | None = None, rou
         # The plain pass, the one deployed; for the Echo pass it also collects the source states
         # (item 1) and, for the suffix form, keeps its keys and values (item 6).
         caches = model.new_caches() if len(rows) and echo_path.config.echo_pass == "suffix" else None
-        h, states = model.trunk(batch.tokens, caches=caches, collect=echo_path.source_layers if len(rows) else ())
+        h, states = model.hidden_states(batch.tokens, caches=caches, collect=echo_path.source_layers if len(rows) else ())
         ce_sum = ce_sum + output_cross_entropy(h[ce_at], model.output.weight, batch.ce_targets[ce_at])
         if len(rows):
             plain_passes.append(PlainPass(batch, rows, states, caches))

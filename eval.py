@@ -162,13 +162,13 @@ def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, p
     n_shared = shared_prefix_length(prompts)
     caches = [DecodingCache() for _ in model.layers]
     if n_shared:
-        model.trunk(torch.tensor([prompts[0][:n_shared]], device=device), caches=caches)
+        model.hidden_states(torch.tensor([prompts[0][:n_shared]], device=device), caches=caches)
         for cache in caches:  # one row's keys and values, seen by every row (expand: no copy)
             cache.k, cache.v = (t.expand(len(prompts), -1, -1, -1) for t in (cache.k, cache.v))
     tokens, rest_valid = left_pad([p[n_shared:] for p in prompts], pad_id, device)
     positions = n_shared + (rest_valid.cumsum(1) - 1).clamp(min=0)
     valid = torch.cat([rest_valid.new_ones(len(prompts), n_shared), rest_valid], dim=1)  # every key
-    hidden, _ = model.trunk(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
+    hidden, _ = model.hidden_states(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
     for cache in caches:
         cache.reserve(max_new_tokens)
     return finite(model.output(hidden[:, -1])), caches, valid, positions[:, -1] + 1
@@ -390,7 +390,7 @@ def continuation_logprobs(model: Transformer, tokenizer: Tokenizer, dataset: str
     sees = ((place[None, :] <= place[:, None]) & (question_of[None, :] == question_of[:, None])
             & ((text_of[None, :] == -1) | (text_of[None, :] == text_of[:, None])))  # (row, row): query, key
     tokens = torch.tensor(tokens, device=device)
-    hidden, _ = model.trunk(tokens[None], torch.tensor(positions, device=device)[None], sees[None, None])
+    hidden, _ = model.hidden_states(tokens[None], torch.tensor(positions, device=device)[None], sees[None, None])
     text, at = torch.tensor(scored, device=device).reshape(-1, 2).unbind(1)
     # the head only where a token is scored, on the state just before it in the row
     logprobs = F.log_softmax(model.output(hidden[0, at - 1]).float(), dim=-1)  # (N_scored, vocab)

@@ -221,7 +221,7 @@ class Transformer(nn.Module):
             self.rope = self.rope.to(positions.device)
         return self.rope[positions]  # (B, T, head_dim / 2) complex64: (16, 256, 64)
 
-    def trunk(self, tokens, positions=None, mask=None, caches=None, collect=()):
+    def hidden_states(self, tokens, positions=None, mask=None, caches=None, collect=()):
         """The model without its output layer: (the final normed states (16, 256, 4096), {l: h_l} for
         each 1-based block l in `collect`, the residual stream leaving block l). Training applies the
         output layer only where a loss is taken, and the Echo path reads h_l off the same pass.
@@ -247,7 +247,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, positions=None, mask=None, caches=None):
         """Logits (B, T, vocab_size): (16, 256, 32000) for LLaMA-7B."""
-        h, _ = self.trunk(tokens, positions, mask, caches)
+        h, _ = self.hidden_states(tokens, positions, mask, caches)
         return self.output(h)
 
     def new_caches(self) -> list[KVCache]:

@@ -263,7 +263,7 @@ def accumulate_gradients(model, echo, examples, routed, cfg: Config, pad_id: int
         ce_divisor = n_ce_step if cfg.token_mean_loss else micro_batch_targets(micro) * micros_per_step
         parts = padded_parts([len(ids) for ids, _ in examples[start:end]])
         batches = [collate([examples[start + i] for i in part], not cfg.answer_only_loss, pad_id) for part in parts]
-        tokens += sum(int(batch.valid.sum()) for batch in batches)
+        tokens += sum(int(batch.real.sum()) for batch in batches)
         batches = [batch.to(device) for batch in batches]
         routed_rows = [routed[start:end][part].to(device) for part in parts]
         groups = [(batches, routed_rows)] if echo is not None else [([b], [r]) for b, r in zip(batches, routed_rows)]

@@ -14,13 +14,13 @@ from data.commonsense import IGNORE_INDEX, encode_cloze_record, encode_record, l
 
 @dataclass
 class Batch:
-    """A right-padded training batch. tokens: (B, T) ids; valid: (B, T) bool, False at padding. At
+    """A right-padded training batch. tokens: (B, T) ids; real: (B, T) bool, False at padding. At
     position t the targets are token t+1's label or IGNORE_INDEX: `answer_targets` on answer tokens
     only (the Echo terms' positions A), `ce_targets` where the plain cross-entropy trains (every next
     token; the answer alone with --answer-only-loss)."""
 
     tokens: torch.Tensor
-    valid: torch.Tensor
+    real: torch.Tensor
     answer_targets: torch.Tensor
     ce_targets: torch.Tensor
 
@@ -32,17 +32,17 @@ def collate(examples, train_on_inputs: bool, pad_id: int) -> Batch:
     """Right-pad, and shift labels so position t holds the label of token t + 1."""
     T = max(len(ids) for ids, _ in examples)
     tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    valid = torch.zeros((len(examples), T), dtype=torch.bool)
+    real = torch.zeros((len(examples), T), dtype=torch.bool)
     answer = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for i, (ids, labels) in enumerate(examples):
         tokens[i, :len(ids)] = torch.tensor(ids)
-        valid[i, :len(ids)] = True
+        real[i, :len(ids)] = True
         answer[i, :len(ids) - 1] = torch.tensor(labels[1:])
     if not train_on_inputs:
-        return Batch(tokens, valid, answer, answer)
+        return Batch(tokens, real, answer, answer)
     ce = torch.full_like(answer, IGNORE_INDEX)  # the recipe's loss: every real next token
-    ce[:, :-1] = torch.where(valid[:, 1:], tokens[:, 1:], IGNORE_INDEX)
-    return Batch(tokens, valid, answer, ce)
+    ce[:, :-1] = torch.where(real[:, 1:], tokens[:, 1:], IGNORE_INDEX)
+    return Batch(tokens, real, answer, ce)
 
 
 def encode_examples(records, tokenizer, cutoff: int, cloze: bool = False) -> list[tuple[list[int], list[int]]]:

@@ -995,15 +995,15 @@ def test_a_max_new_tokens_past_the_model_is_found_before_any_is_scored(tmp_path,
     ("generate", "nan", ()), ("likelihood", "nan", ()), ("cloze", "nan", ()),
     ("generate", "inf", ("--num-beams", "2")), ("likelihood", "inf", ()), ("generate", "nan", ("--num-beams", "2"))])
 def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys, monkeypatch, scoring, value, extra):
-    trunk = llama.Transformer.trunk
+    original = llama.Transformer.hidden_states
     calls = []
 
     def nan_from_the_third_call(self, tokens, *a, **kw):  # the first question (check_logits') is finite
-        hidden, states = trunk(self, tokens, *a, **kw)
+        hidden, states = original(self, tokens, *a, **kw)
         calls.append(1)
         return (hidden * float(value) if len(calls) >= 3 else hidden), states
 
-    monkeypatch.setattr(llama.Transformer, "trunk", nan_from_the_third_call)
+    monkeypatch.setattr(llama.Transformer, "hidden_states", nan_from_the_third_call)
     # 8 questions: ranking packs 4 into one forward, so its third call is the second row's
     argv = eval_args(ckpt, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "8", "--batch-size", "1",
                      "--scoring", scoring, *extra)
@@ -1017,15 +1017,15 @@ def test_a_nan_first_seen_at_a_later_question_stops_eval(ckpt, tmp_path, capsys,
 @pytest.mark.parametrize("extra", [("--num-beams", "1"), ("--num-beams", "2")])
 def test_a_nan_first_seen_at_a_later_generated_token_stops_eval(ckpt, tmp_path, capsys, monkeypatch, extra):
     """Prompts finite, the third decoding step NaN: greedy and beam search stop there, nothing written."""
-    trunk = llama.Transformer.trunk
+    original = llama.Transformer.hidden_states
     steps = []
 
     def nan_at_the_third_decoding_step(self, tokens, *a, **kw):
-        hidden, states = trunk(self, tokens, *a, **kw)
+        hidden, states = original(self, tokens, *a, **kw)
         steps.append(tokens.shape[1] == 1)
         return (hidden * float("nan") if sum(steps) == 3 and steps[-1] else hidden), states
 
-    monkeypatch.setattr(llama.Transformer, "trunk", nan_at_the_third_decoding_step)
+    monkeypatch.setattr(llama.Transformer, "hidden_states", nan_at_the_third_decoding_step)
     argv = eval_args(ckpt, tmp_path / "eval", "--datasets", "ARC-Easy", "--limit", "2", "--max-new-tokens", "8", *extra)
     assert evaluator.main(argv) == 1
     err = capsys.readouterr().err

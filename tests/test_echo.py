@@ -85,7 +85,7 @@ def test_echo_pass_leaves_prompt_positions_bit_identical():
 def answer_swapped(batch, row):
     """The same batch with sample `row`'s answer tokens replaced."""
     tokens = batch.tokens.clone()
-    answer_tokens = torch.zeros_like(batch.valid)
+    answer_tokens = torch.zeros_like(batch.real)
     answer_tokens[:, 1:] = batch.answer_targets[:, :-1] != IGNORE_INDEX
     tokens[row][answer_tokens[row]] = (tokens[row][answer_tokens[row]] + 7) % 101
     return tokens
@@ -96,10 +96,10 @@ def test_echo_representation_does_not_see_the_answer(pool):
     model, batch = adapted_model(), ragged_batch()
     echo = echo_path(model, pool=pool)
     rows = torch.arange(4)
-    masks = answer_only_masks(batch.answer_targets, batch.valid)
+    masks = answer_only_masks(batch.answer_targets, batch.real)
     vectors = []
     for tokens in (batch.tokens, answer_swapped(batch, 0)):
-        _, states = model.trunk(tokens, collect=echo.source_layers)
+        _, states = model.hidden_states(tokens, collect=echo.source_layers)
         vectors.append(echo_representation(source_states(states, echo.source_layers, rows), masks, pool))
     assert torch.equal(vectors[0], vectors[1])
 
@@ -109,10 +109,10 @@ def test_echo_mask_none_leaks_the_answer():
     model, batch = adapted_model(), ragged_batch()
     echo = echo_path(model, mask="none", echo_pass="full")
     rows = torch.arange(4)
-    masks = answer_only_masks(batch.answer_targets, batch.valid, mask="none")
+    masks = answer_only_masks(batch.answer_targets, batch.real, mask="none")
     vectors = []
     for tokens in (batch.tokens, answer_swapped(batch, 0)):
-        _, states = model.trunk(tokens, collect=echo.source_layers)
+        _, states = model.hidden_states(tokens, collect=echo.source_layers)
         vectors.append(echo_representation(source_states(states, echo.source_layers, rows), masks))
     assert (vectors[0][0] - vectors[1][0]).abs().max() > 1e-4
 

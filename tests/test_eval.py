@@ -148,7 +148,7 @@ def tiny_model(tokenizer):
             if p.ndim > 1:
                 p.normal_(0, 0.2)
         prompts = [tokenizer.encode(eval_prompt(r), bos=True) for r in real_records("boolq", 10)]
-        hidden = torch.cat([model.trunk(torch.tensor([p]))[0][0] for p in prompts])  # (tokens, dim)
+        hidden = torch.cat([model.hidden_states(torch.tensor([p]))[0][0] for p in prompts])  # (tokens, dim)
         mean = hidden.mean(0)
         model.output.weight[tokenizer.eos_id] = 2 * mean / mean.norm()
     return model

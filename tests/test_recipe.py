@@ -193,8 +193,8 @@ def test_whole_text_loss_is_transformers_loss_averaged_over_micro_batches():
     with torch.no_grad():
         for start in range(0, 6, 2):
             batch = batches.collate(examples[start:start + 2], train_on_inputs=True, pad_id=0)
-            labels = torch.where(batch.valid, batch.tokens, -100)
-            reference += hf(input_ids=batch.tokens, attention_mask=batch.valid.long(), labels=labels).loss.item() / 3
+            labels = torch.where(batch.real, batch.tokens, -100)
+            reference += hf(input_ids=batch.tokens, attention_mask=batch.real.long(), labels=labels).loss.item() / 3
     add_adapters(model, dropout=0.0)  # B = 0: the base model's function, with something to train
     ours = step_loss(model, examples)[0].item()
     assert abs(ours - reference) < 1e-5, f"{ours} vs {reference}"
