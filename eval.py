@@ -65,10 +65,15 @@ EVAL_PRECISIONS = {**PRECISIONS, "fp16": torch.float16}
 
 RESPONSE_MARKER = "### Response:"  # where upstream cuts the decoded text
 ANSWER_TEMPLATE = "the correct answer is {}"  # every record's `output`, the text training taught
+# Which score transformers' stopping rule (early_stopping=False) compares with the worst finished
+# hypothesis. 4.36.0 (DoRA's pin): the best of this step's candidates, a candidate that ends
+# included (BeamSearchScorer.process passes next_scores.max() to BeamHypotheses.is_done).
+# 5.x: the best candidate that goes on (the best running beam), so it stops no later than 4.36.
+BEAM_RULES = ("transformers-4.36", "transformers-5")
 
 
 # --------------------------------------------------------------------------------------------
-# Answers
+# The protocol: a reply to each question, and the label it names (decoding itself: the end of the file)
 
 
 def extract_answer(dataset: str, generated: str) -> str:
@@ -89,214 +94,6 @@ def candidate_labels(dataset: str, record: dict) -> list[str]:
     _, marker, answer_format = record["instruction"].rpartition("Answer format:")
     pattern = BENCHMARKS[dataset].labels
     return (marker and re.findall(pattern, answer_format)) or pattern.split("|")
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding: greedy, and the protocol's beam search
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids with each prompt flush right, and (B, T) bool, True at real tokens."""
-    longest = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((len(prompts), longest), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
-        valid[i, longest - len(p):] = True
-    return tokens, valid
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """The number of leading ids every prompt shares, leaving each at least one id of its own."""
-    shortest = min(len(p) for p in prompts)
-    n = 0
-    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
-        n += 1
-    return n
-
-
-class DecodingCache(KVCache):
-    """A KVCache that decoding appends to in place, in buffers reserved once after the prompt
-    (concatenating copies the whole cache at every new token). Under no_grad only."""
-
-    buffers = None  # preallocated (k, v) with room to grow, see `reserve`
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.buffers is None:
-            return super().update(k, v)
-        start, end = self.k.shape[2], self.k.shape[2] + k.shape[2]
-        self.buffers[0][:, :, start:end], self.buffers[1][:, :, start:end] = k, v
-        self.view_buffers(end)
-        return self.k, self.v
-
-    def reserve(self, extra: int):
-        """Room for `extra` more positions after those cached."""
-        B, H, T, D = self.k.shape
-        self.buffers = tuple(t.new_empty(B, H, T + extra, D) for t in (self.k, self.v))
-        self.buffers[0][:, :, :T], self.buffers[1][:, :, :T] = self.k, self.v
-        self.view_buffers(T)
-
-    def view_buffers(self, length: int):
-        """k and v become the first `length` positions of the buffers."""
-        self.k, self.v = self.buffers[0][:, :, :length], self.buffers[1][:, :, :length]
-
-    def select(self, rows: torch.Tensor) -> "DecodingCache":
-        """The cache of a subset (or reordering) of the batch's rows, its buffers with it."""
-        if self.buffers is None:
-            return DecodingCache(self.k[rows], self.v[rows])
-        chosen = DecodingCache()
-        chosen.buffers = (self.buffers[0][rows], self.buffers[1][rows])
-        chosen.view_buffers(self.k.shape[2])
-        return chosen
-
-
-@torch.no_grad()
-def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0):
-    """Run left-padded prompts through the model once, filling fresh caches with room for `max_new_tokens`.
-
-    The ids every prompt starts with (a third of an evaluation prompt) are computed once and shared
-    by every row. Positions count only real tokens and the mask hides the padding, so a batch decodes
-    exactly like one prompt at a time. Returns the last position's logits (B, vocab), the caches, the
-    key mask (B, T) and each row's next position (B,)."""
-    device = model.output.weight.device
-    n_shared = shared_prefix_length(prompts)
-    caches = [DecodingCache() for _ in model.layers]
-    if n_shared:
-        model.hidden_states(torch.tensor([prompts[0][:n_shared]], device=device), caches=caches)
-        for cache in caches:  # one row's keys and values, seen by every row (expand: no copy)
-            cache.k, cache.v = (t.expand(len(prompts), -1, -1, -1) for t in (cache.k, cache.v))
-    tokens, rest_valid = left_pad([p[n_shared:] for p in prompts], pad_id, device)
-    positions = n_shared + (rest_valid.cumsum(1) - 1).clamp(min=0)
-    valid = torch.cat([rest_valid.new_ones(len(prompts), n_shared), rest_valid], dim=1)  # every key
-    hidden, _ = model.hidden_states(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
-    for cache in caches:
-        cache.reserve(max_new_tokens)
-    return finite(model.output(hidden[:, -1])), caches, valid, positions[:, -1] + 1
-
-
-class NonFiniteLogits(ValueError):
-    """A model that computes NaN or infinity on a question: stops the evaluation, nothing written."""
-
-
-def finite(logits: torch.Tensor) -> torch.Tensor:
-    """`logits`, checked at every decoding step of every batch (not the first question's prompt
-    only): an argmax over NaN picks a token all the same, so nothing non-finite may be decoded."""
-    if not torch.isfinite(logits).all():
-        raise NonFiniteLogits("the model's logits are not finite (NaN or inf)")
-    return logits
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
-             pad_id: int = 0) -> list[list[int]]:
-    """Batched greedy decoding; returns each prompt's new ids, up to (not including) a stop id."""
-    logits, caches, valid, next_pos = prefill(model, prompts, max_new_tokens, pad_id)
-    B, device = len(prompts), valid.device
-    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens = []
-    for _ in range(max_new_tokens):
-        token = logits.float().argmax(-1)
-        done = done | torch.isin(token, stop)
-        new_tokens.append(torch.where(done, -1, token))
-        if done.all():
-            break
-        valid = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=device)], dim=1)
-        logits = finite(model(token[:, None], next_pos[:, None], valid[:, None, None, :], caches)[:, -1])
-        next_pos = next_pos + 1
-    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
-    return [[t for t in row if t >= 0] for row in out]
-
-
-def add_hypothesis(finished: list, score: float, ids: list[int], num_beams: int):
-    """Keep the best `num_beams` finished hypotheses, best first; on a tie the earlier one."""
-    finished.append((score, ids))
-    finished.sort(key=lambda hypothesis: -hypothesis[0])  # stable
-    del finished[num_beams:]
-
-
-# Which score transformers' stopping rule (early_stopping=False) compares with the worst finished
-# hypothesis. 4.36.0 (DoRA's pin): the best of this step's candidates, a candidate that ends
-# included (BeamSearchScorer.process passes next_scores.max() to BeamHypotheses.is_done).
-# 5.x: the best candidate that goes on (the best running beam), so it stops no later than 4.36.
-BEAM_RULES = ("transformers-4.36", "transformers-5")
-
-
-def can_improve(finished: list, best: float, n_generated: int, num_beams: int, length_penalty: float) -> bool:
-    """transformers' stopping rule (early_stopping=False): search on while fewer than num_beams
-    hypotheses are finished, or while `best` (BEAM_RULES), normalised by length, beats the worst."""
-    return len(finished) < num_beams or best / n_generated**length_penalty > finished[-1][0]
-
-
-@torch.no_grad()
-def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, max_new_tokens: int, stop_ids,
-                pad_id: int = 0, length_penalty: float = 1.0, rule: str = BEAM_RULES[0]) -> list[list[int]]:
-    """Each prompt's best beam-search continuation, up to (not including) a stop id.
-
-    transformers' beam search (do_sample=False, early_stopping=False) under `rule` (BEAM_RULES; the
-    tests check it against transformers' generate). Per question and step the candidates are the best
-    (1 + number of stop ids, at least 2) x num_beams extensions by summed log-probability; those among
-    the best num_beams that end become finished hypotheses, scored sum / generated_length **
-    length_penalty (4.36.0's normalisation, the stop token counted); the best num_beams that do not end
-    go on; at max_new_tokens the best num_beams are finished as they stand; a question leaves the
-    batch when `can_improve` says so. Questions are batched, num_beams rows each, with masked left
-    padding as in `generate`; the cache rows follow their beams through DecodingCache.select."""
-    device = model.output.weight.device
-    stop = torch.tensor(sorted(stop_ids), device=device)
-    n_candidates = max(2, 1 + len(stop)) * num_beams
-    logits, caches, valid, next_pos = prefill(model, prompts, max_new_tokens, pad_id)
-    # Every question starts as num_beams copies of its prompt, all but the first at -1e9, so the
-    # first step extends one beam only (what transformers does, kept for identical tie-breaking).
-    rows = torch.arange(len(prompts), device=device).repeat_interleave(num_beams)
-    caches = [cache.select(rows) for cache in caches]
-    logits, valid, next_pos = logits[rows], valid[rows], next_pos[rows]
-    beam_scores = torch.full((len(prompts), num_beams), -1e9, device=device)
-    beam_scores[:, 0] = 0
-    beams = torch.empty((len(prompts), num_beams, 0), dtype=torch.long, device=device)  # new ids so far
-    finished = [[] for _ in prompts]  # per question: (score, new ids), best first
-    active = list(range(len(prompts)))  # the questions still in the batch, in row order
-    for n_generated in range(1, max_new_tokens + 1):
-        vocab = logits.shape[-1]
-        scores = F.log_softmax(logits.float(), dim=-1).view(len(active), num_beams, vocab) + beam_scores[:, :, None]
-        top_scores, top_index = scores.view(len(active), -1).topk(n_candidates)  # (A, n_candidates), best first
-        parent, token = top_index // vocab, top_index % vocab
-        extended = torch.cat([beams.gather(1, parent[:, :, None].expand(-1, -1, beams.shape[2])),
-                              token[:, :, None]], dim=2)  # (A, n_candidates, n_generated)
-        ends = torch.isin(token, stop) | (n_generated == max_new_tokens)
-        ending = ends[:, :num_beams].nonzero().tolist()
-        for a, k in ending:
-            add_hypothesis(finished[active[a]], top_scores[a, k].item() / n_generated**length_penalty,
-                           extended[a, k].tolist(), num_beams)
-        if n_generated == max_new_tokens:
-            break
-        beam_scores, chosen = top_scores.masked_fill(ends, -1e9).topk(num_beams)  # (A, num_beams)
-        beams = extended.gather(1, chosen[:, :, None].expand(-1, -1, n_generated))
-        best = (top_scores if rule == "transformers-4.36" else beam_scores)[:, 0].tolist()
-        keep = torch.tensor([can_improve(finished[q], best[a], n_generated, num_beams, length_penalty)
-                             for a, q in enumerate(active)], device=device)
-        if not keep.any():
-            break
-        # The cache rows the kept questions' new beams continue: question a's rows start at a * num_beams.
-        first_row = torch.arange(len(active), device=device)[:, None] * num_beams
-        rows = (first_row + parent.gather(1, chosen))[keep].flatten()
-        caches = [cache.select(rows) for cache in caches]
-        active = [q for q, kept in zip(active, keep.tolist()) if kept]
-        beams, beam_scores = beams[keep], beam_scores[keep]
-        valid = torch.cat([valid[rows], torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
-        next_pos = next_pos[rows]
-        logits = finite(model(beams[:, :, -1].reshape(-1, 1), next_pos[:, None], valid[:, None, None, :], caches)[:, -1])
-        next_pos = next_pos + 1
-    best = [hypotheses[0][1] for hypotheses in finished]
-    return [ids[:-1] if ids[-1] in stop_ids else ids for ids in best]
-
-
-def decode_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], num_beams: int,
-                 max_new_tokens: int, beam_rule: str = BEAM_RULES[0]) -> list[list[int]]:
-    """New ids for a batch of prompts: greedy for num_beams 1, else beam search."""
-    if num_beams == 1:
-        return generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id)
-    return beam_search(model, prompts, num_beams, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
-                       rule=beam_rule)
 
 
 def check_fits(model: Transformer, dataset: str, lengths: list[int], what: str):
@@ -710,6 +507,208 @@ def main(argv=None) -> int:
         print(f"eval.py: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding, the model's generation that evaluate() calls: greedy, and the protocol's beam search
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids with each prompt flush right, and (B, T) bool, True at real tokens."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((len(prompts), longest), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
+        valid[i, longest - len(p):] = True
+    return tokens, valid
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """The number of leading ids every prompt shares, leaving each at least one id of its own."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+class DecodingCache(KVCache):
+    """A KVCache that decoding appends to in place, in buffers reserved once after the prompt
+    (concatenating copies the whole cache at every new token). Under no_grad only."""
+
+    buffers = None  # preallocated (k, v) with room to grow, see `reserve`
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.buffers is None:
+            return super().update(k, v)
+        start, end = self.k.shape[2], self.k.shape[2] + k.shape[2]
+        self.buffers[0][:, :, start:end], self.buffers[1][:, :, start:end] = k, v
+        self.view_buffers(end)
+        return self.k, self.v
+
+    def reserve(self, extra: int):
+        """Room for `extra` more positions after those cached."""
+        B, H, T, D = self.k.shape
+        self.buffers = tuple(t.new_empty(B, H, T + extra, D) for t in (self.k, self.v))
+        self.buffers[0][:, :, :T], self.buffers[1][:, :, :T] = self.k, self.v
+        self.view_buffers(T)
+
+    def view_buffers(self, length: int):
+        """k and v become the first `length` positions of the buffers."""
+        self.k, self.v = self.buffers[0][:, :, :length], self.buffers[1][:, :, :length]
+
+    def select(self, rows: torch.Tensor) -> "DecodingCache":
+        """The cache of a subset (or reordering) of the batch's rows, its buffers with it."""
+        if self.buffers is None:
+            return DecodingCache(self.k[rows], self.v[rows])
+        chosen = DecodingCache()
+        chosen.buffers = (self.buffers[0][rows], self.buffers[1][rows])
+        chosen.view_buffers(self.k.shape[2])
+        return chosen
+
+
+@torch.no_grad()
+def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0):
+    """Run left-padded prompts through the model once, filling fresh caches with room for `max_new_tokens`.
+
+    The ids every prompt starts with (a third of an evaluation prompt) are computed once and shared
+    by every row. Positions count only real tokens and the mask hides the padding, so a batch decodes
+    exactly like one prompt at a time. Returns the last position's logits (B, vocab), the caches, the
+    key mask (B, T) and each row's next position (B,)."""
+    device = model.output.weight.device
+    n_shared = shared_prefix_length(prompts)
+    caches = [DecodingCache() for _ in model.layers]
+    if n_shared:
+        model.hidden_states(torch.tensor([prompts[0][:n_shared]], device=device), caches=caches)
+        for cache in caches:  # one row's keys and values, seen by every row (expand: no copy)
+            cache.k, cache.v = (t.expand(len(prompts), -1, -1, -1) for t in (cache.k, cache.v))
+    tokens, rest_valid = left_pad([p[n_shared:] for p in prompts], pad_id, device)
+    positions = n_shared + (rest_valid.cumsum(1) - 1).clamp(min=0)
+    valid = torch.cat([rest_valid.new_ones(len(prompts), n_shared), rest_valid], dim=1)  # every key
+    hidden, _ = model.hidden_states(tokens, positions, attention_mask(valid, tokens.shape[1]), caches)
+    for cache in caches:
+        cache.reserve(max_new_tokens)
+    return finite(model.output(hidden[:, -1])), caches, valid, positions[:, -1] + 1
+
+
+class NonFiniteLogits(ValueError):
+    """A model that computes NaN or infinity on a question: stops the evaluation, nothing written."""
+
+
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """`logits`, checked at every decoding step of every batch (not the first question's prompt
+    only): an argmax over NaN picks a token all the same, so nothing non-finite may be decoded."""
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogits("the model's logits are not finite (NaN or inf)")
+    return logits
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
+             pad_id: int = 0) -> list[list[int]]:
+    """Batched greedy decoding; returns each prompt's new ids, up to (not including) a stop id."""
+    logits, caches, valid, next_pos = prefill(model, prompts, max_new_tokens, pad_id)
+    B, device = len(prompts), valid.device
+    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        token = logits.float().argmax(-1)
+        done = done | torch.isin(token, stop)
+        new_tokens.append(torch.where(done, -1, token))
+        if done.all():
+            break
+        valid = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=device)], dim=1)
+        logits = finite(model(token[:, None], next_pos[:, None], valid[:, None, None, :], caches)[:, -1])
+        next_pos = next_pos + 1
+    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
+    return [[t for t in row if t >= 0] for row in out]
+
+
+def add_hypothesis(finished: list, score: float, ids: list[int], num_beams: int):
+    """Keep the best `num_beams` finished hypotheses, best first; on a tie the earlier one."""
+    finished.append((score, ids))
+    finished.sort(key=lambda hypothesis: -hypothesis[0])  # stable
+    del finished[num_beams:]
+
+
+
+def can_improve(finished: list, best: float, n_generated: int, num_beams: int, length_penalty: float) -> bool:
+    """transformers' stopping rule (early_stopping=False): search on while fewer than num_beams
+    hypotheses are finished, or while `best` (BEAM_RULES), normalised by length, beats the worst."""
+    return len(finished) < num_beams or best / n_generated**length_penalty > finished[-1][0]
+
+
+@torch.no_grad()
+def beam_search(model: Transformer, prompts: list[list[int]], num_beams: int, max_new_tokens: int, stop_ids,
+                pad_id: int = 0, length_penalty: float = 1.0, rule: str = BEAM_RULES[0]) -> list[list[int]]:
+    """Each prompt's best beam-search continuation, up to (not including) a stop id.
+
+    transformers' beam search (do_sample=False, early_stopping=False) under `rule` (BEAM_RULES; the
+    tests check it against transformers' generate). Per question and step the candidates are the best
+    (1 + number of stop ids, at least 2) x num_beams extensions by summed log-probability; those among
+    the best num_beams that end become finished hypotheses, scored sum / generated_length **
+    length_penalty (4.36.0's normalisation, the stop token counted); the best num_beams that do not end
+    go on; at max_new_tokens the best num_beams are finished as they stand; a question leaves the
+    batch when `can_improve` says so. Questions are batched, num_beams rows each, with masked left
+    padding as in `generate`; the cache rows follow their beams through DecodingCache.select."""
+    device = model.output.weight.device
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    n_candidates = max(2, 1 + len(stop)) * num_beams
+    logits, caches, valid, next_pos = prefill(model, prompts, max_new_tokens, pad_id)
+    # Every question starts as num_beams copies of its prompt, all but the first at -1e9, so the
+    # first step extends one beam only (what transformers does, kept for identical tie-breaking).
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(num_beams)
+    caches = [cache.select(rows) for cache in caches]
+    logits, valid, next_pos = logits[rows], valid[rows], next_pos[rows]
+    beam_scores = torch.full((len(prompts), num_beams), -1e9, device=device)
+    beam_scores[:, 0] = 0
+    beams = torch.empty((len(prompts), num_beams, 0), dtype=torch.long, device=device)  # new ids so far
+    finished = [[] for _ in prompts]  # per question: (score, new ids), best first
+    active = list(range(len(prompts)))  # the questions still in the batch, in row order
+    for n_generated in range(1, max_new_tokens + 1):
+        vocab = logits.shape[-1]
+        scores = F.log_softmax(logits.float(), dim=-1).view(len(active), num_beams, vocab) + beam_scores[:, :, None]
+        top_scores, top_index = scores.view(len(active), -1).topk(n_candidates)  # (A, n_candidates), best first
+        parent, token = top_index // vocab, top_index % vocab
+        extended = torch.cat([beams.gather(1, parent[:, :, None].expand(-1, -1, beams.shape[2])),
+                              token[:, :, None]], dim=2)  # (A, n_candidates, n_generated)
+        ends = torch.isin(token, stop) | (n_generated == max_new_tokens)
+        ending = ends[:, :num_beams].nonzero().tolist()
+        for a, k in ending:
+            add_hypothesis(finished[active[a]], top_scores[a, k].item() / n_generated**length_penalty,
+                           extended[a, k].tolist(), num_beams)
+        if n_generated == max_new_tokens:
+            break
+        beam_scores, chosen = top_scores.masked_fill(ends, -1e9).topk(num_beams)  # (A, num_beams)
+        beams = extended.gather(1, chosen[:, :, None].expand(-1, -1, n_generated))
+        best = (top_scores if rule == "transformers-4.36" else beam_scores)[:, 0].tolist()
+        keep = torch.tensor([can_improve(finished[q], best[a], n_generated, num_beams, length_penalty)
+                             for a, q in enumerate(active)], device=device)
+        if not keep.any():
+            break
+        # The cache rows the kept questions' new beams continue: question a's rows start at a * num_beams.
+        first_row = torch.arange(len(active), device=device)[:, None] * num_beams
+        rows = (first_row + parent.gather(1, chosen))[keep].flatten()
+        caches = [cache.select(rows) for cache in caches]
+        active = [q for q, kept in zip(active, keep.tolist()) if kept]
+        beams, beam_scores = beams[keep], beam_scores[keep]
+        valid = torch.cat([valid[rows], torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
+        next_pos = next_pos[rows]
+        logits = finite(model(beams[:, :, -1].reshape(-1, 1), next_pos[:, None], valid[:, None, None, :], caches)[:, -1])
+        next_pos = next_pos + 1
+    best = [hypotheses[0][1] for hypotheses in finished]
+    return [ids[:-1] if ids[-1] in stop_ids else ids for ids in best]
+
+
+def decode_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], num_beams: int,
+                 max_new_tokens: int, beam_rule: str = BEAM_RULES[0]) -> list[list[int]]:
+    """New ids for a batch of prompts: greedy for num_beams 1, else beam search."""
+    if num_beams == 1:
+        return generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id)
+    return beam_search(model, prompts, num_beams, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
+                       rule=beam_rule)
 
 
 if __name__ == "__main__":
