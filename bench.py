@@ -6,7 +6,8 @@
 
 Training: the recipe's random batches of real records; our step is train.py's (accumulate_gradients,
 clipping, AdamW), the peer LlamaForCausalLM + peft on the same batches under the same precision.
-Each row: real tokens/s, peak memory (CUDA), ours over peft's, an Echo row over its base method,
+Each row: real tokens/s, peak memory (CUDA), ours over peft's, an Echo step over its base method's
+(the two alternating on one model),
 and the fraction of the LoRA ceiling: 4N FLOP per real token (N the block linears and the head) at
 the matmul rate measured in the same run, and of the real-shape limit (the same frozen matmuls at
 the step's own rows). Evaluation: eval.py's greedy decoding beside transformers' `generate` (with
@@ -174,7 +175,8 @@ def recipe_batches(records: list[dict], tokenizer, batch_size: int, n: int, cloz
 
 def our_step(model, tokenizer, method: str, device, precision: str, batch_size: int, answer_only: bool):
     """train.py's step: accumulate_gradients (length-sorted parts, the Echo path for echo- methods),
-    clipping, AdamW. Returns a function of one batch's examples -> real tokens computed."""
+    clipping, AdamW. Returns a function of one batch's examples -> real tokens computed (with_echo
+    False: the base method's step on the same model, for an Echo method's paired timing)."""
     cfg = train.Config(method=method, precision=precision, batch_size=batch_size, micro_batch_size=batch_size,
                        answer_only_loss=answer_only)
     torch.manual_seed(0)
@@ -186,9 +188,10 @@ def our_step(model, tokenizer, method: str, device, precision: str, batch_size: 
     optimizer = torch.optim.AdamW(groups, lr=1e-5, weight_decay=0.0)
     step = iter(range(10**9))
 
-    def run(examples) -> int:
+    def run(examples, with_echo: bool = True) -> int:
         routed = train.routed_samples(len(examples), EchoConfig().route_p, 0, next(step))
-        _, tokens = train.accumulate_gradients(model, echo, examples, routed, cfg, tokenizer.pad_id, device, 1, 0)
+        _, tokens = train.accumulate_gradients(model, echo if with_echo else None, examples, routed, cfg,
+                                               tokenizer.pad_id, device, 1, 0)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -220,18 +223,29 @@ def peft_step(model, device, precision: str, answer_only: bool):
     return run
 
 
-def time_training(step, batches, warmup: int, device, profile: bool = False) -> dict:
+def time_training(step, batches, warmup: int, device, profile: bool = False, paired: bool = False) -> dict:
     """Real tokens/s over the batches after `warmup` of them, and the median step time; with `profile`
-    the operators that took the most of those steps' time (torch.profiler's self time, seconds)."""
+    the operators that took the most of those steps' time (torch.profiler's self time, seconds). With
+    `paired` (an Echo method) each batch also runs the base method's step on the same model, before or
+    after by turns, and `step_vs_base` is the ratio of their summed times: both measured in the same
+    moments, as a CPU's speed drifts between rows timed one after the other."""
     for examples in batches[:warmup]:
         step(examples)
     reset_peak(device)
-    seconds, tokens = [], 0
+    seconds, base_seconds, tokens = [], [], 0
     with torch.profiler.profile() if profile else contextlib.nullcontext() as profiler:
-        for examples in batches[warmup:]:
-            with timed(device, seconds):
-                tokens += step(examples)
+        for i, examples in enumerate(batches[warmup:]):
+            order = (("base", "row") if i % 2 == 0 else ("row", "base")) if paired else ("row",)
+            for which in order:
+                if which == "row":
+                    with timed(device, seconds):
+                        tokens += step(examples)
+                else:
+                    with timed(device, base_seconds):
+                        step(examples, with_echo=False)
     row = {"tokens_per_s": tokens / sum(seconds), "step_s": statistics.median(seconds), "peak_gib": peak_gib(device)}
+    if paired:
+        row["step_vs_base"] = sum(seconds) / sum(base_seconds)
     if profile:
         ops = sorted(profiler.key_averages(), key=lambda op: -op.self_device_time_total - op.self_cpu_time_total)
         row["profile_s"] = {op.key: (op.self_cpu_time_total + op.self_device_time_total) / 1e6 for op in ops[:8]}
@@ -398,7 +412,8 @@ def main(argv=None) -> dict:
         for method in a.method:
             model, _ = our_model(folder, device, dtype, a.tokenizer)
             step = our_step(model, tokenizer, method, device, precision, a.batch_size, a.cloze)
-            write({"impl": "ours", "method": method} | time_training(step, step_batches, a.warmup, device, a.profile))
+            write({"impl": "ours", "method": method} | time_training(step, step_batches, a.warmup, device, a.profile,
+                                                                     paired=method.startswith("echo-")))
             del model, step  # the step holds the model: freed before the next is measured
             if not a.no_peft and method in ("lora", "dora"):
                 step = peft_step(peft_model(peer, method, device, dtype), device, precision, a.cloze)
@@ -429,16 +444,15 @@ def main(argv=None) -> dict:
 
 
 def add_ratios(result: dict):
-    """Each row's fraction of the ceiling; ours over peft's same method; an Echo step over ours."""
+    """Each row's fraction of the ceiling; ours over peft's same method (an Echo step over its base
+    method's is time_training's, paired)."""
     rows = {(r["impl"], r["method"]): r for r in result["train"]}
     for (impl, method), r in rows.items():
         r["of_ceiling"] = r["tokens_per_s"] / result["ceiling_tokens_per_s"]
         r["of_real_shape_limit"] = r["tokens_per_s"] / result["real_shape_limit_tokens_per_s"]
-        peer, own = rows.get(("peft", method)), rows.get(("ours", method.removeprefix("echo-")))
+        peer = rows.get(("peft", method))
         if impl == "ours" and peer:
             r["vs_peft"] = r["tokens_per_s"] / peer["tokens_per_s"]
-        if impl == "ours" and method.startswith("echo-") and own:
-            r["step_vs_base"] = r["step_s"] / own["step_s"]
 
 
 def format_table(result: dict) -> str:
