@@ -51,7 +51,7 @@ def draw(experiments: dict[str, tuple[list[Path], str]], file: Path):
         ax.sharey(axes[0, 0])
     fig.tight_layout()
     file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(file, dpi=110)
+    fig.savefig(file, dpi=90)
     plt.close(fig)
 
 

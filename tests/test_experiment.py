@@ -489,7 +489,8 @@ def test_the_readme_shows_the_table_made_from_the_committed_runs():
     runs = ROOT / "results" / "smollm2-cpu"
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     shown = readme.split("<!-- results.md: begin -->")[1].split("<!-- results.md: end -->")[0].strip()
-    made = experiment.forms_markdown({"answer-only": runs / "experiment", "whole-text": runs / "whole-text"}, [])
+    forms = {"answer-only": runs / "experiment", "whole-text": runs / "whole-text", "answer-only-up-own": runs / "up-own"}
+    made = experiment.forms_markdown(forms, [])
     assert "| lora | 1, 2, 3 |" in shown and shown == experiment.results_block(made).strip()
 
 
