@@ -223,6 +223,11 @@ def peft_step(model, device, precision: str, answer_only: bool):
     return run
 
 
+def time_base_step(step, examples, device, seconds: list):
+    with timed(device, seconds):
+        step(examples, with_echo=False)
+
+
 def time_training(step, batches, warmup: int, device, profile: bool = False, paired: bool = False) -> dict:
     """Real tokens/s over the batches after `warmup` of them, and the median step time; with `profile`
     the operators that took the most of those steps' time (torch.profiler's self time, seconds). With
@@ -235,14 +240,13 @@ def time_training(step, batches, warmup: int, device, profile: bool = False, pai
     seconds, base_seconds, tokens = [], [], 0
     with torch.profiler.profile() if profile else contextlib.nullcontext() as profiler:
         for i, examples in enumerate(batches[warmup:]):
-            order = (("base", "row") if i % 2 == 0 else ("row", "base")) if paired else ("row",)
-            for which in order:
-                if which == "row":
-                    with timed(device, seconds):
-                        tokens += step(examples)
-                else:
-                    with timed(device, base_seconds):
-                        step(examples, with_echo=False)
+            base_first = paired and i % 2 == 0  # by turns, so neither side always runs on a warmed cache
+            if base_first:
+                time_base_step(step, examples, device, base_seconds)
+            with timed(device, seconds):
+                tokens += step(examples)
+            if paired and not base_first:
+                time_base_step(step, examples, device, base_seconds)
     row = {"tokens_per_s": tokens / sum(seconds), "step_s": statistics.median(seconds), "peak_gib": peak_gib(device)}
     if paired:
         row["step_vs_base"] = sum(seconds) / sum(base_seconds)

@@ -109,11 +109,11 @@ def main(argv=None) -> str:
         p.error("--diagnostics-runs goes with --forms")
     try:
         if a.forms:
-            return write_results(a.out, None, readme=a.readme, text=forms_markdown(
-                form_folders(a.forms, p), a.diagnostics_runs, a.scoring))
+            return write_results(a.out, forms_markdown(form_folders(a.forms, p), a.diagnostics_runs, a.scoring),
+                                 a.readme)
         if a.table_only:
             suffix = table_suffix(a.runs or subfolders(a.out), a.scoring)
-            return write_results(a.out, a.runs or run_folders(a.out, suffix), suffix, a.readme)
+            return write_results(a.out, results_markdown(a.runs or run_folders(a.out, suffix), suffix), a.readme)
         return run_experiment(a, p)
     except (OSError, ValueError) as e:
         raise SystemExit(f"experiment.py: {e}") from None
@@ -136,7 +136,7 @@ def run_experiment(a, p) -> str:
     for arm, seed in runs:
         if not evaluated(a.out / run_name(arm, seed), suffix):  # evaluated in an earlier call: kept as it is
             train_and_evaluate(a, a.out / run_name(arm, seed), arm, seed, flags, suffix)
-    return write_results(a.out, run_folders(a.out, suffix), suffix)
+    return write_results(a.out, results_markdown(run_folders(a.out, suffix), suffix))
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,28 +505,27 @@ def forms_markdown(forms: dict[str, Path], diagnostics_runs: list[Path], scoring
     for name, folder in forms.items():
         suffix = table_suffix(subfolders(folder), scoring)
         runs, _ = load_runs(run_folders(folder, suffix), suffix)
-        loaded[name] = runs, shared_sets(runs)
-    names = list(loaded)
+        loaded[name] = runs, shared_sets(runs), by_arm(runs)
     lines = ["# Echo vs its base method and its control, in each form", "",
              "Made by `python scripts/experiment.py --table-only --forms` from the run folders' own files; nothing "
              "typed by hand. Each form is one experiment folder (its own results.md gives its settings in full):", ""]
-    for name, (runs, sets) in loaded.items():
+    for name, (runs, sets, _) in loaded.items():
         lines += [f"**{name}** (`{forms[name]}`)", "", *settings_lines(runs, sets), ""]
-    arms = sorted({r["arm"] for runs, _ in loaded.values() for r in runs}, key=arm_rank)
+    arms = sorted({arm for _, _, arms_of in loaded.values() for arm in arms_of}, key=arm_rank)
     header, rule = "| arm |", "|---|"
-    for name, (_, sets) in loaded.items():
+    for name, (_, sets, _) in loaded.items():
         header += f" {name}: seeds | " + " | ".join(evaluator.BENCHMARKS[d].column for d in sets) + " | Average |"
         rule += "---|" + "---:|" * (len(sets) + 1)
     lines += ["## Accuracy (%), mean ± std over seeds", "", header, rule]
     for arm in arms:
         cells = []
-        for runs, sets in loaded.values():
-            by_seed = by_arm(runs).get(arm)
+        for _, sets, arms_of in loaded.values():
+            by_seed = arms_of.get(arm)
             cells += accuracy_cells(by_seed, sets) if by_seed else ["-"] * (len(sets) + 2)
         lines.append(f"| {'none (untouched)' if arm == 'none' else arm} | " + " | ".join(cells) + " |")
-    for name, (runs, sets) in loaded.items():
-        lines += paired_lines(by_arm(runs), sets, f"## Paired, seed by seed: {name}")
-    rows = [gap_row(f"{name}: {r['folder'].name}", r["folder"]) for name in names for r in loaded[name][0]]
+    for name, (_, sets, arms_of) in loaded.items():
+        lines += paired_lines(arms_of, sets, f"## Paired, seed by seed: {name}")
+    rows = [gap_row(f"{name}: {r['folder'].name}", r["folder"]) for name, (runs, _, _) in loaded.items() for r in runs]
     rows += [gap_row(f"{folder.parent.name}/{folder.name}", folder) for folder in diagnostics_runs]
     lines += ["", "## Did the deep signal carry?", "",
               "CE(echo) - CE(plain) in nats per routed answer token, from each run's metrics.jsonl: at the first "
@@ -633,9 +632,8 @@ def with_results_block(readme: Path, text: str) -> str:
     return head + README_BEGIN + "\n" + results_block(text) + README_END + tail
 
 
-def write_results(out: Path, folders, suffix: str = "", readme: Path | None = None, text: str | None = None) -> str:
-    """<out>/results.md from the run folders, or `text` (and its tables into `readme`); printed, and returned."""
-    text = text or results_markdown(folders, suffix)
+def write_results(out: Path, text: str, readme: Path | None = None) -> str:
+    """`text` as <out>/results.md (and its accuracy table into `readme`); printed, and returned."""
     shown = readme and with_results_block(readme, text)
     write_atomically(out / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     if readme:
